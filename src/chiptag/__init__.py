@@ -1,0 +1,3 @@
+"""chiptag: multilabel taggers for satellite image chips (Planet Amazon task)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data: label tables, images, splits, validation and the synthetic demo generator."""
