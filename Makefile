@@ -1,0 +1,30 @@
+# chiptag: `make demo` trains the embedded default; `make test` runs the test suite.
+# The first target that needs it creates .venv with pip (torch/torchvision come from the pinned wheels).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DATA := data/demo
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/chiptag: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[export,clearml,test]"
+	touch $(BIN)/chiptag
+
+venv: $(BIN)/chiptag
+
+$(DEMO_DATA)/train_classes.csv: | venv
+	$(BIN)/chiptag demo-data $(DEMO_DATA) --n 2000 --size 128 --seed 0
+
+demo: venv $(DEMO_DATA)/train_classes.csv
+	$(BIN)/chiptag train -c configs/demo.yaml
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: venv
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf runs .cache data/demo

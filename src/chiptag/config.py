@@ -1,0 +1,241 @@
+"""Validated configuration: YAML -> pydantic models, typed `--set a.b=value` overrides, one-line errors.
+
+Relative paths in a config are resolved against the current working directory (where `chiptag` runs),
+the same way `make demo` and the README use them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chiptag.errors import ChiptagError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
+        return self
+
+
+class DataConfig(_Strict):
+    root: Path = Path("data/demo")
+    # None = look for train_v2.csv, then train_classes.csv, in root (both names exist in the Kaggle release).
+    labels: Path | None = None
+    images: Path = Path("train-jpg")
+    extension: str = ".jpg"
+    format: Literal["auto", "tags", "onehot"] = "auto"
+    id_column: str = "image_name"
+    tags_column: str = "tags"
+    split: SplitConfig = SplitConfig()
+    on_bad_image: Literal["error", "skip"] = "error"
+
+    @field_validator("extension")
+    @classmethod
+    def _dot(cls, v: str) -> str:
+        return v if v.startswith(".") or v == "" else "." + v
+
+
+class ModelEntry(_Strict):
+    """One experiment of the plan's list; `active_model_index` picks the one `chiptag train` runs."""
+
+    name: str
+    backbone: str = "resnet50"
+    # DEFAULT, a torchvision enum name (IMAGENET1K_V2), null (random init: smoke tests only) or a state-dict path.
+    weights: str | None = "DEFAULT"
+    freeze: bool = True
+    image_size: int | None = Field(None, ge=16, le=1024)  # None: the weights' own crop size (224 for ImageNet)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    hidden_dim: int | None = Field(512, ge=1)  # None: Dropout -> Linear only
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam"] = "adam"
+    pos_weight: bool = False
+    epochs: int = Field(5, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # None: training.batch_size
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["reduce_on_plateau"] = "reduce_on_plateau"
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(1, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class TrainingConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int | Literal["auto"] = "auto"
+    # Rare Planet tags have ~1:400 positives; an unclamped weight of 400 makes their gradients dominate and the
+    # head over-predicts them. 30 keeps recall pressure without swamping the common tags.
+    pos_weight_max: float = Field(30.0, gt=0)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    progress: bool = True
+
+
+class FeaturesConfig(_Strict):
+    cache_dir: Path = Path(".cache/chiptag/features")
+    batch_size: int = Field(64, ge=1)
+
+
+class OutputConfig(_Strict):
+    runs_dir: Path = Path("runs")
+    run_name: str | None = None  # None: <timestamp>-<model name>
+
+
+class TrackingConfig(_Strict):
+    backend: Literal["local", "clearml"] = "local"
+    project: str = "chiptag"
+    task_name: str | None = None
+    offline: bool = False
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    models: list[ModelEntry]
+    active_model_index: int = 0
+    training: TrainingConfig = TrainingConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Config:
+        if not self.models:
+            raise ValueError("models: the list is empty; add at least one model entry")
+        n = len(self.models)
+        if not -n <= self.active_model_index < n:
+            raise ValueError(f"active_model_index {self.active_model_index} is out of range: models has {n} "
+                             f"entries (valid: 0..{n - 1})")
+        return self
+
+    @property
+    def model(self) -> ModelEntry:
+        return self.models[self.active_model_index]
+
+    def batch_size(self) -> int:
+        return self.model.batch_size or self.training.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _fields_at(loc: tuple, root: type[BaseModel] = Config) -> list[str]:
+    """The valid field names of the model that holds `loc` (for an 'unknown key' message)."""
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or [])]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc)
+            lines.append(f"{source}: unknown key '{key}'" + (f" (valid keys: {', '.join(valid)})" if valid else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or e["type"].startswith("value_error") else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`a.b.0.c=value` -> (['a','b',0,'c'], yaml-typed value). `model.x` addresses the active model entry."""
+    if "=" not in text:
+        raise ChiptagError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.batch_size=32")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ChiptagError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ChiptagError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    path: list[str | int] = [int(p) if p.lstrip("-").isdigit() else p for p in key.strip().split(".")]
+    return path, value
+
+
+def _apply(raw: dict[str, Any], path: list[str | int], value: Any, text: str) -> None:
+    if path[0] == "model":  # shorthand for models.<active_model_index>
+        path = ["models", int(raw.get("active_model_index", 0)), *path[1:]]
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(str(p) for p in path[: i + 1])
+        if isinstance(node, list):
+            if not isinstance(part, int) or not -len(node) <= part < len(node):
+                raise ChiptagError(f"--set {text}: '{where}' is not an index of a {len(node)}-entry list")
+            node = node[part]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ChiptagError(f"--set {text}: '{where}' is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or not -len(node) <= last < len(node):
+            raise ChiptagError(f"--set {text}: index {last} out of range for a {len(node)}-entry list")
+    elif not isinstance(node, dict):
+        raise ChiptagError(f"--set {text}: cannot set a key inside a value")
+    node[last] = value
+
+
+def from_dict(raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> Config:
+    raw = copy.deepcopy(raw)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        _apply(raw, path, value, text)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ChiptagError(_format_error(err, source)) from None
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ChiptagError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ChiptagError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ChiptagError(f"{path}: expected a mapping of sections (data, models, training, ...) at top level")
+    return from_dict(raw, str(path), overrides)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,100 @@
+"""Decoding and preprocessing: file -> RGB uint8 tensor -> resized, normalised float tensor.
+
+The same path serves extraction, end-to-end training and prediction, so a chip is preprocessed identically
+everywhere. Normalisation uses the backbone weights' own mean/std (see models.backbones.Preprocessing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+
+from chiptag.errors import ChiptagError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def key(self) -> str:
+        return repr(sorted(asdict(self).items()))
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a 3xHxW uint8 RGB tensor (grayscale, palette, RGBA and CMYK are converted)."""
+    path = Path(path)
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception:  # torchvision cannot decode some inputs (CMYK, 16-bit); Pillow is the fallback, below
+        pass
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ChiptagError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ChiptagError(f"cannot read image {path}: {exc}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def preprocess(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 3xHxW -> float 3xSxS, resized (whole chip, no crop: tags may sit at the edges) and normalised."""
+    x = img.float().div_(255.0).unsqueeze(0)
+    if x.shape[-2:] != (pre.image_size, pre.image_size):
+        x = F.interpolate(x, size=(pre.image_size, pre.image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).squeeze(0)
+
+
+def d4(x: torch.Tensor, view: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of the square (view 0 is the identity). Works on (..., H, W)."""
+    if not 0 <= view < 8:
+        raise ValueError(f"D4 view must be in 0..7, got {view}")
+    if view >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k=view % 4, dims=(-2, -1))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Preprocessed images (optionally with targets). Item: (image, target-or-index)."""
+
+    def __init__(self, paths: Sequence[Path], pre: Preprocessing, targets: np.ndarray | None = None,
+                 view: int = 0):
+        self.paths = list(paths)
+        self.pre = pre
+        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        x = preprocess(read_rgb(self.paths[i]), self.pre)
+        if self.view:
+            x = d4(x, self.view)
+        return x, (self.targets[i] if self.targets is not None else i)
+
+
+def image_paths(root: Path, names: Sequence[str], extension: str) -> list[Path]:
+    return [root / f"{n}{extension}" for n in names]

@@ -1,0 +1,138 @@
+"""Label tables: Planet's `image_name,tags` form or one-hot columns -> names, sorted vocabulary, 0/1 matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from chiptag.errors import ChiptagError
+
+LABEL_FILE_NAMES = ("train_v2.csv", "train_classes.csv")
+
+
+@dataclass
+class LabelTable:
+    names: list[str]  # image ids, without extension
+    tags: list[str]  # sorted vocabulary
+    y: np.ndarray  # (N, C) uint8
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, idx: np.ndarray) -> LabelTable:
+        return LabelTable([self.names[i] for i in idx], list(self.tags), self.y[idx])
+
+    def tag_strings(self) -> list[str]:
+        return decode(self.y, self.tags)
+
+
+def encode(tag_lists: Sequence[Sequence[str]], tags: Sequence[str]) -> np.ndarray:
+    index = {t: i for i, t in enumerate(tags)}
+    y = np.zeros((len(tag_lists), len(tags)), dtype=np.uint8)
+    for row, items in enumerate(tag_lists):
+        for t in items:
+            if t not in index:
+                raise ChiptagError(f"row {row + 2}: tag {t!r} is not in the vocabulary ({', '.join(tags)})")
+            y[row, index[t]] = 1
+    return y
+
+
+def decode(y: np.ndarray, tags: Sequence[str]) -> list[str]:
+    """0/1 matrix -> space-separated tag strings (Kaggle submission form)."""
+    return [" ".join(t for t, on in zip(tags, row) if on) for row in np.asarray(y)]
+
+
+def find_label_file(root: Path) -> Path:
+    for name in LABEL_FILE_NAMES:
+        if (root / name).is_file():
+            return root / name
+    raise ChiptagError(f"no label table in {root}: expected one of {', '.join(LABEL_FILE_NAMES)} "
+                       "(or set data.labels)")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ChiptagError(f"label table not found: {path}")
+    try:
+        # utf-8-sig strips a BOM; dtype=str keeps names like '0001' intact; CRLF is handled by the parser.
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ChiptagError(f"{path}: the label table is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ChiptagError(f"{path}: cannot parse as CSV: {str(exc).splitlines()[0]}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if df.empty:
+        raise ChiptagError(f"{path}: the label table has a header but no rows")
+    return df
+
+
+def _check_names(path: Path, names: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for row, name in enumerate(names, start=2):  # row 1 is the header
+        if not name:
+            raise ChiptagError(f"{path}, row {row}: empty image name")
+        if name in seen:
+            raise ChiptagError(f"{path}, row {row}: duplicate image name {name!r} (first at row {seen[name]})")
+        seen[name] = row
+
+
+def _from_tags(path: Path, df: pd.DataFrame, id_col: str, tags_col: str) -> LabelTable:
+    names = [s.strip() for s in df[id_col]]
+    _check_names(path, names)
+    tag_lists = []
+    for row, text in enumerate(df[tags_col], start=2):
+        items = text.split()
+        if not items:
+            raise ChiptagError(f"{path}, row {row}: image {names[row - 2]!r} has an empty tag list")
+        tag_lists.append(items)
+    tags = sorted({t for items in tag_lists for t in items})
+    return LabelTable(names, tags, encode(tag_lists, tags))
+
+
+def _from_onehot(path: Path, df: pd.DataFrame, id_col: str) -> LabelTable:
+    names = [s.strip() for s in df[id_col]]
+    _check_names(path, names)
+    tag_cols = [c for c in df.columns if c != id_col]
+    if not tag_cols:
+        raise ChiptagError(f"{path}: one-hot table has no tag columns besides {id_col!r}")
+    values = df[tag_cols].apply(lambda col: col.str.strip())
+    bad = ~values.isin(["0", "1"])
+    if bad.to_numpy().any():
+        r, c = np.argwhere(bad.to_numpy())[0]
+        raise ChiptagError(f"{path}, row {r + 2}, column {tag_cols[c]!r}: expected 0 or 1, "
+                           f"got {values.iat[r, c]!r}")
+    order = sorted(tag_cols)
+    y = values[order].to_numpy().astype(np.uint8)
+    return LabelTable(names, order, y)
+
+
+def read_labels(path: str | Path, *, format: str = "auto", id_column: str = "image_name",
+                tags_column: str = "tags") -> LabelTable:
+    """Read a label table. format: 'tags' (image_name,tags), 'onehot' (id + 0/1 columns) or 'auto'."""
+    path = Path(path)
+    df = _read_csv(path)
+    if id_column not in df.columns:
+        raise ChiptagError(f"{path}: missing id column {id_column!r} (columns: {', '.join(df.columns)})")
+    if format == "auto":
+        format = "tags" if tags_column in df.columns else "onehot"
+    if format == "tags":
+        if tags_column not in df.columns:
+            raise ChiptagError(f"{path}: missing tags column {tags_column!r} (columns: {', '.join(df.columns)})")
+        return _from_tags(path, df, id_column, tags_column)
+    return _from_onehot(path, df, id_column)
+
+
+def align(table: LabelTable, tags: Sequence[str]) -> LabelTable:
+    """Re-express a table in another vocabulary (a run's); tags outside it are an error."""
+    extra = sorted(set(table.tags) - set(tags))
+    if extra:
+        raise ChiptagError(f"tags not in the run's vocabulary: {', '.join(extra)}")
+    y = np.zeros((len(table), len(tags)), dtype=np.uint8)
+    pos = {t: i for i, t in enumerate(tags)}
+    for j, t in enumerate(table.tags):
+        y[:, pos[t]] = table.y[:, j]
+    return LabelTable(list(table.names), list(tags), y)

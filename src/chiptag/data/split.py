@@ -1,0 +1,53 @@
+"""Seeded train/val/test split by iterative stratification, so rare tags land in every split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+from chiptag.errors import ChiptagError
+
+SPLITS = ("train", "val", "test")
+
+
+def split_indices(y: np.ndarray, train: float = 0.7, val: float = 0.15, test: float = 0.15,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Return sorted index arrays per split. Two stratified cuts: test off the whole, then val off the rest."""
+    n = len(y)
+    if n < 3:
+        raise ChiptagError(f"need at least 3 labelled images to make train/val/test splits (got {n})")
+    if abs(train + val + test - 1.0) > 1e-6:
+        raise ChiptagError(f"split fractions must sum to 1 (got {train + val + test:g})")
+    x = np.zeros((n, 1))
+    first = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=test, random_state=seed)
+    rest, test_idx = next(first.split(x, y))
+    second = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val / (train + val), random_state=seed + 1)
+    tr, va = next(second.split(x[rest], y[rest]))
+    out = {"train": np.sort(rest[tr]), "val": np.sort(rest[va]), "test": np.sort(test_idx)}
+    for name, idx in out.items():
+        if len(idx) == 0:
+            raise ChiptagError(f"split '{name}' is empty with {n} images; use more data or larger fractions")
+    return out
+
+
+def save_split(names: list[str], splits: dict[str, np.ndarray], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, idx in splits.items():
+        (out_dir / f"{name}.txt").write_text("".join(names[i] + "\n" for i in idx), encoding="utf-8")
+
+
+def load_split(names: list[str], split_dir: Path) -> dict[str, np.ndarray]:
+    pos = {n: i for i, n in enumerate(names)}
+    out = {}
+    for name in SPLITS:
+        path = split_dir / f"{name}.txt"
+        if not path.is_file():
+            raise ChiptagError(f"split list missing: {path}")
+        items = [s for s in path.read_text(encoding="utf-8").splitlines() if s]
+        missing = [s for s in items if s not in pos]
+        if missing:
+            raise ChiptagError(f"{path}: {len(missing)} image(s) not in the label table, e.g. {missing[0]!r}")
+        out[name] = np.array([pos[s] for s in items], dtype=np.int64)
+    return out

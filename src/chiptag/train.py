@@ -1,0 +1,194 @@
+"""run_train(cfg): data -> split -> model -> (cached features) -> epochs -> best checkpoint -> summary.
+
+Protocol: the validation split drives the LR schedule, the checkpoint choice and threshold tuning; the test
+split is evaluated once, at the end, and is the headline.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from chiptag import checkpoint, config as config_mod, metrics
+from chiptag.config import Config
+from chiptag.data.images import ImageDataset
+from chiptag.data.labels import LabelTable
+from chiptag.data.prepare import Dataset, load_dataset
+from chiptag.data.split import save_split, split_indices
+from chiptag.engine import evaluate, pos_weight, train_one_epoch
+from chiptag.errors import ChiptagError
+from chiptag.features import cached_features, default_workers
+from chiptag.models.backbones import Backbone, build_backbone, state_fingerprint
+from chiptag.models.head import HeadSpec, Tagger, count_parameters
+from chiptag.progress import console, out
+from chiptag.rundir import finish_summary, new_run_dir, print_result
+from chiptag.tracking import make_tracker
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ChiptagError(f"training.device: unknown device {name!r} (use auto, cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChiptagError("training.device is cuda but no CUDA device is available; use device: auto or cpu")
+    return dev
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    model: nn.Module  # what the engine trains: the head (frozen) or the whole Tagger
+    extract: dict
+
+
+def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
+                     device: torch.device) -> Loaders:
+    workers = default_workers(cfg.training.num_workers)
+    feats, info = cached_features(
+        bb.net, bb.name, state_fingerprint(bb.net), ds.paths, bb.preprocessing, cfg.features.cache_dir,
+        batch_size=cfg.features.batch_size, device=device, num_workers=workers,
+        show_progress=cfg.training.progress, label=f"features {bb.name}")
+    y = torch.from_numpy(ds.table.y)
+    gen = torch.Generator().manual_seed(cfg.training.seed)
+
+    def loader(idx, shuffle):
+        return DataLoader(TensorDataset(feats[idx], y[idx]), batch_size=cfg.batch_size(), shuffle=shuffle,
+                          generator=gen if shuffle else None)
+
+    return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
+                   tagger.head, info)
+
+
+def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger) -> Loaders:
+    workers = default_workers(cfg.training.num_workers)
+    gen = torch.Generator().manual_seed(cfg.training.seed)
+
+    def loader(idx, shuffle):
+        data = ImageDataset([ds.paths[i] for i in idx], bb.preprocessing, ds.table.y[idx])
+        return DataLoader(data, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
+                          generator=gen if shuffle else None)
+
+    return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
+                   tagger, {"cache": "not used (freeze: false)"})
+
+
+def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
+    entry = cfg.model
+    if entry.freeze and entry.weights is None:
+        console.print("[yellow]warning:[/] freeze: true with weights: null trains a head on a random backbone "
+                      "— fine for smoke tests and the demo, not for real results.")
+    torch.manual_seed(cfg.training.seed)  # random-init backbones and the head start from the seed
+    bb = build_backbone(entry.backbone, entry.weights, entry.image_size, progress=cfg.training.progress)
+    spec = HeadSpec(bb.dim, n_tags, entry.hidden_dim, entry.dropout)
+    return bb, spec, Tagger(bb.net, spec.build(), frozen=entry.freeze)
+
+
+def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.device, tracker,
+                on_best) -> list[dict]:
+    entry = cfg.model
+    params = [p for p in ld.model.parameters() if p.requires_grad]  # the optimizer sees trainable ones only
+    opt = torch.optim.Adam(params, lr=entry.learning_rate, weight_decay=entry.weight_decay)
+    sc = cfg.training.scheduler
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor, patience=sc.patience,
+                                                       min_lr=sc.min_lr)
+    history, best = [], -1.0
+    for epoch in range(1, entry.epochs + 1):
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
+                             show_progress=cfg.training.progress and not entry.freeze)
+        ev = evaluate(ld.model, ld.val, loss_fn, device)
+        f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
+        row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
+               "seconds": time.perf_counter() - t0}
+        tracker.log_scalars(epoch, row)
+        history.append({"epoch": epoch, **row})
+        out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
+                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)")
+        if f2 > best:  # the checkpoint follows validation F2, the task's metric
+            best = f2
+            on_best(epoch)
+        sched.step(ev["loss"])
+    return history
+
+
+def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
+                   splits: dict) -> tuple[dict, dict, np.ndarray]:
+    ev = {s: evaluate(ld.model, getattr(ld, s), loss_fn, device) for s in ("val", "test")}
+    thresholds = metrics.tune_thresholds(ev["val"]["targets"], ev["val"]["probs"])
+    out = {}
+    for s, e in ev.items():
+        m = metrics.classification_metrics(e["targets"], e["probs"], thresholds, table.tags)
+        m["f2_at_0.5"] = metrics.f2_samples(e["targets"], metrics.binarize(e["probs"], 0.5))
+        m["loss"] = e["loss"]
+        out[s] = m
+    mask = metrics.constant_baseline(table.y[splits["train"]])
+    baseline = {"tags": [t for t, on in zip(table.tags, mask) if on]}
+    for s in ("val", "test"):
+        baseline[s] = {"f2": metrics.baseline_metrics(table.y[splits[s]], mask, table.tags)["f2"]}
+    return out, baseline, thresholds
+
+
+def run_train(cfg: Config) -> dict:
+    t_start = time.perf_counter()
+    entry = cfg.model
+    ds = load_dataset(cfg.data)
+    sp = cfg.data.split
+    splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
+    run_dir = new_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+    save_split(ds.table.names, splits, run_dir / "split")
+    tracker = make_tracker(cfg, run_dir)
+    tracker.start(run_dir.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
+    device = resolve_device(cfg.training.device)
+    out.print(f"run [bold]{run_dir.name}[/]: {entry.name} ({entry.backbone}, weights={entry.weights}, "
+                  f"freeze={entry.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
+                  f"{len(splits['test'])} train/val/test images, {len(ds.table.tags)} tags")
+    bb, head_spec, tagger = build_tagger(cfg, len(ds.table.tags))
+    tagger.to(device)
+    n_params = count_parameters(tagger)
+    out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
+                  f"head {head_spec.describe()}")
+    t_extract = time.perf_counter()
+    if entry.freeze:
+        ld = _feature_loaders(cfg, ds, splits, bb, tagger, device)
+    else:
+        ld = _image_loaders(cfg, ds, splits, bb, tagger)
+    t_extract = time.perf_counter() - t_extract
+    pw = pos_weight(ds.table.y[splits["train"]], cfg.training.pos_weight_max) if entry.pos_weight else None
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
+    ckpt_path = run_dir / "checkpoint.pt"
+    best: dict = {}
+
+    def save_ckpt(thresholds, epoch):
+        checkpoint.save(ckpt_path, tagger=tagger, backbone=bb.name, weights_id=bb.weights_id, head=head_spec,
+                        tags=ds.table.tags, thresholds=thresholds, preprocessing=bb.preprocessing,
+                        config=cfg.to_dict(), extra={"epoch": epoch})
+
+    def on_best(epoch):
+        best.update(epoch=epoch, state=copy.deepcopy(ld.model.state_dict()))
+        save_ckpt([0.5] * len(ds.table.tags), epoch)
+
+    t_train = time.perf_counter()
+    history = _epoch_loop(cfg, ld, loss_fn, device, tracker, on_best)
+    t_train = time.perf_counter() - t_train
+    ld.model.load_state_dict(best["state"])
+    results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
+    save_ckpt(thresholds.tolist(), best["epoch"])
+    timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
+    summary = finish_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
+                             results, baseline, thresholds, timings, ld.extract, tracker)
+    print_result(summary)
+    return summary
