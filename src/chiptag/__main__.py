@@ -1,0 +1,3 @@
+from chiptag.cli import app
+
+app(prog_name="chiptag")
