@@ -181,6 +181,7 @@ def run_train(cfg: Config) -> dict:
         best.update(epoch=epoch, state=copy.deepcopy(ld.model.state_dict()))
         save_ckpt([0.5] * len(ds.table.tags), epoch)
 
+    torch.manual_seed(cfg.training.seed)  # dropout and shuffling do not depend on whether the cache was hit
     t_train = time.perf_counter()
     history = _epoch_loop(cfg, ld, loss_fn, device, tracker, on_best)
     t_train = time.perf_counter() - t_train

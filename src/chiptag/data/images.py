@@ -6,6 +6,7 @@ everywhere. Normalisation uses the backbone weights' own mean/std (see models.ba
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,11 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from chiptag.errors import ChiptagError
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, but they still work and decode JPEG
+# about twice as fast as Pillow; the warning would otherwise repeat once per image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny generated datasets and configs. Everything runs on CPU in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chiptag import config as config_mod
+from chiptag.data.synthetic import generate_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """120 chips of 48 px in the Kaggle layout (train_classes.csv + train-jpg/). Read-only for tests."""
+    return generate_dataset(tmp_path_factory.mktemp("tiny") / "data", n=120, size=48, seed=0)
+
+
+def make_config_dict(data_root: Path, work: Path, **model) -> dict:
+    entry = {"name": "tiny", "backbone": "resnet18", "weights": None, "freeze": True, "image_size": 32,
+             "hidden_dim": 32, "dropout": 0.1, "learning_rate": 3e-3, "epochs": 3}
+    entry.update(model)
+    return {
+        "data": {"root": str(data_root), "labels": "train_classes.csv"},
+        "models": [entry],
+        "training": {"batch_size": 32, "seed": 0, "device": "cpu", "num_workers": 0, "progress": False},
+        "features": {"cache_dir": str(work / "cache"), "batch_size": 64},
+        "output": {"runs_dir": str(work / "runs")},
+    }
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    """A factory: tiny_config(**model_overrides) -> Config for a 3-epoch frozen resnet18 at 32 px."""
+
+    def make(**model):
+        return config_mod.from_dict(make_config_dict(tiny_data, tmp_path, **model))
+
+    return make
+
+
+@pytest.fixture
+def tiny_config_file(tiny_data, tmp_path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(make_config_dict(tiny_data, tmp_path)), encoding="utf-8")
+    return path
