@@ -37,8 +37,8 @@ def new_run_dir(cfg) -> Path:
     raise RuntimeError(f"cannot create a new run directory under {runs}")
 
 
-def finish_summary(cfg, run_dir: Path, ds, splits, bb, head_spec, n_params, pw, history, best_epoch,
-                   results, baseline, thresholds, timings, extract_info, tracker) -> dict:
+def build_summary(cfg, run_dir: Path, ds, splits, bb, head_spec, n_params, pw, history, best_epoch,
+                  results, baseline, thresholds, timings, extract_info) -> dict:
     entry, sc = cfg.model, cfg.training.scheduler
     tags = ds.table.tags
     summary = {
@@ -56,8 +56,6 @@ def finish_summary(cfg, run_dir: Path, ds, splits, bb, head_spec, n_params, pw, 
         "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
         "timings": timings, "features": extract_info, "history": history,
     }
-    summary["tracker"] = tracker.finish(summary)
-    write_json(run_dir / SUMMARY, summary)
     return summary
 
 

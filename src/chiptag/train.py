@@ -28,7 +28,7 @@ from chiptag.features import cached_features, default_workers
 from chiptag.models.backbones import Backbone, build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
-from chiptag.rundir import finish_summary, new_run_dir, print_result
+from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
 from chiptag.tracking import make_tracker
 
 
@@ -189,7 +189,10 @@ def run_train(cfg: Config) -> dict:
     results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
     save_ckpt(thresholds.tolist(), best["epoch"])
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
-    summary = finish_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
-                             results, baseline, thresholds, timings, ld.extract, tracker)
+    summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
+                            results, baseline, thresholds, timings, ld.extract)
+    write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
+    summary["tracker"] = tracker.finish(summary)
+    write_json(run_dir / SUMMARY, summary)
     print_result(summary)
     return summary
