@@ -17,15 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def friendly(fn):
-    """ChiptagError -> 'error: ...' on stderr and exit 2; never a traceback for an expected failure."""
+    """ChiptagError -> 'error: ...' on stderr and exit 2 (130/143 after SIGINT/SIGTERM, with progress saved);
+    never a traceback for an expected failure."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ChiptagError as exc:
-            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            label = "stopped" if hasattr(exc, "exit_code") else "error"
+            console.print(f"[bold red]{label}:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
 
@@ -48,15 +50,44 @@ def demo_data(out: Path = typer.Argument(..., help="output folder (Kaggle layout
 
 @app.command()
 @friendly
-def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config"),
+def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. model.epochs=3"),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run dir"),
           ) -> None:
-    """Train the active model entry of CONFIG."""
+    """Train the active model entry of CONFIG, or continue an interrupted run (--resume RUN)."""
     from chiptag import config as config_mod
     from chiptag.train import run_train
 
+    if resume is not None:
+        if config is not None or set_:
+            raise ChiptagError("--resume continues a run with its own config.yaml; drop -c/--set")
+        run_train(resume=resume)
+        return
+    if config is None:
+        raise ChiptagError("missing --config/-c (or --resume RUN)")
+    run_train(config_mod.load(config, set_ or []))
+
+
+@app.command()
+@friendly
+def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML config"),
+             set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. data.root=..."),
+             ) -> None:
+    """Check CONFIG's label table and every image; list problems by kind. Exit 2 if training would stop."""
+    from chiptag import config as config_mod
+    from chiptag.data.validate import preflight
+
     cfg = config_mod.load(config, set_ or [])
-    run_train(cfg)
+    policy = cfg.data.on_bad_image
+    cfg.data.on_bad_image = "skip"  # collect everything, then judge by the configured policy
+    ds, report = preflight(cfg.data)
+    report.policy = policy
+    print(report.format())
+    if report.bad and policy == "error":
+        raise ChiptagError(f"{len(report.bad)} problem(s); training would stop (data.on_bad_image=error). "
+                           "Fix them or set data.on_bad_image=skip.")
+    skipped = report.rows - len(ds.table)
+    print(f"ok: {len(ds.table)} usable rows" + (f", {skipped} would be skipped" if skipped else ""))
 
 
 @app.command()

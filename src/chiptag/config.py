@@ -45,6 +45,10 @@ class DataConfig(_Strict):
     tags_column: str = "tags"
     split: SplitConfig = SplitConfig()
     on_bad_image: Literal["error", "skip"] = "error"
+    # Images over this many pixels are reported as decompression bombs and never decoded (Pillow's default cap).
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    # Chip side in pixels; images more than 2x off are reported. None: the most common size in the data.
+    expected_size: int | None = Field(None, ge=1)
 
     @field_validator("extension")
     @classmethod

@@ -20,11 +20,17 @@ class NonFiniteLoss(ChiptagError):
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, *, epoch: int = 0, show_progress: bool = False) -> dict[str, float]:
+                    device: torch.device, *, epoch: int = 0, show_progress: bool = False, start_step: int = 0,
+                    totals: tuple[float, int] = (0.0, 0), should_stop=None) -> dict[str, float]:
+    """One pass over `loader`. To continue an interrupted epoch: the same loader order (its generator reset to
+    the epoch's start), `start_step` = steps already done and their `totals`. `should_stop` is polled after
+    each step; when it fires, the result has "stopped_at" = the number of steps done."""
     model.train()
-    total, count = 0.0, 0
+    total, count = totals
     with progress_bar(len(loader.dataset), f"epoch {epoch}", enabled=show_progress) as advance:
         for step, (x, y) in enumerate(loader):
+            if step < start_step:  # done before the interruption (the batches still come in the same order)
+                continue
             x = x.to(device, non_blocking=True).float()
             y = y.to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
@@ -38,6 +44,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
             total += loss.item() * len(x)
             count += len(x)
             advance(len(x))
+            if should_stop is not None and should_stop() and step + 1 < len(loader):
+                return {"loss": total / max(count, 1), "stopped_at": step + 1, "totals": (total, count)}
     return {"loss": total / max(count, 1)}
 
 

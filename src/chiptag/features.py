@@ -2,8 +2,9 @@
 
 The cache key covers everything that changes the numbers: the backbone's actual parameters (a hash, so
 random-init and file weights are covered too), the preprocessing, the view, and each image's name, size and
-modification time. Files are written to a temporary name and renamed, so a half-written cache never looks
-complete.
+modification time. Files carry a SHA-256 of their features and are written to a temporary name and renamed;
+extraction saves chunks as it goes and resumes from them (chiptag.cachefile), so an interrupted extraction
+is continued, a half-written cache never looks complete, and a corrupt one is reported and recomputed.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from chiptag.cachefile import PartialCache, load_features, save_features
 from chiptag.data.images import ImageDataset, Preprocessing
 from chiptag.errors import ChiptagError
-from chiptag.progress import progress_bar
+from chiptag.interrupt import Interrupted, ignore_sigint_in_worker, stop_requested
+from chiptag.progress import console, progress_bar
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files carry a sha256 of their features
+CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on SIGINT/SIGTERM)
 
 
 def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], view: int) -> str:
@@ -48,23 +52,49 @@ def default_workers(requested: int | str) -> int:
 @torch.inference_mode()
 def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, batch_size: int = 64,
             device: str | torch.device = "cpu", num_workers: int = 0, view: int = 0,
-            show_progress: bool = True, label: str = "extract") -> torch.Tensor:
-    """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode."""
+            show_progress: bool = True, label: str = "extract",
+            should_stop: Callable[[], object] | None = None) -> torch.Tensor:
+    """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode.
+
+    should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
     net.eval().to(device)
     loader = DataLoader(ImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                        worker_init_fn=ignore_sigint_in_worker if num_workers else None)
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:
             chunks.append(net(x.to(device, non_blocking=True)).float().cpu().half())
             advance(len(x))
+            if should_stop is not None and should_stop():
+                break
     return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _extract_resumable(net, paths: Sequence[Path], pre: Preprocessing, key: str, path: Path, view: int,
+                       info: dict, **kwargs) -> torch.Tensor:
+    """Extract in chunks saved next to `path`, continuing from a previous interrupted extraction."""
+    partial = PartialCache(path, key)
+    chunks, dropped = partial.load()
+    for note in dropped:
+        console.print(f"[yellow]warning:[/] partial feature cache chunk dropped and recomputed: {note}")
+    done = sum(len(c) for c in chunks)
+    if done:
+        info["resumed_from"] = done
+        console.print(f"resuming feature extraction at image {done}/{len(paths)} ({partial.dir})")
+    while done < len(paths):
+        part = extract(net, paths[done:done + CHUNK_IMAGES], pre, view=view, should_stop=stop_requested, **kwargs)
+        partial.save(done, part)
+        chunks.append(part)
+        done += len(part)
+        signum = stop_requested()
+        if signum and done < len(paths):
+            raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
+                                      f"saved in {partial.dir}")
+    feats = torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
+    save_features(path, key, feats, [p.name for p in paths])
+    partial.clear()
+    return feats
 
 
 def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str, paths: Sequence[Path],
@@ -80,17 +110,15 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
         return feats, {"cache": "off", "seconds": time.perf_counter() - t0}
     key = fingerprint(backbone_hash, pre, paths, view)
     path = Path(cache_dir) / f"{backbone_name}-{pre.image_size}px-v{view}-{key[:20]}.pt"
+    info: dict = {"cache": "miss", "path": str(path)}
     if path.is_file():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if obj.get("fingerprint") == key and obj["features"].shape[0] == len(paths):
-                return obj["features"], {"cache": "hit", "path": str(path), "seconds": 0.0}
-        except Exception:  # unreadable cache: recompute below rather than trust it
-            pass
+        feats, problem = load_features(path, key, len(paths))
+        if feats is not None:
+            return feats, {"cache": "hit", "path": str(path), "seconds": 0.0}
+        console.print(f"[yellow]warning:[/] feature cache {path} is not usable: {problem}; recomputing it")
+        info["recomputed_because"] = problem
+        path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    feats = extract(net, paths, pre, view=view, **kwargs)
+    feats = _extract_resumable(net, paths, pre, key, path, view, info, **kwargs)
     seconds = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic({"fingerprint": key, "features": feats, "names": [p.name for p in paths]}, path)
-    return feats, {"cache": "miss", "path": str(path), "seconds": seconds,
-                   "images_per_s": len(paths) / seconds if seconds else None}
+    return feats, {**info, "seconds": seconds, "images_per_s": len(paths) / seconds if seconds else None}

@@ -6,7 +6,6 @@ split is evaluated once, at the end, and is the headline.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, metrics
+from chiptag import checkpoint, config as config_mod, metrics, resume as resume_mod
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
-from chiptag.data.prepare import Dataset, load_dataset
-from chiptag.data.split import save_split, split_indices
+from chiptag.data.prepare import Dataset
+from chiptag.data.split import load_split, save_split, split_indices
+from chiptag.data.validate import preflight
 from chiptag.engine import evaluate, pos_weight, train_one_epoch
 from chiptag.errors import ChiptagError
 from chiptag.features import cached_features, default_workers
+from chiptag.interrupt import Interrupted, graceful_stop, ignore_sigint_in_worker, stop_requested
 from chiptag.models.backbones import Backbone, build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
@@ -51,6 +52,7 @@ class Loaders:
     test: DataLoader
     model: nn.Module  # what the engine trains: the head (frozen) or the whole Tagger
     extract: dict
+    gen: torch.Generator  # the train loader's shuffling generator (its state is part of resume.pt)
 
 
 def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
@@ -68,7 +70,7 @@ def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagge
                           generator=gen if shuffle else None)
 
     return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
-                   tagger.head, info)
+                   tagger.head, info, gen)
 
 
 def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger) -> Loaders:
@@ -78,10 +80,11 @@ def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger:
     def loader(idx, shuffle):
         data = ImageDataset([ds.paths[i] for i in idx], bb.preprocessing, ds.table.y[idx])
         return DataLoader(data, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
-                          generator=gen if shuffle else None)
+                          generator=gen if shuffle else None,
+                          worker_init_fn=ignore_sigint_in_worker if workers else None)
 
     return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
-                   tagger, {"cache": "not used (freeze: false)"})
+                   tagger, {"cache": "not used (freeze: false)"}, gen)
 
 
 def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
@@ -96,32 +99,45 @@ def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
 
 
 def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.device, tracker,
-                on_best) -> list[dict]:
+                on_best, run_dir: Path, saved: dict | None = None) -> resume_mod.LoopState:
     entry = cfg.model
     params = [p for p in ld.model.parameters() if p.requires_grad]  # the optimizer sees trainable ones only
     opt = torch.optim.Adam(params, lr=entry.learning_rate, weight_decay=entry.weight_decay)
     sc = cfg.training.scheduler
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor, patience=sc.patience,
                                                        min_lr=sc.min_lr)
-    history, best = [], -1.0
-    for epoch in range(1, entry.epochs + 1):
+    st = resume_mod.restore(saved, ld.model, opt, sched) if saved else resume_mod.LoopState()
+    for epoch in range(st.epoch + 1, entry.epochs + 1):
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
+        if st.epoch_gen_state is None:
+            st.epoch_gen_state = ld.gen.get_state()
+        ld.gen.set_state(st.epoch_gen_state)  # a resumed epoch replays its batch order
         tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
-                             show_progress=cfg.training.progress and not entry.freeze)
+                             show_progress=cfg.training.progress and not entry.freeze, start_step=st.step,
+                             totals=st.totals, should_stop=stop_requested)
+        if "stopped_at" in tr:
+            st.step, st.totals = tr["stopped_at"], tr["totals"]
+            path = resume_mod.save(run_dir, st, ld.model, opt, sched)
+            raise Interrupted(stop_requested(), f"training stopped at epoch {epoch}, step {st.step}; "
+                                                f"state saved to {path}")
         ev = evaluate(ld.model, ld.val, loss_fn, device)
         f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
         row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
                "seconds": time.perf_counter() - t0}
         tracker.log_scalars(epoch, row)
-        history.append({"epoch": epoch, **row})
+        st.history.append({"epoch": epoch, **row})
         out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
-                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)")
-        if f2 > best:  # the checkpoint follows validation F2, the task's metric
-            best = f2
+                  f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)")
+        if f2 > st.best_f2:  # the checkpoint follows validation F2, the task's metric
+            st.mark_best(epoch, f2, ld.model)
             on_best(epoch)
         sched.step(ev["loss"])
-    return history
+        st.epoch, st.step, st.totals, st.epoch_gen_state = epoch, 0, (0.0, 0), ld.gen.get_state()
+        path = resume_mod.save(run_dir, st, ld.model, opt, sched)  # also the last good state after a NaN
+        if stop_requested() and epoch < entry.epochs:
+            raise Interrupted(stop_requested(), f"training stopped after epoch {epoch}; state saved to {path}")
+    return st
 
 
 def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
@@ -141,15 +157,61 @@ def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table:
     return out, baseline, thresholds
 
 
-def run_train(cfg: Config) -> dict:
+def _open_run(cfg: Config | None, resume: Path | None):
+    """A new run dir (validated data, fresh split), or the interrupted run `resume` (its config and split)."""
+    if resume is None:
+        ds, report = preflight(cfg.data)
+        sp = cfg.data.split
+        splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
+        run_dir = new_run_dir(cfg)
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+        save_split(ds.table.names, splits, run_dir / "split")
+        return cfg, ds, report, splits, run_dir, None
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ChiptagError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    if (run_dir / SUMMARY).is_file() and not (run_dir / resume_mod.RESUME).is_file():
+        raise ChiptagError(f"--resume {run_dir}: the run is already complete (summary.json is written)")
+    cfg = config_mod.load(run_dir / "config.yaml")
+    ds, report = preflight(cfg.data)
+    splits = load_split(ds.table.names, run_dir / "split")
+    saved = resume_mod.load(run_dir)
+    where = f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved else "at epoch 1"
+    out.print(f"resuming run [bold]{run_dir.name}[/] {where}")
+    return cfg, ds, report, splits, run_dir, saved
+
+
+def _report_validation(report, ds, run_dir: Path) -> dict:
+    skipped = report.rows - len(ds.table)
+    if report.problems or report.converted:
+        console.print(f"data validation: {report.format()}")
+    if skipped:
+        console.print(f"[yellow]skipped {skipped} row(s)[/] (data.on_bad_image=skip); listed in "
+                      f"{run_dir / 'skipped.csv'}")
+    report.write(run_dir, skipped)
+    return report.to_dict(skipped)
+
+
+def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
+    """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
+
+    SIGINT/SIGTERM stop after the current step with resumable state saved (Interrupted, exit 130/143)."""
+    with graceful_stop():
+        cfg, ds, report, splits, run_dir, saved = _open_run(cfg, resume)
+        validation = _report_validation(report, ds, run_dir)
+        try:
+            summary = _train(cfg, ds, splits, run_dir, saved, validation)
+        except Interrupted as exc:
+            raise exc.with_hint(f"continue with: chiptag train --resume {run_dir}") from None
+    write_json(run_dir / SUMMARY, summary)
+    (run_dir / resume_mod.RESUME).unlink(missing_ok=True)  # complete: nothing left to resume
+    print_result(summary)
+    return summary
+
+
+def _train(cfg: Config, ds: Dataset, splits: dict, run_dir: Path, saved: dict | None, validation: dict) -> dict:
     t_start = time.perf_counter()
     entry = cfg.model
-    ds = load_dataset(cfg.data)
-    sp = cfg.data.split
-    splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
-    run_dir = new_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
-    save_split(ds.table.names, splits, run_dir / "split")
     tracker = make_tracker(cfg, run_dir)
     tracker.start(run_dir.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
     device = resolve_device(cfg.training.device)
@@ -170,29 +232,24 @@ def run_train(cfg: Config) -> dict:
     pw = pos_weight(ds.table.y[splits["train"]], cfg.training.pos_weight_max) if entry.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
     ckpt_path = run_dir / "checkpoint.pt"
-    best: dict = {}
 
     def save_ckpt(thresholds, epoch):
         checkpoint.save(ckpt_path, tagger=tagger, backbone=bb.name, weights_id=bb.weights_id, head=head_spec,
                         tags=ds.table.tags, thresholds=thresholds, preprocessing=bb.preprocessing,
                         config=cfg.to_dict(), extra={"epoch": epoch})
 
-    def on_best(epoch):
-        best.update(epoch=epoch, state=copy.deepcopy(ld.model.state_dict()))
-        save_ckpt([0.5] * len(ds.table.tags), epoch)
-
     torch.manual_seed(cfg.training.seed)  # dropout and shuffling do not depend on whether the cache was hit
     t_train = time.perf_counter()
-    history = _epoch_loop(cfg, ld, loss_fn, device, tracker, on_best)
+    st = _epoch_loop(cfg, ld, loss_fn, device, tracker,
+                     lambda epoch: save_ckpt([0.5] * len(ds.table.tags), epoch), run_dir, saved)
     t_train = time.perf_counter() - t_train
-    ld.model.load_state_dict(best["state"])
+    ld.model.load_state_dict(st.best_state)
     results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
-    save_ckpt(thresholds.tolist(), best["epoch"])
+    save_ckpt(thresholds.tolist(), st.best_epoch)
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
-    summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
+    summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, st.history, st.best_epoch,
                             results, baseline, thresholds, timings, ld.extract)
+    summary["validation"] = validation  # what was checked, converted and skipped (every item)
     write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
     summary["tracker"] = tracker.finish(summary)
-    write_json(run_dir / SUMMARY, summary)
-    print_result(summary)
     return summary

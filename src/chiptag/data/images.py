@@ -45,19 +45,35 @@ class Preprocessing:
         return repr(sorted(asdict(self).items()))
 
 
+def _to_uint8(t: torch.Tensor) -> torch.Tensor:
+    """16-bit decodes (torchvision returns uint16 for 16-bit PNG) -> 8 bits, rounding v*255/65535."""
+    if t.dtype == torch.uint8:
+        return t
+    return ((t.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+def _pillow_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # Pillow's own convert would clip at 255
+        gray = np.asarray(im, dtype=np.int64)
+        gray = np.clip((gray * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def read_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a 3xHxW uint8 RGB tensor (grayscale, palette, RGBA and CMYK are converted)."""
+    """Decode an image file to a 3xHxW uint8 RGB tensor. Grayscale, palette, RGBA/LA (alpha dropped), CMYK
+    and 16-bit inputs are converted, the same way in training and prediction (both call this)."""
     path = Path(path)
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except Exception:  # torchvision cannot decode some inputs (CMYK, 16-bit); Pillow is the fallback, below
+        return _to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
+    except Exception:  # torchvision cannot decode some inputs (some CMYK, 16-bit gray); Pillow is the fallback
         pass
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = _pillow_rgb(im)
     except FileNotFoundError:
         raise ChiptagError(f"image not found: {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ChiptagError(f"cannot read image {path}: {exc}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

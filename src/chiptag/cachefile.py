@@ -1,0 +1,81 @@
+"""Verified feature-cache files: fingerprint + SHA-256 of the tensor bytes, atomic writes, resumable chunks.
+
+A cache file is trusted only when it loads, its fingerprint is the one asked for, its row count matches and
+the SHA-256 of its features equals the stored one (torch.load does not check its zip CRCs, so a flipped bit
+in the tensor data would otherwise load silently). Extraction writes `<final>.partial/<start>.pt` chunks as it
+goes; the final file appears (by rename) only when every chunk is there, so a partial cache is never read as
+complete, and an interrupted extraction resumes from its last chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_features(path: Path, key: str, feats: torch.Tensor, names: list[str]) -> None:
+    save_atomic({"fingerprint": key, "features": feats, "names": names, "sha256": digest(feats)}, path)
+
+
+def load_features(path: Path, key: str, n: int | None = None) -> tuple[torch.Tensor | None, str]:
+    """-> (features, "") when the file is complete and intact, else (None, what is wrong with it)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or damaged zip/pickle: any failure means "do not use"
+        return None, f"unreadable ({exc.__class__.__name__})"
+    if not isinstance(obj, dict) or not {"fingerprint", "features", "sha256"} <= set(obj):
+        return None, "not a chiptag feature cache (or written by an older chiptag without a checksum)"
+    if obj["fingerprint"] != key:
+        return None, "fingerprint mismatch (written for other images, weights or preprocessing)"
+    feats = obj["features"]
+    if n is not None and feats.shape[0] != n:
+        return None, f"{feats.shape[0]} rows, expected {n}"
+    if digest(feats) != obj["sha256"]:
+        return None, "checksum mismatch (the file is corrupt)"
+    return feats, ""
+
+
+class PartialCache:
+    """Chunks of an extraction in progress, next to the final cache file."""
+
+    def __init__(self, final: Path, key: str):
+        self.dir = final.with_name(final.name + ".partial")
+        self.key = key
+
+    def load(self) -> tuple[list[torch.Tensor], list[str]]:
+        """Intact chunks contiguous from image 0, and a note per chunk that was dropped (then recomputed)."""
+        chunks: list[torch.Tensor] = []
+        dropped: list[str] = []
+        done = 0
+        for f in sorted(self.dir.glob("*.pt")) if self.dir.is_dir() else []:
+            start = int(f.stem) if f.stem.isdigit() else -1
+            feats, why = load_features(f, self.key) if start == done else (None, "not contiguous")
+            if feats is None:
+                dropped.append(f"{f.name}: {why}")
+                f.unlink(missing_ok=True)
+                continue
+            chunks.append(feats)
+            done += feats.shape[0]
+        return chunks, dropped
+
+    def save(self, start: int, feats: torch.Tensor) -> None:
+        if len(feats):
+            save_features(self.dir / f"{start:09d}.pt", self.key, feats, [])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

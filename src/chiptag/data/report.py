@@ -1,0 +1,125 @@
+"""Validation report: problems grouped by kind, with counts and the first examples (file and CSV row).
+
+Severities: `fatal` problems make the table unusable (always an error); `bad` items are unusable rows or
+images (policy `data.on_bad_image` decides: stop, or skip them and list them); `note` items were handled
+on read (a BOM, CRLF, stray spaces, a PNG behind a .jpg name) and are only reported; conversions to RGB are
+counted per source mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chiptag.rundir import write_json
+
+# kind -> (severity, what the user reads)
+KINDS: dict[str, tuple[str, str]] = {
+    "empty_name": ("bad", "empty image name"),
+    "duplicate_same": ("bad", "duplicate image name, same tags (skip keeps the first row)"),
+    "duplicate_conflict": ("bad", "duplicate image name with conflicting tags (skip drops every copy)"),
+    "empty_tags": ("bad", "empty tag list"),
+    "unknown_tag": ("bad", "tag outside the run's vocabulary"),
+    "onehot_value": ("bad", "one-hot cell that is not 0 or 1"),
+    "image_missing": ("bad", "image file missing"),
+    "image_unreadable": ("bad", "image file not readable (permissions)"),
+    "zero_bytes": ("bad", "image file is empty (0 bytes)"),
+    "not_an_image": ("bad", "not an image Pillow can identify"),
+    "truncated": ("bad", "truncated or corrupt image data"),
+    "bomb": ("bad", "image over the pixel cap (data.max_image_pixels; decompression bomb guard)"),
+    "size_off": ("bad", "image size far from the expected one (data.expected_size)"),
+    "bom": ("note", "UTF-8 byte-order mark at the start of the label table (ignored)"),
+    "crlf": ("note", "CRLF (Windows) line ends in the label table (handled)"),
+    "whitespace": ("note", "stray whitespace around names or tags (stripped)"),
+    "format_mismatch": ("note", "file content does not match its extension (decoded by content)"),
+}
+EXAMPLES = 3
+
+
+@dataclass
+class Problem:
+    kind: str
+    file: str
+    row: int | None  # CSV row number as an editor shows it (the header is row 1); None: not from a row
+    detail: str = ""
+
+    def where(self) -> str:
+        return (f"row {self.row}: " if self.row is not None else "") + self.file
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    converted: Counter = field(default_factory=Counter)  # source mode -> images converted to RGB
+    rows: int = 0
+    images: int = 0
+    policy: str = "error"
+
+    def add(self, kind: str, file: str | Path, row: int | None = None, detail: str = "") -> None:
+        if kind not in KINDS:
+            raise KeyError(f"unknown problem kind {kind!r}")
+        self.problems.append(Problem(kind, str(file), row, detail))
+
+    def of_severity(self, severity: str) -> list[Problem]:
+        return [p for p in self.problems if KINDS[p.kind][0] == severity]
+
+    @property
+    def bad(self) -> list[Problem]:
+        return self.of_severity("bad")
+
+    def by_kind(self, problems: list[Problem] | None = None) -> dict[str, list[Problem]]:
+        groups: dict[str, list[Problem]] = {}
+        for p in self.problems if problems is None else problems:
+            groups.setdefault(p.kind, []).append(p)
+        return groups
+
+    def _lines(self, problems: list[Problem]) -> list[str]:
+        lines = []
+        for kind, items in self.by_kind(problems).items():
+            shown = "; ".join(p.where() + (f" ({p.detail})" if p.detail else "") for p in items[:EXAMPLES])
+            more = f"; ... {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else ""
+            lines.append(f"  {KINDS[kind][1]}: {len(items)} — {shown}{more}")
+        return lines
+
+    def format(self) -> str:
+        """The listing the user reads: unusable items first, then what was handled on read."""
+        lines = [f"checked {self.rows} label rows and {self.images} images"]
+        if self.bad:
+            lines.append(f"{len(self.bad)} problem(s) that make rows or images unusable:")
+            lines += self._lines(self.bad)
+        notes = self.of_severity("note")
+        if notes or self.converted:
+            lines.append("handled on read (no action needed):")
+            lines += self._lines(notes)
+            if self.converted:
+                lines.append("  converted to RGB: " + ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())))
+        return "\n".join(lines)
+
+    def error_message(self) -> str:
+        return (f"data validation failed (data.on_bad_image=error):\n{self.format()}\n"
+                "Fix these files, or set data.on_bad_image=skip to leave them out (each skipped item is listed "
+                "in the run dir's skipped.csv).")
+
+    def to_dict(self, skipped: int = 0) -> dict:
+        return {
+            "policy": self.policy, "rows": self.rows, "images": self.images, "skipped": skipped,
+            "problems": {k: len(v) for k, v in self.by_kind().items()},
+            "converted_to_rgb": dict(self.converted),
+            "skipped_items": [vars(p) for p in self.bad],
+        }
+
+    def write(self, run_dir: Path, skipped: int) -> None:
+        """skipped.csv (every unusable item with its reason) and validation.json, both atomic."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["row", "file", "kind", "reason", "detail"])
+        for p in self.bad:
+            w.writerow(["" if p.row is None else p.row, p.file, p.kind, KINDS[p.kind][1], p.detail])
+        path = Path(run_dir) / "skipped.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        tmp.replace(path)
+        write_json(Path(run_dir) / "validation.json", self.to_dict(skipped))

@@ -1,0 +1,157 @@
+"""Pre-flight validation of the label table and every referenced image, before any heavy work.
+
+`preflight(cfg.data)` is what training and evaluation call: it checks everything, collects every problem
+(grouped by kind in a Report) and applies `data.on_bad_image`: `error` raises one ChiptagError listing them
+all, `skip` returns the dataset without the unusable rows and images. Prediction uses
+`chiptag.data.image_check.validate_images(paths)` (no label table there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from chiptag.data import labels as labels_mod
+from chiptag.data.image_check import check_images
+from chiptag.data.images import image_paths
+from chiptag.data.prepare import Dataset
+from chiptag.data.report import Report
+from chiptag.errors import ChiptagError
+
+
+def _file_notes(path: Path, report: Report) -> None:
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        report.add("bom", path, 1)
+    crlf = raw.count(b"\r\n")
+    if crlf:
+        report.add("crlf", path, None, f"{crlf} line(s)")
+
+
+def _row_keys(path: Path, df: pd.DataFrame, fmt: str, id_col: str, tags_col: str,
+              vocabulary: Sequence[str] | None, report: Report) -> tuple[list[str], list, set[int]]:
+    """Per-row checks. Returns (stripped names, a hashable tag key per row, bad row positions)."""
+    vocab = set(vocabulary) if vocabulary is not None else None
+    tag_cols = [c for c in df.columns if c != id_col]
+    names, keys, bad = [], [], set()
+    raw_names = df[id_col].tolist()
+    cells = df[tags_col].tolist() if fmt == "tags" else df[tag_cols].to_numpy().tolist()
+    for i, (raw_name, cell) in enumerate(zip(raw_names, cells)):
+        row = i + 2  # the header is row 1
+        name = raw_name.strip()
+        names.append(name)
+        if not name:
+            report.add("empty_name", path, row)
+            bad.add(i)
+        if fmt == "tags":
+            items = cell.split()
+            stray = raw_name != name or (items and cell != " ".join(items))
+            problems = _tags_row(items, vocab)
+            keys.append(frozenset(items))
+        else:
+            values = [v.strip() for v in cell]
+            stray = raw_name != name or any(v != s for v, s in zip(cell, values))
+            problems = _onehot_row(values, tag_cols, vocab)
+            keys.append(tuple(values))
+        if stray:
+            report.add("whitespace", path, row, repr(name))
+        for kind, detail in problems:
+            report.add(kind, path, row, detail)
+            bad.add(i)
+    return names, keys, bad
+
+
+def _tags_row(items: list[str], vocab: set[str] | None) -> list[tuple[str, str]]:
+    if not items:
+        return [("empty_tags", "")]
+    unknown = [t for t in items if vocab is not None and t not in vocab]
+    return [("unknown_tag", " ".join(unknown))] if unknown else []
+
+
+def _onehot_row(values: list[str], cols: list[str], vocab: set[str] | None) -> list[tuple[str, str]]:
+    out = [("onehot_value", f"column {c!r}: {v!r}") for c, v in zip(cols, values) if v not in ("0", "1")]
+    if not out and "1" not in values:
+        out.append(("empty_tags", "every one-hot cell is 0"))
+    unknown = [c for c, v in zip(cols, values) if v == "1" and vocab is not None and c not in vocab]
+    if unknown:
+        out.append(("unknown_tag", " ".join(unknown)))
+    return out
+
+
+def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> set[int]:
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        if n:
+            groups.setdefault(n, []).append(i)
+    bad: set[int] = set()
+    for name, idx in groups.items():
+        if len(idx) == 1:
+            continue
+        if len({keys[i] for i in idx}) == 1:  # same tags: keeping the first loses nothing
+            for i in idx[1:]:
+                report.add("duplicate_same", path, i + 2, f"{name!r} first at row {idx[0] + 2}")
+                bad.add(i)
+        else:
+            rows = ", ".join(str(i + 2) for i in idx)
+            for i in idx:
+                report.add("duplicate_conflict", path, i + 2, f"{name!r} at rows {rows}")
+                bad.add(i)
+    return bad
+
+
+def _resolve_format(path: Path, df: pd.DataFrame, data) -> str:
+    if data.id_column not in df.columns:
+        raise ChiptagError(f"{path}: missing id column {data.id_column!r} (columns: {', '.join(df.columns)})")
+    fmt = data.format
+    if fmt == "auto":
+        fmt = "tags" if data.tags_column in df.columns else "onehot"
+    if fmt == "tags" and data.tags_column not in df.columns:
+        raise ChiptagError(f"{path}: missing tags column {data.tags_column!r} (columns: {', '.join(df.columns)})")
+    if fmt == "onehot" and len(df.columns) < 2:
+        raise ChiptagError(f"{path}: one-hot table has no tag columns besides {data.id_column!r}")
+    return fmt
+
+
+def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data,
+                 vocabulary: Sequence[str] | None) -> labels_mod.LabelTable:
+    sub = df.iloc[keep].reset_index(drop=True)
+    if fmt == "tags":
+        table = labels_mod._from_tags(path, sub, data.id_column, data.tags_column)
+    else:
+        if vocabulary is not None:  # rows with a 1 outside the vocabulary are gone; drop those columns
+            sub = sub[[c for c in sub.columns if c == data.id_column or c in set(vocabulary)]]
+        table = labels_mod._from_onehot(path, sub, data.id_column)
+    return labels_mod.align(table, vocabulary) if vocabulary is not None else table
+
+
+def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset, Report]:
+    """`data` is a config.DataConfig; `vocabulary` (a run's tags) for evaluation. -> (usable dataset, report)."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ChiptagError(f"data.root: directory not found: {root} (for the demo: chiptag demo-data {root})")
+    path = root / data.labels if data.labels else labels_mod.find_label_file(root)
+    df = labels_mod._read_csv(path)  # missing, empty, unparsable: one clear error each
+    fmt = _resolve_format(path, df, data)
+    report = Report(rows=len(df), policy=data.on_bad_image)
+    _file_notes(path, report)
+    names, keys, bad = _row_keys(path, df, fmt, data.id_column, data.tags_column, vocabulary, report)
+    bad |= _duplicates(path, names, keys, report)
+    image_dir = root / data.images
+    if not image_dir.is_dir():
+        raise ChiptagError(f"data.images: image folder not found: {image_dir}")
+    paths = image_paths(image_dir, names, data.extension)
+    seen: set[str] = set()
+    check = [i for i, n in enumerate(names) if n and not (n in seen or seen.add(n))]  # each file once
+    bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
+                           max_pixels=data.max_image_pixels, expected_size=data.expected_size)
+    bad_img_names = {names[check[j]] for j in bad_img}
+    bad |= {i for i, n in enumerate(names) if n in bad_img_names}
+    if report.bad and data.on_bad_image == "error":
+        raise ChiptagError(report.error_message())
+    keep = [i for i in range(len(df)) if i not in bad]
+    if not keep:
+        raise ChiptagError(f"no usable rows left in {path} after skipping:\n{report.format()}")
+    table = _build_table(path, df, keep, fmt, data, vocabulary)
+    return Dataset(table, [paths[i] for i in keep], path, image_dir), report
