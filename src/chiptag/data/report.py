@@ -79,9 +79,10 @@ class Report:
     def _lines(self, problems: list[Problem]) -> list[str]:
         lines = []
         for kind, items in self.by_kind(problems).items():
-            shown = "; ".join(p.where() + (f" ({p.detail})" if p.detail else "") for p in items[:EXAMPLES])
-            more = f"; ... {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else ""
-            lines.append(f"  {KINDS[kind][1]}: {len(items)} — {shown}{more}")
+            lines.append(f"  {KINDS[kind][1]}: {len(items)}")
+            lines += [f"    {p.where()}" + (f" ({p.detail})" if p.detail else "") for p in items[:EXAMPLES]]
+            if len(items) > EXAMPLES:
+                lines.append(f"    ... and {len(items) - EXAMPLES} more")
         return lines
 
     def format(self) -> str:

@@ -58,7 +58,7 @@ def _row_keys(path: Path, df: pd.DataFrame, fmt: str, id_col: str, tags_col: str
         if stray:
             report.add("whitespace", path, row, repr(name))
         for kind, detail in problems:
-            report.add(kind, path, row, detail)
+            report.add(kind, path, row, f"{name!r}: {detail}" if detail else repr(name))
             bad.add(i)
     return names, keys, bad
 
