@@ -37,8 +37,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
-                    f"loss is {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint is kept. "
-                    "Try a lower learning rate, and check the inputs (chiptag validate).")
+                    f"loss is {loss.item()} at epoch {epoch}, step {step}. Try a lower learning rate "
+                    "(model.learning_rate), and check the inputs (chiptag validate).")
             loss.backward()
             optimizer.step()
             total += loss.item() * len(x)

@@ -22,7 +22,7 @@ from chiptag.data.labels import LabelTable
 from chiptag.data.prepare import Dataset
 from chiptag.data.split import load_split, save_split, split_indices
 from chiptag.data.validate import preflight
-from chiptag.engine import evaluate, pos_weight, train_one_epoch
+from chiptag.engine import NonFiniteLoss, evaluate, pos_weight, train_one_epoch
 from chiptag.errors import ChiptagError
 from chiptag.features import cached_features, default_workers
 from chiptag.interrupt import Interrupted, graceful_stop, ignore_sigint_in_worker, stop_requested
@@ -192,6 +192,14 @@ def _report_validation(report, ds, run_dir: Path) -> dict:
     return report.to_dict(skipped)
 
 
+def _last_good(run_dir: Path) -> str:
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return "No epoch finished, so there is no checkpoint."
+    epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch")
+    return f"The last good checkpoint is kept: {path} (best epoch {epoch})."
+
+
 def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
     """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
 
@@ -203,6 +211,8 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
             summary = _train(cfg, ds, splits, run_dir, saved, validation)
         except Interrupted as exc:
             raise exc.with_hint(f"continue with: chiptag train --resume {run_dir}") from None
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc} {_last_good(run_dir)}") from None
     write_json(run_dir / SUMMARY, summary)
     (run_dir / resume_mod.RESUME).unlink(missing_ok=True)  # complete: nothing left to resume
     print_result(summary)
