@@ -30,7 +30,7 @@ def evaluate_run(run_dir: Path) -> dict:
     cfg = config_mod.load(run_dir / "config.yaml")
     ckpt = checkpoint.load(run_dir / "checkpoint.pt")
     tagger = checkpoint.build_tagger(ckpt)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, vocabulary=ckpt["tags"])  # validated; tags outside the run are reported
     if ds.table.tags != ckpt["tags"]:
         raise ChiptagError(f"the label table's tags differ from the checkpoint's: {ds.table.tags} vs {ckpt['tags']}")
     splits = load_split(ds.table.names, run_dir / "split")
