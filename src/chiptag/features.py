@@ -121,4 +121,5 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
     t0 = time.perf_counter()
     feats = _extract_resumable(net, paths, pre, key, path, view, info, **kwargs)
     seconds = time.perf_counter() - t0
-    return feats, {**info, "seconds": seconds, "images_per_s": len(paths) / seconds if seconds else None}
+    n_new = len(paths) - info.get("resumed_from", 0)
+    return feats, {**info, "seconds": seconds, "images_per_s": n_new / seconds if seconds else None}

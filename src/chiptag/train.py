@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from chiptag import checkpoint, config as config_mod, metrics, resume as resume_mod
+from chiptag.atomic import write_text
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
@@ -164,7 +165,7 @@ def _open_run(cfg: Config | None, resume: Path | None):
         sp = cfg.data.split
         splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
         run_dir = new_run_dir(cfg)
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
+        write_text(run_dir / "config.yaml", config_mod.dump(cfg))  # --resume reads it back
         save_split(ds.table.names, splits, run_dir / "split")
         return cfg, ds, report, splits, run_dir, None
     run_dir = Path(resume)

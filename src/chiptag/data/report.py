@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chiptag.atomic import write_text
 from chiptag.rundir import write_json
 
 # kind -> (severity, what the user reads)
@@ -119,8 +120,5 @@ class Report:
         w.writerow(["row", "file", "kind", "reason", "detail"])
         for p in self.bad:
             w.writerow(["" if p.row is None else p.row, p.file, p.kind, KINDS[p.kind][1], p.detail])
-        path = Path(run_dir) / "skipped.csv"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        tmp.replace(path)
+        write_text(Path(run_dir) / "skipped.csv", buf.getvalue())
         write_json(Path(run_dir) / "validation.json", self.to_dict(skipped))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
+from chiptag.atomic import write_text
 from chiptag.errors import ChiptagError
 
 SPLITS = ("train", "val", "test")
@@ -35,7 +36,7 @@ def split_indices(y: np.ndarray, train: float = 0.7, val: float = 0.15, test: fl
 def save_split(names: list[str], splits: dict[str, np.ndarray], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, idx in splits.items():
-        (out_dir / f"{name}.txt").write_text("".join(names[i] + "\n" for i in idx), encoding="utf-8")
+        write_text(out_dir / f"{name}.txt", "".join(names[i] + "\n" for i in idx))  # resume reads these
 
 
 def load_split(names: list[str], split_dir: Path) -> dict[str, np.ndarray]:
