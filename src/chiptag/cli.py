@@ -68,6 +68,16 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
     evaluate_run(run)
 
 
+@app.command()
+@friendly
+def report(run: Path = typer.Argument(..., help="run directory")) -> None:
+    """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
+    from chiptag.report import write_report
+
+    files = write_report(run)
+    print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
