@@ -78,6 +78,40 @@ def report(run: Path = typer.Argument(..., help="run directory")) -> None:
     print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
 
 
+@app.command()
+@friendly
+def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
+            input_: Path = typer.Argument(..., metavar="INPUT", help="image folder, or CSV whose first column is "
+                                          "image_name (e.g. Planet's sample_submission.csv)"),
+            out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="submission CSV to write"),
+            probabilities: Optional[Path] = typer.Option(None, help="also write per-tag probabilities here"),
+            tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations of each chip"),
+            images: Optional[List[Path]] = typer.Option(
+                None, "--images", help="folder(s) holding a CSV's images, searched in order (repeatable); "
+                "default: the CSV's folder and its test-jpg/, test-jpg-additional/"),
+            ext: Optional[str] = typer.Option(None, help="image extension, e.g. .jpg (default: common ones)"),
+            batch_size: int = typer.Option(64, help="images per forward pass"),
+            device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
+            workers: str = typer.Option("auto", help="decoding worker processes (auto: spare cores)"),
+            ) -> None:
+    """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
+
+    A missing or unreadable image keeps its row with empty tags, is printed on stderr and listed in
+    <out stem>.errors.csv, and the command exits 1."""
+    from chiptag.features import default_workers
+    from chiptag.submission import run_predict
+    from chiptag.train import resolve_device
+
+    r = run_predict(run, input_, out, probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
+                    batch_size=batch_size, device=str(resolve_device(device)),
+                    num_workers=default_workers(workers))
+    extra = f", probabilities in {probabilities}" if probabilities else ""
+    print(f"wrote {r['rows']} rows to {out}{extra} ({'TTA x8, ' if tta else ''}{r['seconds']:.1f}s)")
+    if r["errors"]:
+        print(f"{r['errors']} image(s) failed: kept with empty tags, listed in {r['errors_file']}")
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
