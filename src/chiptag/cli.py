@@ -112,6 +112,21 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly
+def export(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
+           format_: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
+           out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. model.onnx"),
+           ) -> None:
+    """Export the model: input `images` (float32 Nx3xSxS, normalised), output `probabilities` (after sigmoid),
+    with tags, thresholds, image_size, mean and std stored in the file."""
+    from chiptag.export import export_run
+
+    r = export_run(run, format_, out)
+    print(f"wrote {r['path']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, {r['image_size']} px, {r['n_tags']} tags); "
+          f"max |exported - PyTorch| on a random batch: {r['max_abs_diff']:.1e}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -57,7 +57,7 @@ class _Chips(Dataset):
         return torch.zeros(3, self.pre.image_size, self.pre.image_size)
 
 
-def _checkpoint_path(path: Path) -> Path:
+def checkpoint_path(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -80,7 +80,7 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
         """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
-        ckpt = checkpoint.load(_checkpoint_path(Path(path)))
+        ckpt = checkpoint.load(checkpoint_path(Path(path)))
         return cls(checkpoint.build_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
                    device)
 
