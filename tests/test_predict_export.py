@@ -149,6 +149,15 @@ def test_predict_folder_and_bad_inputs(run_dir, chips, tmp_path):
     r = invoke("predict", run_dir, folder, "--out", out, "--workers", "0")
     assert r.exit_code == 0, r.output
     assert pd.read_csv(out)["image_name"].tolist() == ["test_1", "test_2", "test_10"]  # natural order
+    # Planet's layout: sample_submission.csv next to test-jpg/ and test-jpg-additional/, found without --images.
+    kaggle = tmp_path / "kaggle"
+    for sub, name in (("test-jpg", "test_0"), ("test-jpg-additional", "file_0")):
+        (kaggle / sub).mkdir(parents=True)
+        shutil.copy(chips[0], kaggle / sub / f"{name}.jpg")
+    (kaggle / "sample_submission.csv").write_text("image_name,tags\nfile_0,primary clear\ntest_0,primary clear\n")
+    r = invoke("predict", run_dir, kaggle / "sample_submission.csv", "--out", out, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out)["image_name"].tolist() == ["file_0", "test_0"]
     csv = tmp_path / "names.csv"
     csv.write_text("image_name\nnowhere_1\nnowhere_2\n")
     r = invoke("predict", run_dir, csv, "--out", out, "--images", folder)
