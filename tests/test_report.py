@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from chiptag import checkpoint, metrics
 from chiptag.cli import app
 from chiptag.errors import ChiptagError
-from chiptag.report import EVAL_PROBS, FIGURES, write_report
+from chiptag.report import EVAL_PROBS, FIGURES, report_after_training, write_report
 
 runner = CliRunner()
 
@@ -96,3 +96,27 @@ def test_report_on_a_non_run_is_a_clean_error(tmp_path):
         write_report(tmp_path)
     r = runner.invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def log_figure(self, name, path):
+        self.calls.append(("figure", name, Path(path).name))
+
+    def log_artifact(self, name, path):
+        self.calls.append(("artifact", name, Path(path).name))
+
+
+def test_tracker_receives_the_plots_and_a_failure_only_warns(run, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(run["run_dir"], tmp_path / "run"))
+    rec = _Recorder()
+    report_after_training(run_dir, rec)
+    assert sorted(c[2] for c in rec.calls if c[0] == "figure") == sorted(FIGURES.values())
+    assert ("artifact", "report", "report.md") in rec.calls
+    (run_dir / "summary.json").write_text("{broken")
+    rec = _Recorder()
+    report_after_training(run_dir, rec)  # the run is already complete: warn, do not raise
+    assert rec.calls == []
+    assert "chiptag report" in capsys.readouterr().err

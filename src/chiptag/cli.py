@@ -85,7 +85,8 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
                                           "image_name (e.g. Planet's sample_submission.csv)"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="submission CSV to write"),
             probabilities: Optional[Path] = typer.Option(None, help="also write per-tag probabilities here"),
-            tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations of each chip"),
+            tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations of each chip (the "
+                                     "stored thresholds were tuned without TTA)"),
             images: Optional[List[Path]] = typer.Option(
                 None, "--images", help="folder(s) holding a CSV's images, searched in order (repeatable); "
                 "default: the CSV's folder and its test-jpg/, test-jpg-additional/"),
@@ -96,8 +97,7 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
             ) -> None:
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
-    A missing or unreadable image keeps its row with empty tags, is printed on stderr and listed in
-    <out stem>.errors.csv, and the command exits 1."""
+    Failed images keep their row with empty tags, go to stderr and <out stem>.errors.csv; exit code 1."""
     from chiptag.features import default_workers
     from chiptag.submission import run_predict
     from chiptag.train import resolve_device
@@ -118,8 +118,9 @@ def export(run: Path = typer.Argument(..., help="run directory (or its checkpoin
            format_: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
            out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. model.onnx"),
            ) -> None:
-    """Export the model: input `images` (float32 Nx3xSxS, normalised), output `probabilities` (after sigmoid),
-    with tags, thresholds, image_size, mean and std stored in the file."""
+    """Export the model: input `images` (float32 Nx3xSxS, normalised), output `probabilities`.
+
+    The file also stores tags, thresholds, image_size, mean and std (ONNX metadata / TorchScript extra files)."""
     from chiptag.export import export_run
 
     r = export_run(run, format_, out)
