@@ -55,7 +55,16 @@ def _tmp(out: Path) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
 
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ChiptagError(f"ONNX export needs {', '.join(missing)}: pip install 'chiptag[export]'")
+
+
 def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+    _require("onnx", "onnxscript", "onnxruntime")  # onnxruntime: for the parity check after export
     import onnx
 
     tmp = _tmp(out)
