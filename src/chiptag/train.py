@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, metrics
+from chiptag import checkpoint, config as config_mod, metrics, report
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
@@ -125,8 +125,9 @@ def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.devi
 
 
 def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
-                   splits: dict) -> tuple[dict, dict, np.ndarray]:
+                   splits: dict, run_dir: Path) -> tuple[dict, dict, np.ndarray]:
     ev = {s: evaluate(ld.model, getattr(ld, s), loss_fn, device) for s in ("val", "test")}
+    report.save_eval_probs(run_dir / report.EVAL_PROBS, ev, table.names, splits, table.tags)
     thresholds = metrics.tune_thresholds(ev["val"]["targets"], ev["val"]["probs"])
     out = {}
     for s, e in ev.items():
@@ -186,12 +187,13 @@ def run_train(cfg: Config) -> dict:
     history = _epoch_loop(cfg, ld, loss_fn, device, tracker, on_best)
     t_train = time.perf_counter() - t_train
     ld.model.load_state_dict(best["state"])
-    results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
+    results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits, run_dir)
     save_ckpt(thresholds.tolist(), best["epoch"])
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
                             results, baseline, thresholds, timings, ld.extract)
     write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
+    report.report_after_training(run_dir, tracker)
     summary["tracker"] = tracker.finish(summary)
     write_json(run_dir / SUMMARY, summary)
     print_result(summary)
