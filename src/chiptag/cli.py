@@ -99,6 +99,66 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
     evaluate_run(run)
 
 
+@app.command()
+@friendly
+def report(run: Path = typer.Argument(..., help="run directory")) -> None:
+    """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
+    from chiptag.report import write_report
+
+    files = write_report(run)
+    print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
+
+
+@app.command()
+@friendly
+def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
+            input_: Path = typer.Argument(..., metavar="INPUT", help="image folder, or CSV whose first column is "
+                                          "image_name (e.g. Planet's sample_submission.csv)"),
+            out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="submission CSV to write"),
+            probabilities: Optional[Path] = typer.Option(None, help="also write per-tag probabilities here"),
+            tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations of each chip (the "
+                                     "stored thresholds were tuned without TTA)"),
+            images: Optional[List[Path]] = typer.Option(
+                None, "--images", help="folder(s) holding a CSV's images, searched in order (repeatable); "
+                "default: the CSV's folder and its test-jpg/, test-jpg-additional/"),
+            ext: Optional[str] = typer.Option(None, help="image extension, e.g. .jpg (default: common ones)"),
+            batch_size: int = typer.Option(64, help="images per forward pass"),
+            device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
+            workers: str = typer.Option("auto", help="decoding worker processes (auto: spare cores)"),
+            ) -> None:
+    """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
+
+    Failed images keep their row with empty tags, go to stderr and <out stem>.errors.csv; exit code 1."""
+    from chiptag.features import default_workers
+    from chiptag.submission import run_predict
+    from chiptag.train import resolve_device
+
+    r = run_predict(run, input_, out, probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
+                    batch_size=batch_size, device=str(resolve_device(device)),
+                    num_workers=default_workers(workers))
+    extra = f", probabilities in {probabilities}" if probabilities else ""
+    print(f"wrote {r['rows']} rows to {out}{extra} ({'TTA x8, ' if tta else ''}{r['seconds']:.1f}s)")
+    if r["errors"]:
+        print(f"{r['errors']} image(s) failed: kept with empty tags, listed in {r['errors_file']}")
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def export(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
+           format_: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
+           out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. model.onnx"),
+           ) -> None:
+    """Export the model: input `images` (float32 Nx3xSxS, normalised), output `probabilities`.
+
+    The file also stores tags, thresholds, image_size, mean and std (ONNX metadata / TorchScript extra files)."""
+    from chiptag.export import export_run
+
+    r = export_run(run, format_, out)
+    print(f"wrote {r['path']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, {r['image_size']} px, {r['n_tags']} tags); "
+          f"max |exported - PyTorch| on a random batch: {r['max_abs_diff']:.1e}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, metrics, resume as resume_mod
+from chiptag import checkpoint, config as config_mod, metrics, report, resume as resume_mod
 from chiptag.atomic import write_text
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
@@ -142,8 +142,9 @@ def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.devi
 
 
 def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
-                   splits: dict) -> tuple[dict, dict, np.ndarray]:
+                   splits: dict, run_dir: Path) -> tuple[dict, dict, np.ndarray]:
     ev = {s: evaluate(ld.model, getattr(ld, s), loss_fn, device) for s in ("val", "test")}
+    report.save_eval_probs(run_dir / report.EVAL_PROBS, ev, table.names, splits, table.tags)
     thresholds = metrics.tune_thresholds(ev["val"]["targets"], ev["val"]["probs"])
     out = {}
     for s, e in ev.items():
@@ -161,36 +162,36 @@ def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table:
 def _open_run(cfg: Config | None, resume: Path | None):
     """A new run dir (validated data, fresh split), or the interrupted run `resume` (its config and split)."""
     if resume is None:
-        ds, report = preflight(cfg.data)
+        ds, vreport = preflight(cfg.data)
         sp = cfg.data.split
         splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
         run_dir = new_run_dir(cfg)
         write_text(run_dir / "config.yaml", config_mod.dump(cfg))  # --resume reads it back
         save_split(ds.table.names, splits, run_dir / "split")
-        return cfg, ds, report, splits, run_dir, None
+        return cfg, ds, vreport, splits, run_dir, None
     run_dir = Path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise ChiptagError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     if (run_dir / SUMMARY).is_file() and not (run_dir / resume_mod.RESUME).is_file():
         raise ChiptagError(f"--resume {run_dir}: the run is already complete (summary.json is written)")
     cfg = config_mod.load(run_dir / "config.yaml")
-    ds, report = preflight(cfg.data)
+    ds, vreport = preflight(cfg.data)
     splits = load_split(ds.table.names, run_dir / "split")
     saved = resume_mod.load(run_dir)
     where = f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved else "at epoch 1"
     out.print(f"resuming run [bold]{run_dir.name}[/] {where}")
-    return cfg, ds, report, splits, run_dir, saved
+    return cfg, ds, vreport, splits, run_dir, saved
 
 
-def _report_validation(report, ds, run_dir: Path) -> dict:
-    skipped = report.rows - len(ds.table)
-    if report.problems or report.converted:
-        console.print(f"data validation: {report.format()}")
+def _report_validation(vreport, ds, run_dir: Path) -> dict:
+    skipped = vreport.rows - len(ds.table)
+    if vreport.problems or vreport.converted:
+        console.print(f"data validation: {vreport.format()}")
     if skipped:
         console.print(f"[yellow]skipped {skipped} row(s)[/] (data.on_bad_image=skip); listed in "
                       f"{run_dir / 'skipped.csv'}")
-    report.write(run_dir, skipped)
-    return report.to_dict(skipped)
+    vreport.write(run_dir, skipped)
+    return vreport.to_dict(skipped)
 
 
 def _last_good(run_dir: Path) -> str:
@@ -206,8 +207,8 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
 
     SIGINT/SIGTERM stop after the current step with resumable state saved (Interrupted, exit 130/143)."""
     with graceful_stop():
-        cfg, ds, report, splits, run_dir, saved = _open_run(cfg, resume)
-        validation = _report_validation(report, ds, run_dir)
+        cfg, ds, vreport, splits, run_dir, saved = _open_run(cfg, resume)
+        validation = _report_validation(vreport, ds, run_dir)
         try:
             summary = _train(cfg, ds, splits, run_dir, saved, validation)
         except Interrupted as exc:
@@ -255,12 +256,13 @@ def _train(cfg: Config, ds: Dataset, splits: dict, run_dir: Path, saved: dict | 
                      lambda epoch: save_ckpt([0.5] * len(ds.table.tags), epoch), run_dir, saved)
     t_train = time.perf_counter() - t_train
     ld.model.load_state_dict(st.best_state)
-    results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
+    results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits, run_dir)
     save_ckpt(thresholds.tolist(), st.best_epoch)
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, st.history, st.best_epoch,
                             results, baseline, thresholds, timings, ld.extract)
     summary["validation"] = validation  # what was checked, converted and skipped (every item)
     write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
+    report.report_after_training(run_dir, tracker)
     summary["tracker"] = tracker.finish(summary)
     return summary

@@ -95,7 +95,8 @@ def _expected_size(sizes: Iterable[tuple[int, int]], configured: int | None) -> 
 
 
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
-                 max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None) -> set[int]:
+                 max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
+                 check_size: bool = True) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
 
     expected_size None: the most common chip side in the data (an odd one out is what this catches)."""
@@ -107,7 +108,7 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
     expected = _expected_size(ok_sizes, expected_size)
     for i, (p, info) in enumerate(zip(paths, infos)):
         kind, detail = info.kind, info.detail
-        if kind is None and expected and info.size:
+        if kind is None and check_size and expected and info.size:
             w, h = info.size
             if max(w, h) > expected * SIZE_TOLERANCE or min(w, h) * SIZE_TOLERANCE < expected:
                 kind, detail = "size_off", f"{w}x{h}, expected about {expected}x{expected}"
@@ -124,11 +125,11 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
 
 
 def validate_images(paths: Sequence[Path], *, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS,
-                    expected_size: int | None = None) -> tuple[Report, list[int]]:
+                    expected_size: int | None = None, check_size: bool = True) -> tuple[Report, list[int]]:
     """For prediction: check `paths`; returns (report, indices of usable images).
 
     The caller applies its policy: `report.bad` non-empty with on_bad_image=error ->
     `raise ChiptagError(report.error_message())`; with skip -> predict only the usable indices."""
     report = Report()
-    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size)
+    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size, check_size=check_size)
     return report, [i for i in range(len(paths)) if i not in bad]

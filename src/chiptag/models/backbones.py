@@ -104,7 +104,11 @@ def _load_file(spec: BackboneSpec, path: Path) -> tuple[dict, str]:
 
 
 def _apply_state(spec: BackboneSpec, net: nn.Module, state: dict, source: str) -> None:
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise ChiptagError(f"{source} does not fit {spec.name}: {first}") from None
     # A backbone-only file (no classifier) is fine: the classifier is replaced anyway.
     missing = [k for k in result.missing_keys if not k.startswith(spec.head_attr + ".")]
     if missing or result.unexpected_keys:
