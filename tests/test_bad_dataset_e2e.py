@@ -105,3 +105,21 @@ def test_cli_validate_lists_problems_and_exits_nonzero(tiny_data, tmp_path):
     assert "image file missing: 1" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["validate", "-c", str(path), "--set", "data.on_bad_image=skip"])
     assert res.exit_code == 0 and f"ok: {120 - 1 + len(NOTES)} usable rows, {len(BAD) + 2} would be skipped" in res.output
+
+
+def test_predict_prevalidates_images(tiny_config, tiny_data, tmp_path):
+    import pandas as pd
+
+    from chiptag.submission import run_predict
+
+    s = run_train(tiny_config(epochs=1))
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    for i, src in enumerate(sorted((tiny_data / "train-jpg").glob("*.jpg"))[:3]):
+        shutil.copy(src, folder / f"ok_{i}.jpg")
+    (folder / "cut.jpg").write_bytes(_bytes(_img(1), "JPEG")[:300])
+    (folder / "gray.jpg").write_bytes(_bytes(_img(2, mode="L"), "PNG"))
+    r = run_predict(Path(s["run_dir"]), folder, tmp_path / "sub.csv", show_progress=False)
+    assert r["rows"] == 5 and r["errors"] == 1
+    errors = pd.read_csv(tmp_path / "sub.errors.csv")
+    assert errors["image_name"].tolist() == ["cut"] and "truncated" in errors["error"][0]
