@@ -93,3 +93,24 @@ def test_damaged_partial_chunk_is_dropped_and_recomputed(tmp_path):
     chunks, dropped = partial.load()
     assert [c.shape[0] for c in chunks] == [3] and "000000003.pt" in dropped[0]
     assert not chunk.exists()
+
+
+def test_checkpoint_from_other_version_missing_keys_or_truncated_is_a_clear_error(tmp_path):
+    from chiptag import checkpoint, resume
+    from chiptag.errors import ChiptagError
+
+    path = tmp_path / "checkpoint.pt"
+    full = {k: 0 for k in checkpoint.REQUIRED}
+    torch.save({**full, "format_version": 99, "chiptag_version": "9.9"}, path)
+    with pytest.raises(ChiptagError, match="format 99 .*chiptag 9.9"):
+        checkpoint.load(path)
+    torch.save({k: v for k, v in full.items() if k != "tags"}, path)
+    with pytest.raises(ChiptagError, match="missing tags"):
+        checkpoint.load(path)
+    torch.save({**full, "format_version": checkpoint.FORMAT_VERSION}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ChiptagError, match="cannot read checkpoint"):
+        checkpoint.load(path)
+    (tmp_path / resume.RESUME).write_bytes(b"\0" * 10)
+    with pytest.raises(ChiptagError, match="cannot be resumed"):
+        resume.load(tmp_path)
