@@ -183,6 +183,21 @@ def _encode(im: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def png_rgb16(arr: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one): signature, IHDR (depth 16, colour type 2), IDAT, IEND."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def test_convertible_modes_are_counted_and_converted_consistently(tmp_path):
     base = chip(5)
     gray = np.asarray(base.convert("L"))
@@ -191,16 +206,18 @@ def test_convertible_modes_are_counted_and_converted_consistently(tmp_path):
         "m_p": _encode(base.convert("P"), "PNG"), "m_rgba": _encode(base.convert("RGBA"), "PNG"),
         "m_cmyk": _encode(base.convert("CMYK"), "JPEG"),
         "m_16": _encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+        "m_48": png_rgb16(np.asarray(base).astype(np.uint16) * 257),
     }
     rows = [(n, "clear primary") for n in variants]
     ds, report = preflight(make_data(tmp_path, rows, variants))
-    assert dict(report.converted) == {"L": 1, "LA": 1, "P": 1, "RGBA": 1, "CMYK": 1, "16-bit": 1}
+    assert dict(report.converted) == {"L": 1, "LA": 1, "P": 1, "RGBA": 1, "CMYK": 1, "16-bit": 2}
     assert not report.bad
     read = {n: read_rgb(ds.paths[ds.table.names.index(n)]) for n in variants}
     assert all(t.dtype == torch.uint8 and t.shape == (3, 32, 32) for t in read.values())
     # 16-bit gray is scaled to 8 bits (not clipped): it equals the 8-bit gray chip
     assert np.array_equal(read["m_16"].numpy(), read["m_l"].numpy())
     assert np.array_equal(read["m_rgba"].numpy(), np.asarray(base).transpose(2, 0, 1))
+    assert np.array_equal(read["m_48"].numpy(), np.asarray(base).transpose(2, 0, 1))
 
 
 def test_size_far_from_expected(tmp_path):

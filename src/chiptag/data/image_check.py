@@ -39,8 +39,10 @@ class ImageInfo:
     size: tuple[int, int] | None = None
 
 
-def mode_label(mode: str) -> str:
-    return "16-bit" if mode in SIXTEEN_BIT else mode
+def mode_label(im: Image.Image) -> str:
+    """The source mode as counted in the report. Pillow opens 48-bit RGB PNGs as mode RGB (raw mode RGB;16B)."""
+    raw = str(im.tile[0].args) if im.tile else ""
+    return "16-bit" if im.mode in SIXTEEN_BIT or ";16" in raw else im.mode
 
 
 def _jpeg_complete(f) -> bool:
@@ -70,7 +72,7 @@ def check_image(path: Path, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS) -> Imag
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(f) as im:
-                fmt, mode, size = im.format, im.mode, im.size
+                fmt, mode, size = im.format, mode_label(im), im.size
                 if size[0] * size[1] > max_pixels:
                     return ImageInfo("bomb", f"{size[0]}x{size[1]} px > {max_pixels:,}", fmt, mode, size)
                 _deep_check(im, f)
@@ -120,7 +122,7 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
         if wanted and info.format and info.format != wanted:
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
         if info.mode and info.mode != "RGB":
-            report.converted[mode_label(info.mode)] += 1
+            report.converted[info.mode] += 1
     return bad
 
 
