@@ -39,7 +39,8 @@ BAD = {
     "x_big": ("clear primary", _bytes(_img(2, size=200), "JPEG"), "size_off"),
     "x_notags": ("", _bytes(_img(3), "JPEG"), "empty_tags"),
 }
-NOTES = {"x_png": ("clear primary", _bytes(_img(4), "PNG")), "x_gray": ("haze primary", _bytes(_img(5, mode="L"), "JPEG")),
+NOTES = {"x_png": ("clear primary", _bytes(_img(4), "PNG")),
+         "x_gray": ("haze primary", _bytes(_img(5, mode="L"), "JPEG")),
          "x_cmyk": ("cloudy", _bytes(_img(6, mode="CMYK"), "JPEG"))}
 
 
@@ -104,7 +105,8 @@ def test_cli_validate_lists_problems_and_exits_nonzero(tiny_data, tmp_path):
     assert res.exit_code == 2
     assert "image file missing: 1" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["validate", "-c", str(path), "--set", "data.on_bad_image=skip"])
-    assert res.exit_code == 0 and f"ok: {120 - 1 + len(NOTES)} usable rows, {len(BAD) + 2} would be skipped" in res.output
+    usable, skipped = 120 - 1 + len(NOTES), len(BAD) + 2
+    assert res.exit_code == 0 and f"ok: {usable} usable rows, {skipped} would be skipped" in res.output
 
 
 def test_predict_prevalidates_images(tiny_config, tiny_data, tmp_path):

@@ -97,7 +97,8 @@ class Report:
             lines.append("handled on read (no action needed):")
             lines += self._lines(notes)
             if self.converted:
-                lines.append("  converted to RGB: " + ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())))
+                counts = ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items()))
+                lines.append(f"  converted to RGB: {counts}")
         return "\n".join(lines)
 
     def error_message(self) -> str:

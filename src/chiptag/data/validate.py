@@ -15,7 +15,6 @@ import pandas as pd
 
 from chiptag.data import labels as labels_mod
 from chiptag.data.image_check import check_images
-from chiptag.data.images import image_paths
 from chiptag.data.prepare import Dataset
 from chiptag.data.report import Report
 from chiptag.errors import ChiptagError
@@ -141,7 +140,7 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
     image_dir = root / data.images
     if not image_dir.is_dir():
         raise ChiptagError(f"data.images: image folder not found: {image_dir}")
-    paths = image_paths(image_dir, names, data.extension)
+    paths = [image_dir / f"{n}{data.extension}" for n in names]  # as data.images.image_paths, without torch
     seen: set[str] = set()
     check = [i for i, n in enumerate(names) if n and not (n in seen or seen.add(n))]  # each file once
     bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
