@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from chiptag.data.image_check import validate_images
-from chiptag.data.report import KINDS
+from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
 from chiptag.predict import Predictor
 from chiptag.progress import console

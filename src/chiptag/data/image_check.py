@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from chiptag.data.report import Report
+from chiptag.data.problems import Report
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
                      ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}

@@ -16,7 +16,7 @@ import pandas as pd
 from chiptag.data import labels as labels_mod
 from chiptag.data.image_check import check_images
 from chiptag.data.prepare import Dataset
-from chiptag.data.report import Report
+from chiptag.data.problems import Report
 from chiptag.errors import ChiptagError
 
 
