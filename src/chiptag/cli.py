@@ -50,13 +50,41 @@ def demo_data(out: Path = typer.Argument(..., help="output folder (Kaggle layout
 @friendly
 def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. model.epochs=3"),
+          all_: bool = typer.Option(False, "--all", help="train every models entry, then write EXPERIMENTS.md"),
           ) -> None:
-    """Train the active model entry of CONFIG."""
+    """Train the active model entry of CONFIG (or, with --all, every entry in turn)."""
     from chiptag import config as config_mod
-    from chiptag.train import run_train
 
     cfg = config_mod.load(config, set_ or [])
+    if all_:
+        from chiptag.sweep import run_sweep
+
+        result = run_sweep(cfg, str(config))
+        if result.failed:
+            raise ChiptagError(f"{len(result.failed)} of {len(cfg.models)} entries failed: "
+                               + "; ".join(result.failed))
+        return
+    from chiptag.train import run_train
+
     run_train(cfg)
+
+
+@app.command()
+@friendly
+def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run directories"),
+         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+         sort: str = typer.Option("run", "--sort", help="run, f2, f2_05, model or duration")) -> None:
+    """The experiments table: one row per run in RUNS_DIR (broken and unfinished runs included)."""
+    from chiptag.progress import out
+    from chiptag.runs import list_runs, print_table, sort_rows, to_markdown
+
+    rows = sort_rows(list_runs(runs_dir), sort)
+    if markdown:
+        print(to_markdown(rows), end="")
+    elif rows:
+        print_table(rows, title=str(runs_dir))
+    else:
+        out.print(f"no runs in {runs_dir}")
 
 
 @app.command()
