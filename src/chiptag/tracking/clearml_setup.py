@@ -23,7 +23,8 @@ def configure() -> None:
     """Apply chiptag's ClearML overrides on top of the user's clearml.conf (credentials stay untouched)."""
     from clearml.config import config_obj
 
-    config_obj.set_overrides(_OVERRIDES)
+    if config_obj.get("sdk.development.report_use_subprocess", None) is not False:
+        config_obj.set_overrides(_OVERRIDES)  # re-parses every config file: once per process is enough
 
 
 def server_settings() -> tuple[str, str, str]:
