@@ -41,9 +41,11 @@ def test_offline_session_zip_holds_every_epoch_and_final_metrics(tiny_config, cl
     files = names(zip_path)
     assert any(n.endswith("artifacts/summary.json/summary.json") for n in files)
     assert any("artifacts/thresholds/" in n for n in files)
-    assert "models/checkpoint.pt" in files
-    assert (Path(s["run_dir"]) / "checkpoint.pt").is_file()  # ClearML's auto_delete_file must not remove it
     task = task_json(zip_path)
+    checkpoint = Path(s["run_dir"]) / "checkpoint.pt"
+    assert checkpoint.is_file()  # ClearML's auto_delete_file must not remove it
+    [model] = task["offline_output_models"]  # registered by path: the import creates the output model
+    assert model["weights"]["register_uri"] == checkpoint.resolve().as_uri()
     assert task["name"] == f"tiny-{s['run_id']}"
     params = task["hyperparams"]["chiptag"]
     assert params["model/learning_rate"]["value"] == "0.003"

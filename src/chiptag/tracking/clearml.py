@@ -104,8 +104,10 @@ class ClearMLTracker:
         if self.offline and hasattr(model, "_update_weights_offline"):
             # clearml 2.1.12: offline, update_weights() first asks the placeholder model whether it is
             # published and fails (AttributeError: 'DummyModel' object has no attribute 'locked'); this is
-            # the offline branch it would have taken (copy into the session, imported with it).
-            model._update_weights_offline(weights_filename=str(path))
+            # the offline branch it would have taken. The checkpoint is registered by its path in the run dir,
+            # not copied: close() deflates the whole session into the zip, and a 46 MB ResNet18 checkpoint
+            # made that 2-3 s per run (benchmarks/clearml_overhead.py).
+            model._update_weights_offline(register_uri=Path(path).resolve().as_uri())
         else:
             # auto_delete_file defaults to True in ClearML: it would delete the run's checkpoint after upload.
             model.update_weights(weights_filename=str(path), auto_delete_file=False)
