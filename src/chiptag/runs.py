@@ -70,14 +70,18 @@ def read_run(run_dir: Path) -> RunRow:
     summary, failure, config = (run_dir / n for n in ("summary.json", FAILURE, "config.yaml"))
     try:
         if summary.is_file():
-            return row_from_summary(json.loads(summary.read_text(encoding="utf-8")), run_dir.name)
+            s = json.loads(summary.read_text(encoding="utf-8"))
+            if s.get("status", "completed") != "completed" and "metrics" not in s:  # a run that recorded its end
+                return RunRow(run_dir.name, str(s["status"]), s.get("active_model_index"),
+                              str(s.get("model", "?")), note=str(s.get("error", "")))
+            return row_from_summary(s, run_dir.name)
         if failure.is_file():
             f = json.loads(failure.read_text(encoding="utf-8"))
             return RunRow(run_dir.name, "failed", f.get("active_model_index"), str(f.get("model", "?")),
                           note=str(f.get("error", "")))
         if config.is_file():
             index, model = _model_from_config(config)
-            return RunRow(run_dir.name, "unfinished", index, model, note="no summary.json yet")
+            return RunRow(run_dir.name, "unfinished", index, model, note="no summary.json: still running, stopped or failed")
         return RunRow(run_dir.name, "broken", note="no summary.json or config.yaml")
     except Exception as exc:  # any damage to any file: the table still shows the others
         which = summary if summary.is_file() else failure if failure.is_file() else config
