@@ -124,3 +124,13 @@ def test_fallback_offline_tracks_offline_when_server_is_missing(tmp_path, clearm
     tracker.start("r", "m", {})
     info = tracker.finish({})["clearml"]
     assert info["offline"] is True and Path(info["offline_zip"]).is_file()
+
+
+def test_finish_still_closes_the_task_when_final_logging_fails(tmp_path, clearml_env):
+    from chiptag.tracking.clearml import ClearMLTracker
+
+    tracker = ClearMLTracker(TrackingConfig(backend="clearml", offline=True), tmp_path)
+    tracker.start("r", "m", {})
+    tracker.log_scalars(1, {"val/f2": 0.25})
+    info = tracker.finish({"metrics": "not a dict"})["clearml"]  # the run is saved; tracking must not lose it
+    assert scalars(session_events(info["offline_zip"]), "f2", "val") == {1: 0.25}

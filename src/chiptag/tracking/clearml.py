@@ -131,6 +131,14 @@ class ClearMLTracker:
                 logger.report_single_value(f"baseline/{split}/f2", float(f2))
 
     def finish(self, summary: dict) -> dict[str, Any]:
+        try:
+            self._log_final(summary)
+        except Exception as exc:  # the run itself is done and saved: warn, still close and name the task
+            console.print(f"[yellow]warning:[/] ClearML: logging the final results failed: "
+                          f"{exc.__class__.__name__}: {exc}")
+        return {"clearml": self._close()}
+
+    def _log_final(self, summary: dict) -> None:
         self._log_results(summary)
         for png in sorted((self.run_dir / "report").glob("*.png")):
             self.log_figure(png.stem, png)
@@ -141,7 +149,6 @@ class ClearMLTracker:
                                       wait_on_upload=True)
         if (self.run_dir / "checkpoint.pt").is_file():
             self.log_model(self.run_dir / "checkpoint.pt")
-        return {"clearml": self._close()}
 
     def _close(self) -> dict[str, Any]:
         task = self.task
