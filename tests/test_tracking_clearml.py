@@ -134,3 +134,17 @@ def test_finish_still_closes_the_task_when_final_logging_fails(tmp_path, clearml
     tracker.log_scalars(1, {"val/f2": 0.25})
     info = tracker.finish({"metrics": "not a dict"})["clearml"]  # the run is saved; tracking must not lose it
     assert scalars(session_events(info["offline_zip"]), "f2", "val") == {1: 0.25}
+
+
+def test_offline_zip_is_completed_when_a_file_landed_after_zipping(tmp_path):
+    import zipfile
+
+    from chiptag.tracking.clearml import _complete_zip
+
+    folder = tmp_path / "offline-x"
+    folder.mkdir()
+    (folder / "task.json").write_text("{}")
+    with zipfile.ZipFile(f"{folder}.zip", "w") as zf:
+        zf.write(folder / "task.json", arcname="task.json")
+    (folder / "metrics.jsonl").write_text("[]\n")  # written by a late reporter thread
+    assert sorted(names(_complete_zip(folder))) == ["metrics.jsonl", "task.json"]

@@ -8,6 +8,8 @@ server); offline (`tracking.offline: true`) ClearML's offline mode writes a sess
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +158,32 @@ class ClearMLTracker:
                                 "offline": self.offline}
         if not self.offline:
             info["url"] = task.get_output_log_web_page()
+        # close() zips the offline session without waiting for the reporter thread: in a sweep the scalars
+        # were sometimes written to the folder only after the zip was made. Drain the reporter first.
+        task.flush(wait_for_uploads=True)
         task.mark_completed()
         task.close()  # offline: this writes <offline folder>.zip
         if self.offline:
             folder = task.get_offline_mode_folder()
-            info["offline_zip"] = str(Path(f"{folder}.zip").resolve()) if folder else None
+            info["offline_zip"] = str(_complete_zip(Path(folder)).resolve()) if folder else None
         self.task = None
         return info
+
+
+def _complete_zip(folder: Path) -> Path:
+    """ClearML's <folder>.zip, rebuilt the same way if a file in the session folder is missing from it."""
+    zip_path = Path(f"{folder}.zip")
+    files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            zipped = {i.filename: i.file_size for i in zf.infolist()}
+    except (OSError, zipfile.BadZipFile):
+        zipped = {}
+    if all(zipped.get(name) == p.stat().st_size for name, p in files.items()):
+        return zip_path
+    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for name, p in sorted(files.items()):
+            zf.write(p, arcname=name)
+    os.replace(tmp, zip_path)
+    return zip_path
