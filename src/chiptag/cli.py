@@ -53,8 +53,9 @@ def demo_data(out: Path = typer.Argument(..., help="output folder (Kaggle layout
 def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. model.epochs=3"),
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run dir"),
+          all_: bool = typer.Option(False, "--all", help="train every models entry, then write EXPERIMENTS.md"),
           ) -> None:
-    """Train the active model entry of CONFIG, or continue an interrupted run (--resume RUN)."""
+    """Train the active model entry of CONFIG; --all trains every entry in turn; --resume RUN continues."""
     from chiptag import config as config_mod
     from chiptag.train import run_train
 
@@ -65,7 +66,16 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
         return
     if config is None:
         raise ChiptagError("missing --config/-c (or --resume RUN)")
-    run_train(config_mod.load(config, set_ or []))
+    cfg = config_mod.load(config, set_ or [])
+    if all_:
+        from chiptag.sweep import run_sweep
+
+        result = run_sweep(cfg, str(config))
+        if result.failed:
+            raise ChiptagError(f"{len(result.failed)} of {len(cfg.models)} entries failed: "
+                               + "; ".join(result.failed))
+        return
+    run_train(cfg)
 
 
 @app.command()
@@ -88,6 +98,24 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
                            "Fix them or set data.on_bad_image=skip.")
     skipped = report.rows - len(ds.table)
     print(f"ok: {len(ds.table)} usable rows" + (f", {skipped} would be skipped" if skipped else ""))
+
+
+@app.command()
+@friendly
+def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run directories"),
+         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+         sort: str = typer.Option("run", "--sort", help="run, f2, f2_05, model or duration")) -> None:
+    """The experiments table: one row per run in RUNS_DIR (broken and unfinished runs included)."""
+    from chiptag.progress import out
+    from chiptag.runs import list_runs, print_table, sort_rows, to_markdown
+
+    rows = sort_rows(list_runs(runs_dir), sort)
+    if markdown:
+        print(to_markdown(rows), end="")
+    elif rows:
+        print_table(rows, title=str(runs_dir))
+    else:
+        out.print(f"no runs in {runs_dir}")
 
 
 @app.command()

@@ -107,8 +107,12 @@ class OutputConfig(_Strict):
 class TrackingConfig(_Strict):
     backend: Literal["local", "clearml"] = "local"
     project: str = "chiptag"
-    task_name: str | None = None
-    offline: bool = False
+    task_name: str | None = None  # None: "{model}-{run_id}"; a template may use {model} and {run_id}
+    offline: bool = False  # ClearML offline mode: a session zip to import later, no server needed
+    # Online: chiptag probes the ClearML api server itself with this timeout before training, instead of
+    # letting ClearML retry for minutes.
+    connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    fallback_offline: bool = False  # server unreachable online: track offline (with a warning) instead of failing
 
 
 class Config(_Strict):
