@@ -93,6 +93,13 @@ class TrainingConfig(_Strict):
 class FeaturesConfig(_Strict):
     cache_dir: Path = Path(".cache/chiptag/features")
     batch_size: int = Field(64, ge=1)
+    # 8: cache the features of the 8 flips/rotations (D4) of every chip; training sees one random view per
+    # chip and epoch (= online D4 augmentation with a frozen backbone). 8x the extraction, once.
+    views: Literal[1, 8] = 1
+    tta: bool = True  # with views: 8, validation/test/evaluate average the probabilities of the 8 views
+    # auto: ONNX Runtime on CPU when installed (faster there, see benchmarks/), eager torch otherwise.
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
+    channels_last: bool = True  # torch engine: faster convolutions on CPU (oneDNN) and CUDA
 
 
 class OutputConfig(_Strict):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from chiptag.data.images import ImageDataset, Preprocessing
 from chiptag.errors import ChiptagError
+from chiptag.extract_engines import Forward, torch_forward
 from chiptag.progress import progress_bar
 
 CACHE_VERSION = 1
@@ -48,15 +49,18 @@ def default_workers(requested: int | str) -> int:
 @torch.inference_mode()
 def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, batch_size: int = 64,
             device: str | torch.device = "cpu", num_workers: int = 0, view: int = 0,
-            show_progress: bool = True, label: str = "extract") -> torch.Tensor:
-    """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode."""
-    net.eval().to(device)
+            show_progress: bool = True, label: str = "extract", forward: Forward | None = None) -> torch.Tensor:
+    """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode.
+
+    Workers decode and preprocess the next batches while the forward runs (see default_workers);
+    `forward` is an engine from chiptag.extract_engines (default: eager torch)."""
+    forward = forward or torch_forward(net, torch.device(device), channels_last=False)
     loader = DataLoader(ImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:
-            chunks.append(net(x.to(device, non_blocking=True)).float().cpu().half())
+            chunks.append(forward(x).cpu().half())
             advance(len(x))
     return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
 

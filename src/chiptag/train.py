@@ -24,12 +24,13 @@ from chiptag.data.prepare import Dataset, load_dataset
 from chiptag.data.split import save_split, split_indices
 from chiptag.engine import evaluate, pos_weight, train_one_epoch
 from chiptag.errors import ChiptagError
-from chiptag.features import cached_features, default_workers
-from chiptag.models.backbones import Backbone, build_backbone, state_fingerprint
+from chiptag.features import default_workers
+from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
 from chiptag.tracking import make_tracker
+from chiptag.views import RandomViewSampler, ViewAverage, view_features
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,19 +57,27 @@ class Loaders:
 def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
                      device: torch.device) -> Loaders:
     workers = default_workers(cfg.training.num_workers)
-    feats, info = cached_features(
-        bb.net, bb.name, state_fingerprint(bb.net), ds.paths, bb.preprocessing, cfg.features.cache_dir,
-        batch_size=cfg.features.batch_size, device=device, num_workers=workers,
-        show_progress=cfg.training.progress, label=f"features {bb.name}")
+    feats, info = view_features(bb.net, bb.name, ds.paths, bb.preprocessing, cfg.features, device,
+                                cache_dir=cfg.features.cache_dir, num_workers=workers,
+                                show_progress=cfg.training.progress, label=f"features {bb.name}")
     y = torch.from_numpy(ds.table.y)
     gen = torch.Generator().manual_seed(cfg.training.seed)
+    bs, views = cfg.batch_size(), feats.shape[0]
+    tta = views > 1 and cfg.features.tta
 
-    def loader(idx, shuffle):
-        return DataLoader(TensorDataset(feats[idx], y[idx]), batch_size=cfg.batch_size(), shuffle=shuffle,
-                          generator=gen if shuffle else None)
+    def train_loader(idx):
+        if views == 1:
+            return DataLoader(TensorDataset(feats[0, idx], y[idx]), batch_size=bs, shuffle=True, generator=gen)
+        data = TensorDataset(feats[:, idx].flatten(0, 1), y[idx].repeat(views, 1))  # row v*n + i
+        return DataLoader(data, batch_size=bs, sampler=RandomViewSampler(len(idx), views, gen))
 
-    return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
-                   tagger.head, info)
+    def eval_loader(idx):  # TTA: (n, V, dim) rows, averaged by ViewAverage; otherwise the identity view
+        x = feats[:, idx].transpose(0, 1) if tta else feats[0, idx]
+        return DataLoader(TensorDataset(x, y[idx]), batch_size=bs, shuffle=False)
+
+    info["tta"] = tta
+    return Loaders(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]),
+                   ViewAverage(tagger.head), info)
 
 
 def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger) -> Loaders:
