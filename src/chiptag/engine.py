@@ -20,21 +20,31 @@ class NonFiniteLoss(ChiptagError):
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, *, epoch: int = 0, show_progress: bool = False) -> dict[str, float]:
+                    device: torch.device, *, epoch: int = 0, show_progress: bool = False, accum_steps: int = 1,
+                    amp: bool = False, channels_last: bool = False) -> dict[str, float]:
+    """accum_steps: gradients of that many batches are summed before one optimiser step (a larger effective
+    batch in the same memory). amp: bf16 autocast, CUDA only (no loss scaling needed for bf16)."""
     model.train()
     total, count = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    optimizer.zero_grad(set_to_none=True)
     with progress_bar(len(loader.dataset), f"epoch {epoch}", enabled=show_progress) as advance:
         for step, (x, y) in enumerate(loader):
             x = x.to(device, non_blocking=True).float()
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True).float()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with autocast:
+                loss = loss_fn(model(x).float(), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"loss is {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint is kept. "
                     "Try a lower learning rate, and check the inputs (chiptag validate).")
-            loss.backward()
-            optimizer.step()
+            (loss / accum_steps).backward()
+            if (step + 1) % accum_steps == 0 or step + 1 == len(loader):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             total += loss.item() * len(x)
             count += len(x)
             advance(len(x))

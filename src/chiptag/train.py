@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, metrics
+from chiptag import checkpoint, config as config_mod, finetune, metrics
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
@@ -24,6 +24,7 @@ from chiptag.data.prepare import Dataset, load_dataset
 from chiptag.data.split import save_split, split_indices
 from chiptag.engine import evaluate, pos_weight, train_one_epoch
 from chiptag.errors import ChiptagError
+from chiptag.finetune import Phase
 from chiptag.features import default_workers
 from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
@@ -104,33 +105,36 @@ def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
     return bb, spec, Tagger(bb.net, spec.build(), frozen=entry.freeze)
 
 
-def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.device, tracker,
-                on_best) -> list[dict]:
-    entry = cfg.model
-    params = [p for p in ld.model.parameters() if p.requires_grad]  # the optimizer sees trainable ones only
-    opt = torch.optim.Adam(params, lr=entry.learning_rate, weight_decay=entry.weight_decay)
-    sc = cfg.training.scheduler
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor, patience=sc.patience,
-                                                       min_lr=sc.min_lr)
-    history, best = [], -1.0
-    for epoch in range(1, entry.epochs + 1):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
-                             show_progress=cfg.training.progress and not entry.freeze)
-        ev = evaluate(ld.model, ld.val, loss_fn, device)
-        f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
-        row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
-               "seconds": time.perf_counter() - t0}
-        tracker.log_scalars(epoch, row)
-        history.append({"epoch": epoch, **row})
-        out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
-                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)")
-        if f2 > best:  # the checkpoint follows validation F2, the task's metric
-            best = f2
-            on_best(epoch)
-        sched.step(ev["loss"])
-    return history
+def _epoch_loop(cfg: Config, phases: list[Phase], loss_fn: nn.Module, device: torch.device, tracker,
+                on_best) -> tuple[list[dict], Loaders]:
+    """Runs the phases in order (each with its own optimiser and LR schedule); -> (history, last loaders)."""
+    entry, sc = cfg.model, cfg.training.scheduler
+    history, best, epoch = [], -1.0, 0
+    for phase in phases:
+        ld = phase.loaders()
+        opt = torch.optim.Adam(phase.param_groups(ld.model), lr=entry.learning_rate,
+                               weight_decay=entry.weight_decay)  # the optimizer sees trainable ones only
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor,
+                                                           patience=sc.patience, min_lr=sc.min_lr)
+        for _ in range(phase.epochs):
+            epoch += 1
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
+                                 show_progress=cfg.training.progress and phase.name != "head", **phase.step)
+            ev = evaluate(ld.model, ld.val, loss_fn, device)
+            f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
+            row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
+                   "seconds": time.perf_counter() - t0}
+            tracker.log_scalars(epoch, row)
+            history.append({"epoch": epoch, "phase": phase.name, **row})
+            out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
+                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)" + (f"  [{phase.name}]" if len(phases) > 1 else ""))
+            if f2 > best:  # the checkpoint follows validation F2, the task's metric
+                best = f2
+                on_best(epoch)
+            sched.step(ev["loss"])
+    return history, ld
 
 
 def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
@@ -171,10 +175,10 @@ def run_train(cfg: Config) -> dict:
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
                   f"head {head_spec.describe()}")
     t_extract = time.perf_counter()
-    if entry.freeze:
-        ld = _feature_loaders(cfg, ds, splits, bb, tagger, device)
-    else:
-        ld = _image_loaders(cfg, ds, splits, bb, tagger)
+    phases = finetune.plan(cfg, lambda: _feature_loaders(cfg, ds, splits, bb, tagger, device),
+                           lambda: _image_loaders(cfg, ds, splits, bb, tagger), tagger)
+    ld0 = phases[0].loaders()  # extraction happens here when the first phase trains on cached features
+    phases[0].loaders = lambda: ld0
     t_extract = time.perf_counter() - t_extract
     pw = pos_weight(ds.table.y[splits["train"]], cfg.training.pos_weight_max) if entry.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
@@ -186,20 +190,20 @@ def run_train(cfg: Config) -> dict:
                         tags=ds.table.tags, thresholds=thresholds, preprocessing=bb.preprocessing,
                         config=cfg.to_dict(), extra={"epoch": epoch})
 
-    def on_best(epoch):
-        best.update(epoch=epoch, state=copy.deepcopy(ld.model.state_dict()))
+    def on_best(epoch):  # the whole tagger: a fine-tune schedule changes the backbone after the head phase
+        best.update(epoch=epoch, state=copy.deepcopy(tagger.state_dict()))
         save_ckpt([0.5] * len(ds.table.tags), epoch)
 
     torch.manual_seed(cfg.training.seed)  # dropout and shuffling do not depend on whether the cache was hit
     t_train = time.perf_counter()
-    history = _epoch_loop(cfg, ld, loss_fn, device, tracker, on_best)
+    history, ld = _epoch_loop(cfg, phases, loss_fn, device, tracker, on_best)
     t_train = time.perf_counter() - t_train
-    ld.model.load_state_dict(best["state"])
+    tagger.load_state_dict(best["state"])
     results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits)
     save_ckpt(thresholds.tolist(), best["epoch"])
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, history, best["epoch"],
-                            results, baseline, thresholds, timings, ld.extract)
+                            results, baseline, thresholds, timings, ld0.extract)
     write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
     summary["tracker"] = tracker.finish(summary)
     write_json(run_dir / SUMMARY, summary)
