@@ -50,9 +50,9 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 def torch_forward(net: torch.nn.Module, device: torch.device, channels_last: bool = True) -> Forward:
     """Eager forward in inference mode; channels_last where it helps (CPU oneDNN and CUDA convolutions),
     bf16 autocast on CUDA (features are stored as float16 anyway)."""
-    net.eval().to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net.to(memory_format=fmt)
+    with torch.inference_mode(False):  # built lazily inside extract(): parameters must stay normal tensors
+        net.eval().to(device, memory_format=fmt)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
 

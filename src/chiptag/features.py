@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from chiptag import distributed
 from chiptag.data.images import ImageDataset, Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.extract_engines import Forward, torch_forward
@@ -80,7 +81,7 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
     Returns (features, info) where info says whether it was a hit and how long extraction took."""
     if cache_dir is None:
         t0 = time.perf_counter()
-        feats = extract(net, paths, pre, view=view, **kwargs)
+        feats = distributed.shard_extract(extract, net, paths, pre, view=view, **kwargs)
         return feats, {"cache": "off", "seconds": time.perf_counter() - t0}
     key = fingerprint(backbone_hash, pre, paths, view)
     path = Path(cache_dir) / f"{backbone_name}-{pre.image_size}px-v{view}-{key[:20]}.pt"
@@ -92,9 +93,10 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
         except Exception:  # unreadable cache: recompute below rather than trust it
             pass
     t0 = time.perf_counter()
-    feats = extract(net, paths, pre, view=view, **kwargs)
+    feats = distributed.shard_extract(extract, net, paths, pre, view=view, **kwargs)
     seconds = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic({"fingerprint": key, "features": feats, "names": [p.name for p in paths]}, path)
+    if distributed.is_main():  # under torchrun every rank holds the gathered features; one writes them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic({"fingerprint": key, "features": feats, "names": [p.name for p in paths]}, path)
     return feats, {"cache": "miss", "path": str(path), "seconds": seconds,
                    "images_per_s": len(paths) / seconds if seconds else None}

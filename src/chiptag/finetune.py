@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from chiptag import distributed
 from chiptag.errors import ChiptagError
 from chiptag.models.head import Tagger
 
@@ -80,8 +81,8 @@ def unfreeze(tagger: Tagger, stages: int | str, batchnorm: str) -> PartialTrain:
 def finetune_groups(entry) -> Callable[[nn.Module], list[dict]]:
     """Head at learning_rate, backbone at learning_rate * backbone_lr_mult; trainable parameters only."""
 
-    def groups(model: PartialTrain) -> list[dict]:
-        t = model.tagger
+    def groups(model: nn.Module) -> list[dict]:
+        t = getattr(model, "module", model).tagger  # through DistributedDataParallel
         head = [p for p in t.head.parameters() if p.requires_grad]
         body = [p for p in t.backbone.parameters() if p.requires_grad]
         return [{"params": head, "lr": entry.learning_rate},
@@ -95,7 +96,8 @@ def head_groups(entry) -> Callable[[nn.Module], list[dict]]:
                            "lr": entry.learning_rate}]
 
 
-def plan(cfg, feature_loaders: Callable, image_loaders: Callable, tagger: Tagger) -> list[Phase]:
+def plan(cfg, feature_loaders: Callable, image_loaders: Callable, tagger: Tagger,
+         device: torch.device) -> list[Phase]:
     """freeze: true -> one head phase. freeze: false -> [head phase for unfreeze_after epochs], finetune."""
     entry, tr = cfg.model, cfg.training
     if entry.freeze:
@@ -104,9 +106,10 @@ def plan(cfg, feature_loaders: Callable, image_loaders: Callable, tagger: Tagger
 
     def images():
         ld = image_loaders()
-        ld.model = unfreeze(tagger, entry.unfreeze_stages, entry.batchnorm)
+        model = unfreeze(tagger, entry.unfreeze_stages, entry.batchnorm)
         if tr.channels_last:
-            ld.model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
+        ld.model = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
         return ld
 
     phases = [Phase("finetune", entry.epochs - entry.unfreeze_after, images, finetune_groups(entry), step)]

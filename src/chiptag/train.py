@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, finetune, metrics
+from chiptag import checkpoint, config as config_mod, distributed, finetune, metrics
 from chiptag.config import Config
 from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
@@ -30,7 +30,7 @@ from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
-from chiptag.tracking import make_tracker
+from chiptag.tracking import MultiTracker, make_tracker
 from chiptag.views import RandomViewSampler, ViewAverage, view_features
 
 
@@ -87,6 +87,10 @@ def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger:
 
     def loader(idx, shuffle):
         data = ImageDataset([ds.paths[i] for i in idx], bb.preprocessing, ds.table.y[idx])
+        if shuffle and distributed.active():  # each rank its shard; batch_size stays the global batch
+            sampler = DistributedSampler(data, shuffle=True, seed=cfg.training.seed)
+            return DataLoader(data, batch_size=max(1, cfg.batch_size() // distributed.world()),
+                              sampler=sampler, num_workers=workers)
         return DataLoader(data, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
                           generator=gen if shuffle else None)
 
@@ -120,8 +124,11 @@ def _epoch_loop(cfg: Config, phases: list[Phase], loss_fn: nn.Module, device: to
             epoch += 1
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
+            if hasattr(ld.train.sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+                ld.train.sampler.set_epoch(epoch)
             tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
                                  show_progress=cfg.training.progress and phase.name != "head", **phase.step)
+            tr["loss"] = distributed.mean(tr["loss"])  # each rank saw its shard
             ev = evaluate(ld.model, ld.val, loss_fn, device)
             f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
             row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
@@ -129,7 +136,7 @@ def _epoch_loop(cfg: Config, phases: list[Phase], loss_fn: nn.Module, device: to
             tracker.log_scalars(epoch, row)
             history.append({"epoch": epoch, "phase": phase.name, **row})
             out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
-                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)" + (f"  [{phase.name}]" if len(phases) > 1 else ""))
+                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)" + (f"  ({phase.name})" if len(phases) > 1 else ""))
             if f2 > best:  # the checkpoint follows validation F2, the task's metric
                 best = f2
                 on_best(epoch)
@@ -160,12 +167,14 @@ def run_train(cfg: Config) -> dict:
     ds = load_dataset(cfg.data)
     sp = cfg.data.split
     splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
-    run_dir = new_run_dir(cfg)
+    dist_device = distributed.setup()  # under torchrun: join the group; rank 0 alone writes and tracks
+    run_dir = new_run_dir(cfg) if distributed.is_main() else distributed.scratch_dir()
+    out.quiet = not distributed.is_main()
     (run_dir / "config.yaml").write_text(config_mod.dump(cfg), encoding="utf-8")
     save_split(ds.table.names, splits, run_dir / "split")
-    tracker = make_tracker(cfg, run_dir)
+    tracker = make_tracker(cfg, run_dir) if distributed.is_main() else MultiTracker([])
     tracker.start(run_dir.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
-    device = resolve_device(cfg.training.device)
+    device = dist_device or resolve_device(cfg.training.device)
     out.print(f"run [bold]{run_dir.name}[/]: {entry.name} ({entry.backbone}, weights={entry.weights}, "
                   f"freeze={entry.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
                   f"{len(splits['test'])} train/val/test images, {len(ds.table.tags)} tags")
@@ -176,7 +185,7 @@ def run_train(cfg: Config) -> dict:
                   f"head {head_spec.describe()}")
     t_extract = time.perf_counter()
     phases = finetune.plan(cfg, lambda: _feature_loaders(cfg, ds, splits, bb, tagger, device),
-                           lambda: _image_loaders(cfg, ds, splits, bb, tagger), tagger)
+                           lambda: _image_loaders(cfg, ds, splits, bb, tagger), tagger, device)
     ld0 = phases[0].loaders()  # extraction happens here when the first phase trains on cached features
     phases[0].loaders = lambda: ld0
     t_extract = time.perf_counter() - t_extract
@@ -208,4 +217,5 @@ def run_train(cfg: Config) -> dict:
     summary["tracker"] = tracker.finish(summary)
     write_json(run_dir / SUMMARY, summary)
     print_result(summary)
+    distributed.shutdown()
     return summary
