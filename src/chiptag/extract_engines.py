@@ -100,6 +100,9 @@ def onnx_forward(path: Path, threads: int | None = None) -> Forward:
     # The same thread count torch would use: decode workers are separate processes either way.
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if os.environ.get("CHIPTAG_ORT_SPIN", "0") != "1":
+        # Idle ORT threads otherwise busy-wait for the next op, taking the core the decode worker needs.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     def forward(x: torch.Tensor) -> torch.Tensor:

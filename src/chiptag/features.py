@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from chiptag import distributed
-from chiptag.data.images import ImageDataset, Preprocessing
+from chiptag import distributed, fastload
+from chiptag.data.images import Preprocessing
+from chiptag.fastload import RawImageDataset
 from chiptag.errors import ChiptagError
 from chiptag.extract_engines import Forward, torch_forward
 from chiptag.progress import progress_bar
@@ -56,12 +57,13 @@ def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, 
     Workers decode and preprocess the next batches while the forward runs (see default_workers);
     `forward` is an engine from chiptag.extract_engines (default: eager torch)."""
     forward = forward or torch_forward(net, torch.device(device), channels_last=False)
-    loader = DataLoader(ImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    loader = DataLoader(RawImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                        collate_fn=fastload.collate)
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:
-            chunks.append(forward(x).cpu().half())
+            chunks.append(forward(fastload.normalize(x, pre)).cpu().half())
             advance(len(x))
     return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
 
