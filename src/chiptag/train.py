@@ -7,6 +7,7 @@ split is evaluated once, at the end, and is the headline.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,16 @@ def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table:
     return out, baseline, thresholds
 
 
+def _phases(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
+            device: torch.device) -> tuple[list[Phase], Loaders]:
+    """The training phases, the first one's loaders built now (extraction, when it trains on features)."""
+    phases = finetune.plan(cfg, lambda: _feature_loaders(cfg, ds, splits, bb, tagger, device),
+                           lambda: _image_loaders(cfg, ds, splits, bb, tagger), tagger, device)
+    ld0 = phases[0].loaders()
+    phases[0].loaders = lambda: ld0
+    return phases, ld0
+
+
 def run_train(cfg: Config) -> dict:
     t_start = time.perf_counter()
     entry = cfg.model
@@ -184,10 +195,7 @@ def run_train(cfg: Config) -> dict:
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
                   f"head {head_spec.describe()}")
     t_extract = time.perf_counter()
-    phases = finetune.plan(cfg, lambda: _feature_loaders(cfg, ds, splits, bb, tagger, device),
-                           lambda: _image_loaders(cfg, ds, splits, bb, tagger), tagger, device)
-    ld0 = phases[0].loaders()  # extraction happens here when the first phase trains on cached features
-    phases[0].loaders = lambda: ld0
+    phases, ld0 = _phases(cfg, ds, splits, bb, tagger, device)
     t_extract = time.perf_counter() - t_extract
     pw = pos_weight(ds.table.y[splits["train"]], cfg.training.pos_weight_max) if entry.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
@@ -217,5 +225,7 @@ def run_train(cfg: Config) -> dict:
     summary["tracker"] = tracker.finish(summary)
     write_json(run_dir / SUMMARY, summary)
     print_result(summary)
+    if not distributed.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
     distributed.shutdown()
     return summary
