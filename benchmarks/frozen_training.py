@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from chiptag.data.images import ImageDataset, preprocess, read_rgb
 from chiptag.data.labels import read_labels
@@ -34,6 +34,7 @@ from chiptag.extract_engines import make_forward, resolve_engine
 from chiptag.features import cached_features, default_workers
 from chiptag.models.backbones import build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec
+from chiptag.views import TensorBatches
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,8 +91,9 @@ def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[floa
                                   forward=forward)
     t_extract = time.perf_counter() - t0
     head, opt = new_head(bb.dim, y.shape[1])
-    loader = DataLoader(TensorDataset(feats, torch.as_tensor(y)), batch_size=args.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    loader = TensorBatches(feats, torch.as_tensor(y), args.batch_size,
+                           order=lambda: torch.randperm(len(feats), generator=gen))
     for epoch in range(args.epochs):
         train_one_epoch(head, loader, nn.BCEWithLogitsLoss(), opt, torch.device("cpu"), epoch=epoch)
     return time.perf_counter() - t0, t_extract

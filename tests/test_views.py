@@ -78,3 +78,17 @@ def test_views_must_be_one_or_eight(tiny_data, tmp_path):
 
     with pytest.raises(ChiptagError, match="features.views"):
         _config(tiny_data, tmp_path, views=4)
+
+
+def test_tensor_batches_cover_every_row_once_in_the_drawn_order():
+    from chiptag.views import TensorBatches
+
+    x = torch.arange(10).float().unsqueeze(1)
+    gen = torch.Generator().manual_seed(0)
+    tb = TensorBatches(x, x * 2, 4, order=lambda: torch.randperm(10, generator=gen))
+    batches = list(tb)
+    assert len(tb) == len(batches) == 3 and [len(b[0]) for b in batches] == [4, 4, 2]
+    rows = torch.cat([b[0] for b in batches]).squeeze(1)
+    assert sorted(rows.tolist()) == list(range(10)) and rows.tolist() != list(range(10))
+    assert all(torch.equal(b[1], b[0] * 2) for b in batches)  # targets stay with their rows
+    assert [b[0].squeeze(1).tolist() for b in TensorBatches(x, x, 4)][0] == [0, 1, 2, 3]  # no order: as stored

@@ -63,6 +63,8 @@ def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, 
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:
+            # uint8 crosses to the device (a quarter of the bytes) and is normalised there
+            x = x.to(device, non_blocking=True)
             chunks.append(forward(fastload.normalize(x, pre)).cpu().half())
             advance(len(x))
     return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import checkpoint, config as config_mod, distributed, finetune, metrics
 from chiptag.config import Config
@@ -32,7 +32,7 @@ from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
 from chiptag.tracking import MultiTracker, make_tracker
-from chiptag.views import RandomViewSampler, ViewAverage, view_features
+from chiptag.views import RandomViewSampler, TensorBatches, ViewAverage, view_features
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,14 +68,14 @@ def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagge
     tta = views > 1 and cfg.features.tta
 
     def train_loader(idx):
+        n = len(idx)
         if views == 1:
-            return DataLoader(TensorDataset(feats[0, idx], y[idx]), batch_size=bs, shuffle=True, generator=gen)
-        data = TensorDataset(feats[:, idx].flatten(0, 1), y[idx].repeat(views, 1))  # row v*n + i
-        return DataLoader(data, batch_size=bs, sampler=RandomViewSampler(len(idx), views, gen))
+            return TensorBatches(feats[0, idx], y[idx], bs, order=lambda: torch.randperm(n, generator=gen))
+        sampler = RandomViewSampler(n, views, gen)  # row v*n + i of the flattened views
+        return TensorBatches(feats[:, idx].flatten(0, 1), y[idx].repeat(views, 1), bs, n, sampler.draw)
 
     def eval_loader(idx):  # TTA: (n, V, dim) rows, averaged by ViewAverage; otherwise the identity view
-        x = feats[:, idx].transpose(0, 1) if tta else feats[0, idx]
-        return DataLoader(TensorDataset(x, y[idx]), batch_size=bs, shuffle=False)
+        return TensorBatches(feats[:, idx].transpose(0, 1) if tta else feats[0, idx], y[idx], bs)
 
     info["tta"] = tta
     return Loaders(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]),

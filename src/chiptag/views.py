@@ -9,7 +9,7 @@ engine's evaluate() and its loss see ordinary logits.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -71,10 +71,34 @@ class RandomViewSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[int]:
+    def draw(self) -> torch.Tensor:
         order = torch.randperm(self.n, generator=self.generator)
         view = torch.randint(self.views, (self.n,), generator=self.generator)
-        return iter((view * self.n + order).tolist())
+        return view * self.n + order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.draw().tolist())
+
+
+class TensorBatches:
+    """(features, targets) batches from tensors in memory by direct indexing, in `order()` each epoch (None:
+    in order). A DataLoader over a TensorDataset fetches and collates row by row; for a small head that
+    made training ~10x slower (benchmarks/frozen_training.py). Quacks like a DataLoader for the engine."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, n: int | None = None,
+                 order: Callable[[], torch.Tensor] | None = None):
+        self.x, self.y, self.batch_size, self.order = x, y, batch_size, order
+        self.dataset = range(len(x) if n is None else n)  # samples per epoch (progress bars use len())
+        self.sampler = None
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.order() if self.order is not None else None
+        for i in range(0, len(self.dataset), self.batch_size):
+            j = slice(i, i + self.batch_size) if idx is None else idx[i:i + self.batch_size]
+            yield self.x[j], self.y[j]
 
 
 class ViewAverage(nn.Module):
