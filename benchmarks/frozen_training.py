@@ -32,6 +32,7 @@ from chiptag.data.synthetic import generate_dataset
 from chiptag.engine import train_one_epoch
 from chiptag.extract_engines import make_forward, resolve_engine
 from chiptag.features import cached_features, default_workers
+from chiptag.finetune import torch_threads
 from chiptag.models.backbones import build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec
 from chiptag.views import TensorBatches
@@ -77,9 +78,10 @@ def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
         head.train()
         for x, t in loader:
             f = forward(x).clone()  # out of inference mode: the head's backward needs ordinary tensors
-            opt.zero_grad(set_to_none=True)
-            loss_fn(head(f), t).backward()
-            opt.step()
+            with torch_threads(1):  # the same single-threaded head step as chiptag's, to be fair
+                opt.zero_grad(set_to_none=True)
+                loss_fn(head(f), t).backward()
+                opt.step()
     return time.perf_counter() - t0
 
 
@@ -94,8 +96,9 @@ def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[floa
     gen = torch.Generator().manual_seed(0)
     loader = TensorBatches(feats, torch.as_tensor(y), args.batch_size,
                            order=lambda: torch.randperm(len(feats), generator=gen))
-    for epoch in range(args.epochs):
-        train_one_epoch(head, loader, nn.BCEWithLogitsLoss(), opt, torch.device("cpu"), epoch=epoch)
+    with torch_threads(1):  # as chiptag's head phase does (finetune.Phase.threads)
+        for epoch in range(args.epochs):
+            train_one_epoch(head, loader, nn.BCEWithLogitsLoss(), opt, torch.device("cpu"), epoch=epoch)
     return time.perf_counter() - t0, t_extract
 
 

@@ -7,6 +7,7 @@ learning rate so the untrained head's large gradients do not wreck the pretraine
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,20 @@ class Phase:
     loaders: Callable[[], object]  # -> train.Loaders, built when the phase starts
     param_groups: Callable[[nn.Module], list[dict]]
     step: dict = field(default_factory=dict)  # extra train_one_epoch arguments (accum, amp, channels_last)
+    # A head on cached features is a few small matmuls per step: one thread avoids OpenMP barrier waits that
+    # made it ~6x slower with 2 threads on a shared 2-core machine (benchmarks/frozen_training.py); None: as is.
+    threads: int | None = None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def backbone_stages(net: nn.Module) -> list[nn.Module]:
@@ -101,7 +116,7 @@ def plan(cfg, feature_loaders: Callable, image_loaders: Callable, tagger: Tagger
     """freeze: true -> one head phase. freeze: false -> [head phase for unfreeze_after epochs], finetune."""
     entry, tr = cfg.model, cfg.training
     if entry.freeze:
-        return [Phase("head", entry.epochs, feature_loaders, head_groups(entry))]
+        return [Phase("head", entry.epochs, feature_loaders, head_groups(entry), threads=1)]
     step = {"accum_steps": tr.grad_accum_steps, "amp": tr.amp, "channels_last": tr.channels_last}
 
     def images():
@@ -114,5 +129,5 @@ def plan(cfg, feature_loaders: Callable, image_loaders: Callable, tagger: Tagger
 
     phases = [Phase("finetune", entry.epochs - entry.unfreeze_after, images, finetune_groups(entry), step)]
     if entry.unfreeze_after:
-        phases.insert(0, Phase("head", entry.unfreeze_after, feature_loaders, head_groups(entry)))
+        phases.insert(0, Phase("head", entry.unfreeze_after, feature_loaders, head_groups(entry), threads=1))
     return phases

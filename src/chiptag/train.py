@@ -110,6 +110,20 @@ def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
     return bb, spec, Tagger(bb.net, spec.build(), frozen=entry.freeze)
 
 
+def _one_epoch(cfg: Config, phase: Phase, ld: Loaders, opt, loss_fn: nn.Module, device: torch.device,
+               epoch: int) -> dict:
+    t0 = time.perf_counter()
+    if hasattr(ld.train.sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+        ld.train.sampler.set_epoch(epoch)
+    tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
+                         show_progress=cfg.training.progress and phase.name != "head", **phase.step)
+    ev = evaluate(ld.model, ld.val, loss_fn, device)
+    f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
+    return {"train/loss": distributed.mean(tr["loss"]),  # each rank saw its shard
+            "val/loss": ev["loss"], "val/f2": f2, "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0}
+
+
 def _epoch_loop(cfg: Config, phases: list[Phase], loss_fn: nn.Module, device: torch.device, tracker,
                 on_best) -> tuple[list[dict], Loaders]:
     """Runs the phases in order (each with its own optimiser and LR schedule); -> (history, last loaders)."""
@@ -121,27 +135,19 @@ def _epoch_loop(cfg: Config, phases: list[Phase], loss_fn: nn.Module, device: to
                                weight_decay=entry.weight_decay)  # the optimizer sees trainable ones only
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor,
                                                            patience=sc.patience, min_lr=sc.min_lr)
-        for _ in range(phase.epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            lr = opt.param_groups[0]["lr"]
-            if hasattr(ld.train.sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
-                ld.train.sampler.set_epoch(epoch)
-            tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
-                                 show_progress=cfg.training.progress and phase.name != "head", **phase.step)
-            tr["loss"] = distributed.mean(tr["loss"])  # each rank saw its shard
-            ev = evaluate(ld.model, ld.val, loss_fn, device)
-            f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
-            row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
-                   "seconds": time.perf_counter() - t0}
-            tracker.log_scalars(epoch, row)
-            history.append({"epoch": epoch, "phase": phase.name, **row})
-            out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
-                      f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)" + (f"  ({phase.name})" if len(phases) > 1 else ""))
-            if f2 > best:  # the checkpoint follows validation F2, the task's metric
-                best = f2
-                on_best(epoch)
-            sched.step(ev["loss"])
+        with finetune.torch_threads(phase.threads):
+            for _ in range(phase.epochs):
+                epoch += 1
+                row = _one_epoch(cfg, phase, ld, opt, loss_fn, device, epoch)
+                tracker.log_scalars(epoch, row)
+                history.append({"epoch": epoch, "phase": phase.name, **row})
+                out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {row['train/loss']:.4f}  val/loss "
+                          f"{row['val/loss']:.4f}  val/f2 {row['val/f2']:.4f}  lr {row['lr']:.2e}  "
+                          f"({row['seconds']:.1f}s)" + (f"  ({phase.name})" if len(phases) > 1 else ""))
+                if row["val/f2"] > best:  # the checkpoint follows validation F2, the task's metric
+                    best = row["val/f2"]
+                    on_best(epoch)
+                sched.step(row["val/loss"])
     return history, ld
 
 
