@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", default="auto", help="decode workers (auto: cores - 1)")
+    p.add_argument("--workers", default="auto", help="decode workers (auto: chiptag's default for CPU extraction)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime"])
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best counts")
     p.add_argument("--data", type=Path, help="existing Kaggle-layout folder (default: generate in a tmp dir)")
@@ -104,7 +104,7 @@ def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[floa
 
 def main() -> None:
     args = parse_args()
-    workers = default_workers(args.workers)
+    workers = default_workers(args.workers, "cpu")
     tmp = tempfile.TemporaryDirectory(prefix="chiptag-bench-")
     data = args.data or generate_dataset(Path(tmp.name) / "data", n=args.n, size=args.size, seed=0)
     table = read_labels(Path(data) / "train_classes.csv")

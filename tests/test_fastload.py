@@ -19,3 +19,18 @@ def test_split_pipeline_equals_preprocess(tiny_data, size, view):
     assert raw.dtype == (torch.uint8 if size == 48 else torch.float32)
     assert idx.tolist() == list(range(5))
     assert torch.allclose(normalize(raw, pre), ref, atol=1e-6)
+
+
+def test_prefetched_batches_are_the_dataloader_batches(tiny_data):
+    from torch.utils.data import DataLoader
+
+    from chiptag.fastload import prefetched
+
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:7]
+    data = RawImageDataset(paths, Preprocessing(48), view=2)
+    ours = list(prefetched(data, 3))
+    ref = list(DataLoader(data, batch_size=3, collate_fn=collate))
+    assert len(ours) == len(ref) == 3
+    for (a, i), (b, j) in zip(ours, ref):
+        assert torch.equal(a, b) and torch.equal(i, j)
+    assert list(prefetched(RawImageDataset([], Preprocessing(48)), 3)) == []

@@ -40,7 +40,7 @@ def evaluate_run(run_dir: Path) -> dict:
     # Same views as training: with views 8 and tta, the metrics average the 8 views' probabilities.
     views = cfg.features.views if ckpt["frozen"] and cfg.features.tta else 1
     feats, _ = view_features(tagger.backbone, ckpt["backbone"], ds.paths, pre, cfg.features, torch.device("cpu"),
-                             cache_dir=cache, views=views, num_workers=default_workers(cfg.training.num_workers),
+                             cache_dir=cache, views=views, num_workers=default_workers(cfg.training.num_workers, "cpu"),
                              show_progress=cfg.training.progress, label="features")
     thresholds = np.asarray(ckpt["thresholds"])
     result = {}

@@ -41,11 +41,16 @@ def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], v
     return h.hexdigest()
 
 
-def default_workers(requested: int | str) -> int:
+def default_workers(requested: int | str, device: str | torch.device | None = None) -> int:
     if requested != "auto":
         return int(requested)
+    cores = os.cpu_count() or 1
+    if device is not None and torch.device(device).type == "cpu" and cores <= 2:
+        # The forward already uses every core: on 2 cores a decode worker preempted its threads and extraction
+        # ran at 0.67 of the forward limit, against 0.87 decoding in-process (benchmarks/frozen_training.py).
+        return 0
     # One decoding worker per spare core keeps the backbone (main process) busy; 0 on a single core.
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, cores - 1))
 
 
 @torch.inference_mode()
@@ -54,12 +59,13 @@ def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, 
             show_progress: bool = True, label: str = "extract", forward: Forward | None = None) -> torch.Tensor:
     """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode.
 
-    Workers decode and preprocess the next batches while the forward runs (see default_workers);
+    Workers (or, with num_workers 0, a thread) decode the next batches while the forward runs;
     `forward` is an engine from chiptag.extract_engines (default: eager torch)."""
     forward = forward or torch_forward(net, torch.device(device), channels_last=False)
-    loader = DataLoader(RawImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                        collate_fn=fastload.collate)
+    data = RawImageDataset(paths, pre, view=view)
+    loader = fastload.prefetched(data, batch_size) if num_workers == 0 else DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda", collate_fn=fastload.collate)
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:

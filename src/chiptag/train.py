@@ -58,7 +58,7 @@ class Loaders:
 
 def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
                      device: torch.device) -> Loaders:
-    workers = default_workers(cfg.training.num_workers)
+    workers = default_workers(cfg.training.num_workers, device)
     feats, info = view_features(bb.net, bb.name, ds.paths, bb.preprocessing, cfg.features, device,
                                 cache_dir=cfg.features.cache_dir, num_workers=workers,
                                 show_progress=cfg.training.progress, label=f"features {bb.name}")
