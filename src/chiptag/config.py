@@ -73,6 +73,23 @@ class ModelEntry(_Strict):
     pos_weight: bool = False
     epochs: int = Field(5, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: training.batch_size
+    # Fine-tuning schedule (freeze: false): `unfreeze_after` epochs of head-only training on cached features,
+    # then the last `unfreeze_stages` backbone stages (ResNet: stem, layer1..4; EfficientNet: features[i])
+    # train too, at learning_rate * backbone_lr_mult. batchnorm: train = batch statistics and updated running
+    # stats in the unfrozen stages; frozen = running stats and affine parameters kept (small batches).
+    unfreeze_after: int = Field(0, ge=0)
+    unfreeze_stages: int | Literal["all"] = "all"
+    backbone_lr_mult: float = Field(0.1, gt=0)
+    batchnorm: Literal["train", "frozen"] = "train"
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> ModelEntry:
+        if self.unfreeze_after >= self.epochs and not self.freeze:
+            raise ValueError(f"unfreeze_after ({self.unfreeze_after}) must be below epochs ({self.epochs}): "
+                             "the backbone would never train")
+        if isinstance(self.unfreeze_stages, int) and self.unfreeze_stages < 1:
+            raise ValueError("unfreeze_stages must be >= 1 or 'all'")
+        return self
 
 
 class SchedulerConfig(_Strict):
@@ -92,11 +109,21 @@ class TrainingConfig(_Strict):
     pos_weight_max: float = Field(30.0, gt=0)
     scheduler: SchedulerConfig = SchedulerConfig()
     progress: bool = True
+    grad_accum_steps: int = Field(1, ge=1)  # end-to-end training: optimiser step every N batches
+    channels_last: bool = True  # end-to-end training: faster convolutions on CPU (oneDNN) and CUDA
+    amp: bool = True  # bf16 autocast for end-to-end training on CUDA; ignored on CPU
 
 
 class FeaturesConfig(_Strict):
     cache_dir: Path = Path(".cache/chiptag/features")
     batch_size: int = Field(64, ge=1)
+    # 8: cache the features of the 8 flips/rotations (D4) of every chip; training sees one random view per
+    # chip and epoch (= online D4 augmentation with a frozen backbone). 8x the extraction, once.
+    views: Literal[1, 8] = 1
+    tta: bool = True  # with views: 8, validation/test/evaluate average the probabilities of the 8 views
+    # auto: ONNX Runtime on CPU when installed (faster there, see benchmarks/), eager torch otherwise.
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
+    channels_last: bool = True  # torch engine: faster convolutions on CPU (oneDNN) and CUDA
 
 
 class OutputConfig(_Strict):

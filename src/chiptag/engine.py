@@ -21,30 +21,42 @@ class NonFiniteLoss(ChiptagError):
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, *, epoch: int = 0, show_progress: bool = False, start_step: int = 0,
-                    totals: tuple[float, int] = (0.0, 0), should_stop=None) -> dict[str, float]:
+                    totals: tuple[float, int] = (0.0, 0), should_stop=None, accum_steps: int = 1,
+                    amp: bool = False, channels_last: bool = False) -> dict[str, float]:
     """One pass over `loader`. To continue an interrupted epoch: the same loader order (its generator reset to
     the epoch's start), `start_step` = steps already done and their `totals`. `should_stop` is polled after
-    each step; when it fires, the result has "stopped_at" = the number of steps done."""
+    each optimiser step; when it fires, the result has "stopped_at" = the number of steps done.
+    accum_steps: gradients of that many batches are summed before one optimiser step (a larger effective
+    batch in the same memory). amp: bf16 autocast, CUDA only (no loss scaling needed for bf16)."""
     model.train()
     total, count = totals
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    optimizer.zero_grad(set_to_none=True)
     with progress_bar(len(loader.dataset), f"epoch {epoch}", enabled=show_progress) as advance:
         for step, (x, y) in enumerate(loader):
             if step < start_step:  # done before the interruption (the batches still come in the same order)
                 continue
             x = x.to(device, non_blocking=True).float()
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True).float()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with autocast:
+                loss = loss_fn(model(x).float(), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
-                    f"loss is {loss.item()} at epoch {epoch}, step {step}. Try a lower learning rate "
-                    "(model.learning_rate), and check the inputs (chiptag validate).")
-            loss.backward()
-            optimizer.step()
+                    f"loss is {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint is kept. "
+                    "Try a lower learning rate (model.learning_rate), and check the inputs (chiptag validate).")
+            (loss / accum_steps).backward()
+            stepped = (step + 1) % accum_steps == 0 or step + 1 == len(loader)
+            if stepped:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             total += loss.item() * len(x)
             count += len(x)
             advance(len(x))
-            if should_stop is not None and should_stop() and step + 1 < len(loader):
+            # stop only on an optimiser-step boundary, so no accumulated gradient is lost
+            if stepped and should_stop is not None and should_stop() and step + 1 < len(loader):
                 return {"loss": total / max(count, 1), "stopped_at": step + 1, "totals": (total, count)}
     return {"loss": total / max(count, 1)}
 

@@ -11,10 +11,10 @@ from chiptag import checkpoint, config as config_mod, metrics
 from chiptag.data.prepare import load_dataset
 from chiptag.data.split import load_split
 from chiptag.errors import ChiptagError
-from chiptag.features import cached_features, default_workers
-from chiptag.models.backbones import state_fingerprint
+from chiptag.features import default_workers
 from chiptag.progress import out
 from chiptag.rundir import write_json
+from chiptag.views import tta_probabilities, view_features
 
 
 def head_probabilities(tagger, feats: torch.Tensor) -> np.ndarray:
@@ -37,15 +37,16 @@ def evaluate_run(run_dir: Path) -> dict:
     pre = checkpoint.preprocessing(ckpt)
     # A frozen backbone's features are usually already in the cache from training.
     cache = cfg.features.cache_dir if ckpt["frozen"] else None
-    feats, _ = cached_features(tagger.backbone, ckpt["backbone"], state_fingerprint(tagger.backbone), ds.paths,
-                               pre, cache, batch_size=cfg.features.batch_size,
-                               num_workers=default_workers(cfg.training.num_workers),
-                               show_progress=cfg.training.progress, label="features")
+    # Same views as training: with views 8 and tta, the metrics average the 8 views' probabilities.
+    views = cfg.features.views if ckpt["frozen"] and cfg.features.tta else 1
+    feats, _ = view_features(tagger.backbone, ckpt["backbone"], ds.paths, pre, cfg.features, torch.device("cpu"),
+                             cache_dir=cache, views=views, num_workers=default_workers(cfg.training.num_workers, "cpu"),
+                             show_progress=cfg.training.progress, label="features")
     thresholds = np.asarray(ckpt["thresholds"])
     result = {}
     for s in ("val", "test"):
         idx = splits[s]
-        probs = head_probabilities(tagger, feats[idx])
+        probs = tta_probabilities(tagger.head, feats[:, idx]).numpy()
         y = ds.table.y[idx]
         m = metrics.classification_metrics(y, probs, thresholds, ds.table.tags)
         m["f2_at_0.5"] = metrics.f2_samples(y, metrics.binarize(probs, 0.5))

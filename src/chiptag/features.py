@@ -19,9 +19,12 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from chiptag import distributed, fastload
 from chiptag.cachefile import PartialCache, load_features, save_features
-from chiptag.data.images import ImageDataset, Preprocessing
+from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
+from chiptag.extract_engines import Forward, torch_forward
+from chiptag.fastload import RawImageDataset
 from chiptag.interrupt import Interrupted, ignore_sigint_in_worker, stop_requested
 from chiptag.progress import console, progress_bar
 
@@ -42,29 +45,40 @@ def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], v
     return h.hexdigest()
 
 
-def default_workers(requested: int | str) -> int:
+def default_workers(requested: int | str, device: str | torch.device | None = None) -> int:
     if requested != "auto":
         return int(requested)
+    cores = os.cpu_count() or 1
+    if device is not None and torch.device(device).type == "cpu" and cores <= 2:
+        # The forward already uses every core: on 2 cores a decode worker preempted its threads and extraction
+        # ran at 0.67 of the forward limit, against 0.87 decoding in-process (benchmarks/frozen_training.py).
+        return 0
     # One decoding worker per spare core keeps the backbone (main process) busy; 0 on a single core.
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, cores - 1))
 
 
 @torch.inference_mode()
 def extract(net: torch.nn.Module, paths: Sequence[Path], pre: Preprocessing, *, batch_size: int = 64,
             device: str | torch.device = "cpu", num_workers: int = 0, view: int = 0,
-            show_progress: bool = True, label: str = "extract",
+            show_progress: bool = True, label: str = "extract", forward: Forward | None = None,
             should_stop: Callable[[], object] | None = None) -> torch.Tensor:
     """Backbone forward over images -> (N, dim) float16 on CPU. The backbone is put in eval mode.
 
+    Workers (or, with num_workers 0, a thread) decode the next batches while the forward runs;
+    `forward` is an engine from chiptag.extract_engines (default: eager torch).
     should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
-    net.eval().to(device)
-    loader = DataLoader(ImageDataset(paths, pre, view=view), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                        worker_init_fn=ignore_sigint_in_worker if num_workers else None)
+    forward = forward or torch_forward(net, torch.device(device), channels_last=False)
+    data = RawImageDataset(paths, pre, view=view)
+    loader = fastload.prefetched(data, batch_size) if num_workers == 0 else DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda", collate_fn=fastload.collate,
+        worker_init_fn=ignore_sigint_in_worker)
     chunks = []
     with progress_bar(len(paths), label, enabled=show_progress) as advance:
         for x, _ in loader:
-            chunks.append(net(x.to(device, non_blocking=True)).float().cpu().half())
+            # uint8 crosses to the device (a quarter of the bytes) and is normalised there
+            x = x.to(device, non_blocking=True)
+            chunks.append(forward(fastload.normalize(x, pre)).cpu().half())
             advance(len(x))
             if should_stop is not None and should_stop():
                 break
@@ -106,7 +120,7 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
     Returns (features, info) where info says whether it was a hit and how long extraction took."""
     if cache_dir is None:
         t0 = time.perf_counter()
-        feats = extract(net, paths, pre, view=view, **kwargs)
+        feats = distributed.shard_extract(extract, net, paths, pre, view=view, **kwargs)
         return feats, {"cache": "off", "seconds": time.perf_counter() - t0}
     key = fingerprint(backbone_hash, pre, paths, view)
     path = Path(cache_dir) / f"{backbone_name}-{pre.image_size}px-v{view}-{key[:20]}.pt"
@@ -119,7 +133,12 @@ def cached_features(net: torch.nn.Module, backbone_name: str, backbone_hash: str
         info["recomputed_because"] = problem
         path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    feats = _extract_resumable(net, paths, pre, key, path, view, info, **kwargs)
+    if distributed.active():  # each rank extracts its shard; gathered on every rank; rank 0 writes the cache
+        feats = distributed.shard_extract(extract, net, paths, pre, view=view, **kwargs)
+        if distributed.is_main():
+            save_features(path, key, feats, [p.name for p in paths])
+    else:
+        feats = _extract_resumable(net, paths, pre, key, path, view, info, **kwargs)
     seconds = time.perf_counter() - t0
     n_new = len(paths) - info.get("resumed_from", 0)
     return feats, {**info, "seconds": seconds, "images_per_s": n_new / seconds if seconds else None}

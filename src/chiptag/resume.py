@@ -21,7 +21,7 @@ from chiptag.cachefile import save_atomic
 from chiptag.errors import ChiptagError
 
 RESUME = "resume.pt"
-FORMAT = 1
+FORMAT = 2  # 2: training phases; the trained part saved as {"head"} or {"tagger"}
 
 
 @dataclass
@@ -34,10 +34,24 @@ class LoopState:
     best_epoch: int | None = None
     best_state: dict | None = None
     epoch_gen_state: torch.Tensor | None = None  # shuffling generator at the start of the unfinished epoch
+    phase: int = 0  # index of the training phase the saved optimizer and scheduler belong to
 
-    def mark_best(self, epoch: int, f2: float, module: torch.nn.Module) -> None:
+    def mark_best(self, epoch: int, f2: float, tagger, head_only: bool) -> None:
         self.best_f2, self.best_epoch = f2, epoch
-        self.best_state = copy.deepcopy(module.state_dict())
+        self.best_state = copy.deepcopy(trained_state(tagger, head_only))
+
+
+def trained_state(tagger, head_only: bool) -> dict:
+    """What training changes: the head alone while the backbone stays frozen throughout (small, so saving it
+    every epoch is cheap), else the whole tagger."""
+    return {"head": tagger.head.state_dict()} if head_only else {"tagger": tagger.state_dict()}
+
+
+def load_trained_state(tagger, state: dict) -> None:
+    if "tagger" in state:
+        tagger.load_state_dict(state["tagger"])
+    else:
+        tagger.head.load_state_dict(state["head"])
 
 
 def rng_states() -> dict:
@@ -60,9 +74,9 @@ def set_rng_states(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(run_dir: Path, st: LoopState, module, optimizer, scheduler) -> Path:
+def save(run_dir: Path, st: LoopState, tagger, head_only: bool, optimizer, scheduler) -> Path:
     path = Path(run_dir) / RESUME
-    save_atomic({"format": FORMAT, "state": vars(st), "module": module.state_dict(),
+    save_atomic({"format": FORMAT, "state": vars(st), "module": trained_state(tagger, head_only),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_states()}, path)
     return path
@@ -84,11 +98,18 @@ def load(run_dir: Path) -> dict | None:
     return obj
 
 
-def restore(obj: dict, module, optimizer, scheduler) -> LoopState:
-    module.load_state_dict(obj["module"])
-    optimizer.load_state_dict(obj["optimizer"])
-    scheduler.load_state_dict(obj["scheduler"])
-    set_rng_states(obj["rng"])
+def restore_model(obj: dict, tagger) -> LoopState:
+    """First half of a resume: the trained weights and the loop's bookkeeping."""
+    load_trained_state(tagger, obj["module"])
     state = dict(obj["state"])
     state["totals"] = tuple(state["totals"])
     return LoopState(**state)
+
+
+def restore_training(obj: dict, optimizer=None, scheduler=None) -> None:
+    """Second half, once the interrupted phase is reached: its optimizer and scheduler (None when the saved
+    ones belong to an earlier, finished phase), and every random state."""
+    if optimizer is not None:
+        optimizer.load_state_dict(obj["optimizer"])
+        scheduler.load_state_dict(obj["scheduler"])
+    set_rng_states(obj["rng"])

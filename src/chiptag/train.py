@@ -6,32 +6,33 @@ split is evaluated once, at the end, and is the headline.
 
 from __future__ import annotations
 
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from chiptag import checkpoint, config as config_mod, metrics, report, resume as resume_mod
+from chiptag import checkpoint, config as config_mod, distributed, finetune, metrics, report
+from chiptag import resume as resume_mod
 from chiptag.atomic import write_text
 from chiptag.config import Config
-from chiptag.data.images import ImageDataset
 from chiptag.data.labels import LabelTable
 from chiptag.data.prepare import Dataset
 from chiptag.data.split import load_split, save_split, split_indices
 from chiptag.data.validate import preflight
-from chiptag.engine import NonFiniteLoss, evaluate, pos_weight, train_one_epoch
+from chiptag.engine import NonFiniteLoss, evaluate, pos_weight
 from chiptag.errors import ChiptagError
-from chiptag.features import cached_features, default_workers
-from chiptag.interrupt import Interrupted, graceful_stop, ignore_sigint_in_worker, stop_requested
-from chiptag.models.backbones import Backbone, build_backbone, state_fingerprint
+from chiptag.finetune import Phase
+from chiptag.interrupt import Interrupted, graceful_stop
+from chiptag.loaders import Loaders, feature_loaders, image_loaders
+from chiptag.loop import epoch_loop
+from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
-from chiptag.tracking import make_tracker
+from chiptag.tracking import MultiTracker, make_tracker
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,48 +47,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-@dataclass
-class Loaders:
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
-    model: nn.Module  # what the engine trains: the head (frozen) or the whole Tagger
-    extract: dict
-    gen: torch.Generator  # the train loader's shuffling generator (its state is part of resume.pt)
-
-
-def _feature_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
-                     device: torch.device) -> Loaders:
-    workers = default_workers(cfg.training.num_workers)
-    feats, info = cached_features(
-        bb.net, bb.name, state_fingerprint(bb.net), ds.paths, bb.preprocessing, cfg.features.cache_dir,
-        batch_size=cfg.features.batch_size, device=device, num_workers=workers,
-        show_progress=cfg.training.progress, label=f"features {bb.name}")
-    y = torch.from_numpy(ds.table.y)
-    gen = torch.Generator().manual_seed(cfg.training.seed)
-
-    def loader(idx, shuffle):
-        return DataLoader(TensorDataset(feats[idx], y[idx]), batch_size=cfg.batch_size(), shuffle=shuffle,
-                          generator=gen if shuffle else None)
-
-    return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
-                   tagger.head, info, gen)
-
-
-def _image_loaders(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger) -> Loaders:
-    workers = default_workers(cfg.training.num_workers)
-    gen = torch.Generator().manual_seed(cfg.training.seed)
-
-    def loader(idx, shuffle):
-        data = ImageDataset([ds.paths[i] for i in idx], bb.preprocessing, ds.table.y[idx])
-        return DataLoader(data, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
-                          generator=gen if shuffle else None,
-                          worker_init_fn=ignore_sigint_in_worker if workers else None)
-
-    return Loaders(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False),
-                   tagger, {"cache": "not used (freeze: false)"}, gen)
-
-
 def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
     entry = cfg.model
     if entry.freeze and entry.weights is None:
@@ -99,46 +58,14 @@ def build_tagger(cfg: Config, n_tags: int) -> tuple[Backbone, HeadSpec, Tagger]:
     return bb, spec, Tagger(bb.net, spec.build(), frozen=entry.freeze)
 
 
-def _epoch_loop(cfg: Config, ld: Loaders, loss_fn: nn.Module, device: torch.device, tracker,
-                on_best, run_dir: Path, saved: dict | None = None) -> resume_mod.LoopState:
-    entry = cfg.model
-    params = [p for p in ld.model.parameters() if p.requires_grad]  # the optimizer sees trainable ones only
-    opt = torch.optim.Adam(params, lr=entry.learning_rate, weight_decay=entry.weight_decay)
-    sc = cfg.training.scheduler
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor, patience=sc.patience,
-                                                       min_lr=sc.min_lr)
-    st = resume_mod.restore(saved, ld.model, opt, sched) if saved else resume_mod.LoopState()
-    for epoch in range(st.epoch + 1, entry.epochs + 1):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        if st.epoch_gen_state is None:
-            st.epoch_gen_state = ld.gen.get_state()
-        ld.gen.set_state(st.epoch_gen_state)  # a resumed epoch replays its batch order
-        tr = train_one_epoch(ld.model, ld.train, loss_fn, opt, device, epoch=epoch,
-                             show_progress=cfg.training.progress and not entry.freeze, start_step=st.step,
-                             totals=st.totals, should_stop=stop_requested)
-        if "stopped_at" in tr:
-            st.step, st.totals = tr["stopped_at"], tr["totals"]
-            path = resume_mod.save(run_dir, st, ld.model, opt, sched)
-            raise Interrupted(stop_requested(), f"training stopped at epoch {epoch}, step {st.step}; "
-                                                f"state saved to {path}")
-        ev = evaluate(ld.model, ld.val, loss_fn, device)
-        f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
-        row = {"train/loss": tr["loss"], "val/loss": ev["loss"], "val/f2": f2, "lr": lr,
-               "seconds": time.perf_counter() - t0}
-        tracker.log_scalars(epoch, row)
-        st.history.append({"epoch": epoch, **row})
-        out.print(f"epoch {epoch:>3}/{entry.epochs}  train/loss {tr['loss']:.4f}  val/loss {ev['loss']:.4f}"
-                  f"  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)")
-        if f2 > st.best_f2:  # the checkpoint follows validation F2, the task's metric
-            st.mark_best(epoch, f2, ld.model)
-            on_best(epoch)
-        sched.step(ev["loss"])
-        st.epoch, st.step, st.totals, st.epoch_gen_state = epoch, 0, (0.0, 0), ld.gen.get_state()
-        path = resume_mod.save(run_dir, st, ld.model, opt, sched)  # also the last good state after a NaN
-        if stop_requested() and epoch < entry.epochs:
-            raise Interrupted(stop_requested(), f"training stopped after epoch {epoch}; state saved to {path}")
-    return st
+def _phases(cfg: Config, ds: Dataset, splits: dict, bb: Backbone, tagger: Tagger,
+            device: torch.device) -> tuple[list[Phase], Loaders]:
+    """The training phases, the first one's loaders built now (extraction, when it trains on features)."""
+    phases = finetune.plan(cfg, lambda: feature_loaders(cfg, ds, splits, bb, tagger, device),
+                           lambda: image_loaders(cfg, ds, splits, bb, tagger), tagger, device)
+    ld0 = phases[0].loaders()
+    phases[0].loaders = lambda: ld0
+    return phases, ld0
 
 
 def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table: LabelTable,
@@ -160,12 +87,13 @@ def _final_metrics(ld: Loaders, loss_fn: nn.Module, device: torch.device, table:
 
 
 def _open_run(cfg: Config | None, resume: Path | None):
-    """A new run dir (validated data, fresh split), or the interrupted run `resume` (its config and split)."""
+    """A new run dir (validated data, fresh split), or the interrupted run `resume` (its config and split).
+    Under torchrun only rank 0 writes the run dir; the other ranks work in a scratch dir."""
     if resume is None:
         ds, vreport = preflight(cfg.data)
         sp = cfg.data.split
         splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
-        run_dir = new_run_dir(cfg)
+        run_dir = new_run_dir(cfg) if distributed.is_main() else distributed.scratch_dir()
         write_text(run_dir / "config.yaml", config_mod.dump(cfg))  # --resume reads it back
         save_split(ds.table.names, splits, run_dir / "split")
         return cfg, ds, vreport, splits, run_dir, None
@@ -206,61 +134,66 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
     """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
 
     SIGINT/SIGTERM stop after the current step with resumable state saved (Interrupted, exit 130/143)."""
-    with graceful_stop():
-        cfg, ds, vreport, splits, run_dir, saved = _open_run(cfg, resume)
-        validation = _report_validation(vreport, ds, run_dir)
-        try:
-            summary = _train(cfg, ds, splits, run_dir, saved, validation)
-        except Interrupted as exc:
-            raise exc.with_hint(f"continue with: chiptag train --resume {run_dir}") from None
-        except NonFiniteLoss as exc:
-            raise NonFiniteLoss(f"{exc} {_last_good(run_dir)}") from None
-    write_json(run_dir / SUMMARY, summary)
-    (run_dir / resume_mod.RESUME).unlink(missing_ok=True)  # complete: nothing left to resume
-    print_result(summary)
-    return summary
+    dist_device = distributed.setup()  # under torchrun: join the group; rank 0 alone writes and tracks
+    out.quiet = not distributed.is_main()
+    try:
+        with graceful_stop():
+            cfg, ds, vreport, splits, run_dir, saved = _open_run(cfg, resume)
+            validation = _report_validation(vreport, ds, run_dir)
+            try:
+                summary = _train(cfg, ds, splits, run_dir, saved, validation, dist_device)
+            except Interrupted as exc:
+                raise exc.with_hint(f"continue with: chiptag train --resume {run_dir}") from None
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"{exc} {_last_good(run_dir)}") from None
+        write_json(run_dir / SUMMARY, summary)
+        (run_dir / resume_mod.RESUME).unlink(missing_ok=True)  # complete: nothing left to resume
+        print_result(summary)
+        if not distributed.is_main():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return summary
+    finally:
+        distributed.shutdown()
 
 
-def _train(cfg: Config, ds: Dataset, splits: dict, run_dir: Path, saved: dict | None, validation: dict) -> dict:
+def _train(cfg: Config, ds: Dataset, splits: dict, run_dir: Path, saved: dict | None, validation: dict,
+           dist_device: torch.device | None) -> dict:
     t_start = time.perf_counter()
     entry = cfg.model
-    tracker = make_tracker(cfg, run_dir)
+    tracker = make_tracker(cfg, run_dir) if distributed.is_main() else MultiTracker([])
     tracker.start(run_dir.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
-    device = resolve_device(cfg.training.device)
+    device = dist_device or resolve_device(cfg.training.device)
     out.print(f"run [bold]{run_dir.name}[/]: {entry.name} ({entry.backbone}, weights={entry.weights}, "
-                  f"freeze={entry.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
-                  f"{len(splits['test'])} train/val/test images, {len(ds.table.tags)} tags")
+              f"freeze={entry.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
+              f"{len(splits['test'])} train/val/test images, {len(ds.table.tags)} tags")
     bb, head_spec, tagger = build_tagger(cfg, len(ds.table.tags))
     tagger.to(device)
     n_params = count_parameters(tagger)
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
-                  f"head {head_spec.describe()}")
+              f"head {head_spec.describe()}")
     t_extract = time.perf_counter()
-    if entry.freeze:
-        ld = _feature_loaders(cfg, ds, splits, bb, tagger, device)
-    else:
-        ld = _image_loaders(cfg, ds, splits, bb, tagger)
+    phases, ld0 = _phases(cfg, ds, splits, bb, tagger, device)
     t_extract = time.perf_counter() - t_extract
     pw = pos_weight(ds.table.y[splits["train"]], cfg.training.pos_weight_max) if entry.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
-    ckpt_path = run_dir / "checkpoint.pt"
 
     def save_ckpt(thresholds, epoch):
-        checkpoint.save(ckpt_path, tagger=tagger, backbone=bb.name, weights_id=bb.weights_id, head=head_spec,
-                        tags=ds.table.tags, thresholds=thresholds, preprocessing=bb.preprocessing,
-                        config=cfg.to_dict(), extra={"epoch": epoch})
+        if distributed.is_main():
+            checkpoint.save(run_dir / "checkpoint.pt", tagger=tagger, backbone=bb.name, weights_id=bb.weights_id,
+                            head=head_spec, tags=ds.table.tags, thresholds=thresholds,
+                            preprocessing=bb.preprocessing, config=cfg.to_dict(), extra={"epoch": epoch})
 
     torch.manual_seed(cfg.training.seed)  # dropout and shuffling do not depend on whether the cache was hit
     t_train = time.perf_counter()
-    st = _epoch_loop(cfg, ld, loss_fn, device, tracker,
-                     lambda epoch: save_ckpt([0.5] * len(ds.table.tags), epoch), run_dir, saved)
+    st, ld = epoch_loop(cfg, phases, tagger, loss_fn, device, tracker,
+                        lambda epoch: save_ckpt([0.5] * len(ds.table.tags), epoch), run_dir, saved)
     t_train = time.perf_counter() - t_train
-    ld.model.load_state_dict(st.best_state)
+    resume_mod.load_trained_state(tagger, st.best_state)
     results, baseline, thresholds = _final_metrics(ld, loss_fn, device, ds.table, splits, run_dir)
     save_ckpt(thresholds.tolist(), st.best_epoch)
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(cfg, run_dir, ds, splits, bb, head_spec, n_params, pw, st.history, st.best_epoch,
-                            results, baseline, thresholds, timings, ld.extract)
+                            results, baseline, thresholds, timings, ld0.extract)
     summary["validation"] = validation  # what was checked, converted and skipped (every item)
     write_json(run_dir / SUMMARY, summary)  # complete before the tracker uploads it
     report.report_after_training(run_dir, tracker)
