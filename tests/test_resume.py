@@ -73,6 +73,25 @@ def test_interrupted_run_resumes_to_identical_result(tiny_config, tmp_path, monk
         run_train(resume=run)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("after_steps, where", [
+    (5, "epoch 2, step 2"),  # inside the fine-tuning phase: its optimizer and scheduler are restored
+    (3, "after epoch 1"),  # at the end of the head phase: fine-tuning starts fresh after the resume
+])
+def test_interrupted_fine_tuning_resumes_to_identical_result(tiny_config, tmp_path, monkeypatch, after_steps,
+                                                             where):
+    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=1)
+    reference = run_train(cfg)
+    assert [h["phase"] for h in reference["history"]] == ["head", "finetune", "finetune"]
+    with monkeypatch.context() as m:
+        signal_after_steps(m, after_steps, signal.SIGTERM)
+        with pytest.raises(Interrupted) as stopped:
+            run_train(cfg)
+    assert where in str(stopped.value)
+    resumed = run_train(resume=run_dir_of(tmp_path))
+    same_result(resumed, reference)
+
+
 def test_cli_exits_143_on_sigterm_and_resumes(tiny_config_file, tmp_path, monkeypatch):
     runner = CliRunner()
     with monkeypatch.context() as m:
