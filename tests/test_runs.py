@@ -89,3 +89,12 @@ def test_sort_by_f2_best_first_and_missing_last():
 @pytest.mark.parametrize("seconds,text", [(None, ""), (4.25, "4.2s"), (125, "2m05s"), (3725, "1h02m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_a_single_failed_train_is_listed_as_failed(tiny_data, tmp_path):
+    """Not only sweeps: a plain `chiptag train` that stops on an error marks its run dir failed."""
+    cfg = from_dict(make_config_dict(tiny_data, tmp_path, learning_rate=1e30, epochs=2))
+    with pytest.raises(ChiptagError, match="loss is"):
+        run_train(cfg)
+    (row,) = list_runs(tmp_path / "runs")
+    assert row.status == "failed" and "loss is" in row.note

@@ -31,6 +31,7 @@ from chiptag.loop import epoch_loop
 from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
+from chiptag.runs import FAILURE
 from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
 from chiptag.tracking import MultiTracker, make_tracker
 
@@ -130,6 +131,13 @@ def _last_good(run_dir: Path) -> str:
     return f"The last good checkpoint is kept: {path} (best epoch {epoch})."
 
 
+def _mark_failed(run_dir: Path, cfg: Config, message: str) -> None:
+    """A run that stopped on an error says so (chiptag runs lists it as failed, not unfinished)."""
+    if distributed.is_main():
+        write_json(run_dir / FAILURE, {"status": "failed", "model": cfg.model.name,
+                                       "active_model_index": cfg.active_model_index, "error": message})
+
+
 def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
     """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
 
@@ -145,7 +153,11 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
             except Interrupted as exc:
                 raise exc.with_hint(f"continue with: chiptag train --resume {run_dir}") from None
             except NonFiniteLoss as exc:
+                _mark_failed(run_dir, cfg, f"{exc} {_last_good(run_dir)}")
                 raise NonFiniteLoss(f"{exc} {_last_good(run_dir)}") from None
+            except ChiptagError as exc:
+                _mark_failed(run_dir, cfg, str(exc))
+                raise
         write_json(run_dir / SUMMARY, summary)
         (run_dir / resume_mod.RESUME).unlink(missing_ok=True)  # complete: nothing left to resume
         print_result(summary)
