@@ -17,12 +17,6 @@ from chiptag.rundir import write_json
 from chiptag.views import tta_probabilities, view_features
 
 
-def head_probabilities(tagger, feats: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        logits = tagger.head.eval()(feats.float())
-    return torch.sigmoid(logits.double()).numpy()
-
-
 def evaluate_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
