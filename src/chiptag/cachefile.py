@@ -10,26 +10,20 @@ complete, and an interrupted extraction resumes from its last chunk.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from chiptag.atomic import torch_save
 
 
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_features(path: Path, key: str, feats: torch.Tensor, names: list[str]) -> None:
-    save_atomic({"fingerprint": key, "features": feats, "names": names, "sha256": digest(feats)}, path)
+    torch_save({"fingerprint": key, "features": feats, "names": names, "sha256": digest(feats)}, path)
 
 
 def load_features(path: Path, key: str, n: int | None = None) -> tuple[torch.Tensor | None, str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from chiptag import __version__
+from chiptag.atomic import torch_save
+
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.models.backbones import get_spec
@@ -27,10 +28,7 @@ def save(path: Path, *, tagger: Tagger, backbone: str, weights_id: str, head: He
         "thresholds": [float(t) for t in thresholds], "preprocessing": preprocessing.to_dict(),
         "frozen": tagger.frozen, "config": config, "state_dict": tagger.state_dict(), **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)
 
 
 def load(path: Path) -> dict:

@@ -13,7 +13,7 @@ from chiptag.data.split import load_split
 from chiptag.errors import ChiptagError
 from chiptag.features import default_workers
 from chiptag.progress import out
-from chiptag.rundir import write_json
+from chiptag.atomic import write_json
 from chiptag.views import tta_probabilities, view_features
 
 

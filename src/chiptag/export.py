@@ -10,7 +10,6 @@ metadata_props, or TorchScript extra files of the same names.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from io import StringIO
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chiptag.atomic import replacing
 from chiptag import __version__, checkpoint
 from chiptag.errors import ChiptagError
 from chiptag.predict import ProbabilityModel, checkpoint_path
@@ -51,10 +51,6 @@ def _quiet():
         yield
 
 
-def _tmp(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{os.getpid()}.tmp")
-
-
 def _require(*modules: str) -> None:
     import importlib.util
 
@@ -67,11 +63,10 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, meta:
     _require("onnx", "onnxscript", "onnxruntime")  # onnxruntime: for the parity check after export
     import onnx
 
-    tmp = _tmp(out)
     # The torch.export-based exporter (torch's default and maintained path; the TorchScript-based one is
     # deprecated). external_data=False keeps one self-contained file.
     batch = torch.export.Dim("batch", min=1)
-    try:
+    with replacing(out) as tmp:
         with _quiet():
             torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["probabilities"],
                               dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
@@ -82,21 +77,14 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, meta:
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
-    tmp = _tmp(out)
-    try:
+    with replacing(out) as tmp:
         with _quiet():
             # A CNN has no data-dependent control flow, so tracing is exact; export_run checks the result itself.
             scripted = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(scripted, str(tmp), _extra_files=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_exported(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from chiptag.atomic import replacing
 from chiptag.errors import ChiptagError
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -73,23 +74,19 @@ def export_onnx(net: torch.nn.Module, path: Path, image_size: int) -> Path:
     """Export once (atomic rename); a file already there for this backbone hash is reused."""
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     was_training = net.training
     net.eval().to("cpu", memory_format=torch.contiguous_format)
     dummy = torch.zeros(2, 3, image_size, image_size)
     try:
-        with warnings.catch_warnings():  # the TorchScript-based exporter warns it is legacy; it is fast and exact
-            warnings.simplefilter("ignore")
+        with replacing(path) as tmp, warnings.catch_warnings():  # the TorchScript-based exporter warns it is
+            warnings.simplefilter("ignore")  # legacy; it is fast and exact
             torch.onnx.export(net, (dummy,), str(tmp), input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ChiptagError(f"cannot export the backbone to ONNX ({exc.__class__.__name__}: {exc}); "
                            "use features.engine: torch") from None
     finally:
         net.train(was_training)
-    os.replace(tmp, path)
     return path
 
 

@@ -8,11 +8,11 @@ curves). Plots use matplotlib's object API (`Figure`, no pyplot): no GUI backend
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from chiptag.atomic import replacing, write_text
 from chiptag import metrics
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
@@ -31,10 +31,8 @@ def save_eval_probs(path: Path, ev: dict, names: list[str], splits: dict, tags: 
         arrays[f"{s}_probs"] = ev[s]["probs"]
         arrays[f"{s}_targets"] = ev[s]["targets"]
         arrays[f"{s}_names"] = np.asarray([names[i] for i in splits[s]])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the temp name
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def load_eval_probs(run_dir: Path) -> dict | None:
@@ -69,9 +67,8 @@ def _history(run_dir: Path, summary: dict) -> list[dict]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 
@@ -208,9 +205,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     if probs is not None:
         figures["pr_curves"] = _save(_pr_figure(tags, probs, per_class), out_dir / FIGURES["pr_curves"])
     md = out_dir / "report.md"
-    tmp = md.with_name(f".{md.name}.{os.getpid()}.tmp")
-    tmp.write_text(_markdown(summary, figures, note), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text(md, _markdown(summary, figures, note))
     return {**figures, "report": md}
 
 

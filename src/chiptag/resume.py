@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chiptag.cachefile import save_atomic
+from chiptag.atomic import torch_save
 from chiptag.errors import ChiptagError
 
 RESUME = "resume.pt"
@@ -76,7 +76,7 @@ def set_rng_states(s: dict) -> None:
 
 def save(run_dir: Path, st: LoopState, tagger, head_only: bool, optimizer, scheduler) -> Path:
     path = Path(run_dir) / RESUME
-    save_atomic({"format": FORMAT, "state": vars(st), "module": trained_state(tagger, head_only),
+    torch_save({"format": FORMAT, "state": vars(st), "module": trained_state(tagger, head_only),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_states()}, path)
     return path

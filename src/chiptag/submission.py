@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from chiptag.atomic import replacing
 from chiptag.data.image_check import validate_images
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
@@ -112,10 +113,8 @@ def resolve_inputs(source: Path, image_dirs: Sequence[Path], ext: str | None) ->
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.7f")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.7f")
 
 
 def errors_path(out: Path) -> Path:

@@ -17,7 +17,7 @@ from chiptag.config import Config
 from chiptag.errors import ChiptagError
 from chiptag.interrupt import Interrupted
 from chiptag.progress import console, out
-from chiptag.rundir import write_json
+from chiptag.atomic import write_json
 from chiptag.runs import FAILURE, RunRow, print_table, row_from_summary, to_markdown
 
 EXPERIMENTS = "EXPERIMENTS.md"

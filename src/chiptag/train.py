@@ -16,7 +16,7 @@ from torch import nn
 
 from chiptag import checkpoint, config as config_mod, distributed, finetune, metrics, report
 from chiptag import resume as resume_mod
-from chiptag.atomic import write_text
+from chiptag.atomic import write_json, write_text
 from chiptag.config import Config
 from chiptag.data.labels import LabelTable
 from chiptag.data.prepare import Dataset
@@ -32,7 +32,7 @@ from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.runs import FAILURE
-from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result, write_json
+from chiptag.rundir import SUMMARY, build_summary, new_run_dir, print_result
 from chiptag.tracking import MultiTracker, make_tracker
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chiptag.atomic import write_text
-from chiptag.rundir import write_json
+from chiptag.atomic import write_json
 
 # kind -> (severity, what the user reads)
 KINDS: dict[str, tuple[str, str]] = {

@@ -7,15 +7,13 @@ whose pooled features see little more than that.
 
 from __future__ import annotations
 
-import csv
-import os
 import pathlib
-import tempfile
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
+from chiptag.atomic import write_text
 from chiptag.errors import ChiptagError
 
 # Fraction of real Kaggle training chips carrying each tag.
@@ -295,19 +293,7 @@ def generate_dataset(out_dir, n: int = 2000, size: int = 128, seed: int = 0,
         Image.fromarray(draw_chip(tags, int(size), rng)).save(
             img_dir / f"{name}.jpg", "JPEG", quality=int(quality))
         rows.append((name, " ".join(tags)))
-    _write_csv_atomic(out / "train_classes.csv", rows)
+    # Written last and atomically: a present CSV means every image it names is already on disk. Names and
+    # tags hold no commas or quotes (the prefix is checked above), so plain joins are valid CSV.
+    write_text(out / "train_classes.csv", "image_name,tags\n" + "".join(f"{n},{t}\n" for n, t in rows))
     return out
-
-
-def _write_csv_atomic(path: pathlib.Path, rows: list[tuple[str, str]]) -> None:
-    # Written last and atomically: a present CSV means every image it names is already on disk.
-    fd, tmp = tempfile.mkstemp(prefix=".train_classes.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(("image_name", "tags"))
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,11 +8,11 @@ server); offline (`tracking.offline: true`) ClearML's offline mode writes a sess
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from chiptag.atomic import replacing
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
 from chiptag.tracking import clearml_setup
@@ -181,9 +181,8 @@ def _complete_zip(folder: Path) -> Path:
         zipped = {}
     if all(zipped.get(name) == p.stat().st_size for name, p in files.items()):
         return zip_path
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+    with replacing(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
+                                                     allowZip64=True) as zf:
         for name, p in sorted(files.items()):
             zf.write(p, arcname=name)
-    os.replace(tmp, zip_path)
     return zip_path
