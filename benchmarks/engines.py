@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from chiptag.extract_engines import make_forward
+from chiptag.features.backends import make_forward
 from chiptag.models.backbones import build_backbone, state_fingerprint
 
 

@@ -3,8 +3,8 @@
 Same generated data, same backbone, same head, same optimiser and batch size for all three:
   naive        backbone forward on every batch of every epoch (what a Lightning loop with a frozen
                backbone does), head trained on top
-  cached_cold  chiptag.features.cached_features into an empty cache (extraction included), then the head
-               trained on the cached tensors with chiptag.engine.train_one_epoch
+  cached_cold  chiptag.features.extraction.cached_features into an empty cache (extraction included), then
+               the head trained on the cached tensors with chiptag.training.epoch.train_one_epoch
   cached_warm  the same with the cache already on disk
 `forward_limit_img_s` is the engine's forward throughput on pre-decoded tensors in memory (the physical
 limit of extraction); `extract_efficiency` is extraction throughput over that limit. Every variant runs once
@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from chiptag.data.images import ImageDataset, preprocess, read_rgb
-from chiptag.data.labels import read_labels
+from chiptag.data.images import ImageDataset, WithTargets, preprocess, read_rgb
+from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
-from chiptag.engine import train_one_epoch
-from chiptag.extract_engines import make_forward, resolve_engine
-from chiptag.features import cached_features, default_workers
-from chiptag.finetune import torch_threads
+from chiptag.features.backends import make_forward, resolve_engine
+from chiptag.features.extraction import Extractor, cached_features, default_workers
+from chiptag.features.views import TensorBatches
 from chiptag.models.backbones import build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec
-from chiptag.views import TensorBatches
+from chiptag.training.epoch import Step, train_one_epoch
+from chiptag.training.loop import torch_threads
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,8 +71,8 @@ def new_head(dim: int, n_tags: int) -> tuple[nn.Module, torch.optim.Optimizer]:
 def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
     head, opt = new_head(dim, y.shape[1])
     loss_fn = nn.BCEWithLogitsLoss()
-    loader = DataLoader(ImageDataset(paths, pre, y), batch_size=args.batch_size, shuffle=True,
-                        num_workers=workers, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(ImageDataset(paths, pre), batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0), collate_fn=WithTargets(y, pre))
     t0 = time.perf_counter()
     for _ in range(args.epochs):
         head.train()
@@ -88,17 +88,18 @@ def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
 def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[float, float]:
     """-> (total seconds, extraction seconds) for cached_features + epochs of head training."""
     t0 = time.perf_counter()
-    feats, info = cached_features(bb.net, bb.name, state_fingerprint(bb.net), paths, bb.preprocessing, cache,
-                                  batch_size=args.batch_size, num_workers=workers, show_progress=False,
-                                  forward=forward)
+    ex = Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing, forward, batch_size=args.batch_size,
+                   num_workers=workers, show_progress=False)
+    feats, info = cached_features(ex, paths, cache)
     t_extract = time.perf_counter() - t0
     head, opt = new_head(bb.dim, y.shape[1])
     gen = torch.Generator().manual_seed(0)
     loader = TensorBatches(feats, torch.as_tensor(y), args.batch_size,
                            order=lambda: torch.randperm(len(feats), generator=gen))
-    with torch_threads(1):  # as chiptag's head phase does (finetune.Phase.threads)
+    step = Step(nn.BCEWithLogitsLoss(), torch.device("cpu"))
+    with torch_threads(1):  # as chiptag's head phase does (training.phases.Phase.threads)
         for epoch in range(args.epochs):
-            train_one_epoch(head, loader, nn.BCEWithLogitsLoss(), opt, torch.device("cpu"), epoch=epoch)
+            train_one_epoch(head, loader, opt, step, epoch=epoch)
     return time.perf_counter() - t0, t_extract
 
 
@@ -107,7 +108,8 @@ def main() -> None:
     workers = default_workers(args.workers, "cpu")
     tmp = tempfile.TemporaryDirectory(prefix="chiptag-bench-")
     data = args.data or generate_dataset(Path(tmp.name) / "data", n=args.n, size=args.size, seed=0)
-    table = read_labels(Path(data) / "train_classes.csv")
+    labels = Path(data) / "train_classes.csv"
+    table = parse_table(labels, read_table(labels), "tags")
     paths = [Path(data) / "train-jpg" / f"{n}.jpg" for n in table.names]
     y = table.y.astype("float32")
     torch.manual_seed(0)

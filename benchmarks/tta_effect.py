@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from chiptag import config as config_mod, metrics
-from chiptag.data.prepare import load_dataset
+from chiptag import config as config_mod
+from chiptag.evaluation import metrics
+from chiptag.evaluation.thresholds import tune_thresholds
+from chiptag.data.validate import load_dataset
 from chiptag.data.split import load_split
-from chiptag.predict import Predictor
+from chiptag.inference.predictor import Predictor
 
 
 def main(run_dir: str) -> None:
@@ -30,7 +32,7 @@ def main(run_dir: str) -> None:
             probs[s, tta] = p.predict([ds.paths[i] for i in splits[s]], tta=tta)
             seconds[s, tta] = time.perf_counter() - t0
     y = {s: ds.table.y[splits[s]] for s in ("val", "test")}
-    retuned = metrics.tune_thresholds(y["val"], probs["val", True])
+    retuned = tune_thresholds(y["val"], probs["val", True])
     print(f"{'':28} {'val F2':>8} {'test F2':>8} {'test s':>7}")
     rows = [("plain @0.5", False, 0.5), ("plain @stored thresholds", False, p.thresholds),
             ("TTA @0.5", True, 0.5), ("TTA @stored thresholds", True, p.thresholds),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,7 +56,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
           ) -> None:
     """Train the active model entry of CONFIG; --all trains every entry in turn; --resume RUN continues."""
     from chiptag import config as config_mod
-    from chiptag.train import run_train
+    from chiptag.training.run import run_train
 
     if resume is not None:
         if config is not None or set_:
@@ -68,7 +67,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
         raise ChiptagError("missing --config/-c (or --resume RUN)")
     cfg = config_mod.load(config, set_ or [])
     if all_:
-        from chiptag.sweep import run_sweep
+        from chiptag.training.sweep import run_sweep
 
         result = run_sweep(cfg, str(config))
         if result.failed:
@@ -107,7 +106,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run direc
          sort: str = typer.Option("run", "--sort", help="run, f2, f2_05, model or duration")) -> None:
     """The experiments table: one row per run in RUNS_DIR (broken and unfinished runs included)."""
     from chiptag.progress import out
-    from chiptag.runs import list_runs, print_table, sort_rows, to_markdown
+    from chiptag.runs.table import list_runs, print_table, sort_rows, to_markdown
 
     rows = sort_rows(list_runs(runs_dir), sort)
     if markdown:
@@ -122,7 +121,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run direc
 @friendly
 def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
     """Recompute a run's metrics from its checkpoint and split lists."""
-    from chiptag.evaluate import evaluate_run
+    from chiptag.evaluation.evaluate import evaluate_run
 
     evaluate_run(run)
 
@@ -131,7 +130,7 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
 @friendly
 def report(run: Path = typer.Argument(..., help="run directory")) -> None:
     """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
-    from chiptag.report import write_report
+    from chiptag.evaluation.report import write_report
 
     files = write_report(run)
     print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
@@ -157,13 +156,14 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
     Failed images keep their row with empty tags, go to stderr and <out stem>.errors.csv; exit code 1."""
-    from chiptag.features import default_workers
-    from chiptag.submission import run_predict
-    from chiptag.train import resolve_device
+    from chiptag.features.extraction import default_workers
+    from chiptag.inference.submission import PredictOptions, run_predict
+    from chiptag.training.run import resolve_device
 
-    r = run_predict(run, input_, out, probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
-                    batch_size=batch_size, device=str(resolve_device(device)),
-                    num_workers=default_workers(workers))
+    opts = PredictOptions(probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
+                          batch_size=batch_size, device=str(resolve_device(device)),
+                          num_workers=default_workers(workers))
+    r = run_predict(run, input_, out, opts)
     extra = f", probabilities in {probabilities}" if probabilities else ""
     print(f"wrote {r['rows']} rows to {out}{extra} ({'TTA x8, ' if tta else ''}{r['seconds']:.1f}s)")
     if r["errors"]:
@@ -180,16 +180,8 @@ def export(run: Path = typer.Argument(..., help="run directory (or its checkpoin
     """Export the model: input `images` (float32 Nx3xSxS, normalised), output `probabilities`.
 
     The file also stores tags, thresholds, image_size, mean and std (ONNX metadata / TorchScript extra files)."""
-    from chiptag.export import export_run
+    from chiptag.inference.export import export_run
 
     r = export_run(run, format_, out)
     print(f"wrote {r['path']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, {r['image_size']} px, {r['n_tags']} tags); "
           f"max |exported - PyTorch| on a random batch: {r['max_abs_diff']:.1e}")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -69,7 +69,7 @@ class ModelEntry(_Strict):
     hidden_dim: int | None = Field(512, ge=1)  # None: Dropout -> Linear only
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adam"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum 0.9
     pos_weight: bool = False
     epochs: int = Field(5, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: training.batch_size
@@ -93,7 +93,9 @@ class ModelEntry(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["reduce_on_plateau"] = "reduce_on_plateau"
+    # reduce_on_plateau: steps on the validation loss (factor, patience); cosine: anneals each phase's
+    # learning rate to min_lr over its epochs; constant: no schedule.
+    name: Literal["reduce_on_plateau", "cosine", "constant"] = "reduce_on_plateau"
     factor: float = Field(0.5, gt=0, lt=1)
     patience: int = Field(1, ge=0)
     min_lr: float = Field(1e-6, ge=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -55,12 +56,13 @@ def setup() -> torch.device | None:
     return torch.device("cpu")
 
 
-def shard_extract(extract, net, paths, pre, **kwargs) -> torch.Tensor:
-    """extract() over this rank's strided shard, gathered back into the original order on every rank."""
+def shard_extract(extract: Callable[[list], torch.Tensor], paths) -> torch.Tensor:
+    """extract(paths) -> (N, dim) over this rank's strided shard, gathered back into the original order on
+    every rank."""
     if not active():
-        return extract(net, paths, pre, **kwargs)
+        return extract(list(paths))
     k, r = world(), rank()
-    mine = extract(net, list(paths)[r::k], pre, **kwargs)
+    mine = extract(list(paths)[r::k])
     parts: list = [None] * k
     dist.all_gather_object(parts, mine.cpu())  # gloo and nccl both take objects; features are small
     dim = next(p.shape[1] for p in parts if p.numel())

@@ -1,1 +1,1 @@
-"""Data: label tables, images, splits, validation and the synthetic demo generator."""
+"""Data: label tables, the one image input path, splits, validation and the synthetic demo generator."""

@@ -1,15 +1,19 @@
-"""Decoding and preprocessing: file -> RGB uint8 tensor -> resized, normalised float tensor.
+"""The one input path: file -> RGB uint8 -> resized -> D4 view -> batch -> normalised on the device.
 
-The same path serves extraction, end-to-end training and prediction, so a chip is preprocessed identically
-everywhere. Normalisation uses the backbone weights' own mean/std (see models.backbones.Preprocessing).
+Feature extraction, end-to-end training (fine-tuning), evaluation and prediction all read images through
+`ImageDataset` and `normalize`, so a chip is seen identically everywhere. The split keeps the per-image work
+in a decode worker to the minimum: a chip already at the model's size leaves the worker as uint8 (a quarter
+of the bytes through shared memory, no float work), and normalisation (the weights' own mean/std) runs once
+per batch, vectorised, next to the forward.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from chiptag.errors import ChiptagError
+from chiptag.interrupt import ignore_sigint_in_worker
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, but they still work and decode JPEG
 # about twice as fast as Pillow; the warning would otherwise repeat once per image.
@@ -40,9 +45,6 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
-
-    def key(self) -> str:
-        return repr(sorted(asdict(self).items()))
 
 
 def _to_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -78,15 +80,26 @@ def read_rgb(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 3xHxW -> the whole chip at size x size (no crop: tags may sit at the edges). Already at size: the
+    uint8 tensor itself; else float in [0, 1] after an antialiased bilinear resize."""
+    if img.shape[-2:] == (size, size):
+        return img
+    return F.interpolate(img.float().div_(255.0).unsqueeze(0), size=(size, size), mode="bilinear",
+                         antialias=True, align_corners=False).squeeze(0)
+
+
+def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 or [0, 1] float batch (N, 3, S, S) -> the model's normalised input (float32), on x's device."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def preprocess(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """uint8 3xHxW -> float 3xSxS, resized (whole chip, no crop: tags may sit at the edges) and normalised."""
-    x = img.float().div_(255.0).unsqueeze(0)
-    if x.shape[-2:] != (pre.image_size, pre.image_size):
-        x = F.interpolate(x, size=(pre.image_size, pre.image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return ((x - mean) / std).squeeze(0)
+    """One decoded chip -> its normalised float 3xSxS input (the dataset + normalize path, for one image)."""
+    return normalize(resize(img, pre.image_size).unsqueeze(0), pre).squeeze(0)
 
 
 def d4(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -99,24 +112,77 @@ def d4(x: torch.Tensor, view: int) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Preprocessed images (optionally with targets). Item: (image, target-or-index)."""
+    """The one image dataset. Item: (image, index, error): image is uint8 3xSxS (float in [0, 1] when it had
+    to be resized), in D4 view `view`; error is "" for a good image.
 
-    def __init__(self, paths: Sequence[Path], pre: Preprocessing, targets: np.ndarray | None = None,
-                 view: int = 0):
-        self.paths = list(paths)
-        self.pre = pre
-        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
-        self.view = view
+    keep_errors=False: an unreadable image raises ChiptagError naming it (training: the data was validated).
+    keep_errors=True: it becomes a zero image plus its message, so one bad file never ends a batch of
+    thousands (prediction reports it per image)."""
+
+    def __init__(self, paths: Sequence[Path], pre: Preprocessing, *, view: int = 0, keep_errors: bool = False):
+        self.paths, self.pre, self.view, self.keep_errors = list(paths), pre, view, keep_errors
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
-        x = preprocess(read_rgb(self.paths[i]), self.pre)
-        if self.view:
-            x = d4(x, self.view)
-        return x, (self.targets[i] if self.targets is not None else i)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            x = resize(read_rgb(self.paths[i]), self.pre.image_size)
+        except ChiptagError as exc:
+            if not self.keep_errors:
+                raise
+            return self._blank(), i, str(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. a decoder's RuntimeError, reported per image
+            if not self.keep_errors:
+                raise ChiptagError(f"cannot read image {self.paths[i]}: {exc.__class__.__name__}: {exc}") from None
+            return self._blank(), i, f"cannot read image {self.paths[i]}: {exc.__class__.__name__}: {exc}"
+        return (d4(x, self.view) if self.view else x), i, ""
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.pre.image_size, self.pre.image_size, dtype=torch.uint8)
 
 
-def image_paths(root: Path, names: Sequence[str], extension: str) -> list[Path]:
-    return [root / f"{n}{extension}" for n in names]
+def collate(batch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """-> (images, indices, errors). uint8 stays uint8 unless a batch mixes it with resized float chips."""
+    xs = [x for x, _, _ in batch]
+    if any(x.dtype != torch.uint8 for x in xs):
+        xs = [x.float().div(255.0) if x.dtype == torch.uint8 else x for x in xs]
+    return torch.stack(xs), torch.tensor([i for _, i, _ in batch]), [e for _, _, e in batch]
+
+
+class WithTargets:
+    """collate_fn for training on images: -> (normalised batch, the targets of its rows). A class, not a
+    closure, so DataLoader workers can pickle it."""
+
+    def __init__(self, targets: np.ndarray, pre: Preprocessing):
+        self.targets, self.pre = torch.as_tensor(targets, dtype=torch.float32), pre
+
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, idx, _ = collate(batch)
+        return normalize(x, self.pre), self.targets[idx]
+
+
+def prefetched(dataset: ImageDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Batches decoded one ahead by a thread of this process (for num_workers 0): decoding overlaps the
+    forward, which releases the GIL, without a worker process and its copies."""
+
+    def load(start: int):
+        return collate([dataset[j] for j in range(start, min(start + batch_size, len(dataset)))])
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load, 0) if len(dataset) else None
+        for start in range(0, len(dataset), batch_size):
+            batch = nxt.result()
+            if start + batch_size < len(dataset):
+                nxt = pool.submit(load, start + batch_size)
+            yield batch
+
+
+def batches(dataset: ImageDataset, batch_size: int, num_workers: int, device: torch.device | str = "cpu"):
+    """Ordered (images, indices, errors) batches: a prefetch thread (num_workers 0) or DataLoader workers
+    that ignore Ctrl-C (the main process finishes its step and saves progress)."""
+    if num_workers == 0:
+        return prefetched(dataset, batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda", collate_fn=collate,
+                                       worker_init_fn=ignore_sigint_in_worker)

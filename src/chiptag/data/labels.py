@@ -23,9 +23,6 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, idx: np.ndarray) -> LabelTable:
-        return LabelTable([self.names[i] for i in idx], list(self.tags), self.y[idx])
-
     def tag_strings(self) -> list[str]:
         return decode(self.y, self.tags)
 
@@ -54,7 +51,7 @@ def find_label_file(root: Path) -> Path:
                        "(or set data.labels)")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ChiptagError(f"label table not found: {path}")
     try:
@@ -110,18 +107,25 @@ def _from_onehot(path: Path, df: pd.DataFrame, id_col: str) -> LabelTable:
     return LabelTable(names, order, y)
 
 
-def read_labels(path: str | Path, *, format: str = "auto", id_column: str = "image_name",
-                tags_column: str = "tags") -> LabelTable:
-    """Read a label table. format: 'tags' (image_name,tags), 'onehot' (id + 0/1 columns) or 'auto'."""
-    path = Path(path)
-    df = _read_csv(path)
+def resolve_format(path: Path, df: pd.DataFrame, fmt: str, id_column: str, tags_column: str) -> str:
+    """'auto' -> 'tags' when the tags column is there, else 'onehot'; checks the columns the format needs."""
     if id_column not in df.columns:
         raise ChiptagError(f"{path}: missing id column {id_column!r} (columns: {', '.join(df.columns)})")
-    if format == "auto":
-        format = "tags" if tags_column in df.columns else "onehot"
-    if format == "tags":
-        if tags_column not in df.columns:
-            raise ChiptagError(f"{path}: missing tags column {tags_column!r} (columns: {', '.join(df.columns)})")
+    if fmt == "auto":
+        fmt = "tags" if tags_column in df.columns else "onehot"
+    if fmt == "tags" and tags_column not in df.columns:
+        raise ChiptagError(f"{path}: missing tags column {tags_column!r} (columns: {', '.join(df.columns)})")
+    if fmt == "onehot" and len(df.columns) < 2:
+        raise ChiptagError(f"{path}: one-hot table has no tag columns besides {id_column!r}")
+    return fmt
+
+
+def parse_table(path: Path, df: pd.DataFrame, fmt: str, id_column: str = "image_name",
+                tags_column: str = "tags") -> LabelTable:
+    """A label table from rows of `path` (as read by read_table). fmt: 'tags' (image_name,tags), 'onehot'
+    (id + 0/1 columns) or 'auto'. Raises ChiptagError naming the file and row of the first bad one."""
+    fmt = resolve_format(path, df, fmt, id_column, tags_column)
+    if fmt == "tags":
         return _from_tags(path, df, id_column, tags_column)
     return _from_onehot(path, df, id_column)
 

@@ -14,8 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chiptag.atomic import write_text
-from chiptag.atomic import write_json
+from chiptag.atomic import write_json, write_text
 
 # kind -> (severity, what the user reads)
 KINDS: dict[str, tuple[str, str]] = {
@@ -114,12 +113,12 @@ class Report:
             "skipped_items": [vars(p) for p in self.bad],
         }
 
-    def write(self, run_dir: Path, skipped: int) -> None:
-        """skipped.csv (every unusable item with its reason) and validation.json, both atomic."""
+    def write(self, skipped_csv: Path, validation_json: Path, skipped: int) -> None:
+        """The list of every unusable item with its reason (CSV) and this report as JSON, both atomic."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["row", "file", "kind", "reason", "detail"])
         for p in self.bad:
             w.writerow(["" if p.row is None else p.row, p.file, p.kind, KINDS[p.kind][1], p.detail])
-        write_text(Path(run_dir) / "skipped.csv", buf.getvalue())
-        write_json(Path(run_dir) / "validation.json", self.to_dict(skipped))
+        write_text(skipped_csv, buf.getvalue())
+        write_json(validation_json, self.to_dict(skipped))

@@ -15,7 +15,7 @@ import pandas as pd
 
 from chiptag.data import labels as labels_mod
 from chiptag.data.image_check import check_images
-from chiptag.data.prepare import Dataset
+from chiptag.data.dataset import Dataset
 from chiptag.data.problems import Report
 from chiptag.errors import ChiptagError
 
@@ -100,28 +100,12 @@ def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> set
     return bad
 
 
-def _resolve_format(path: Path, df: pd.DataFrame, data) -> str:
-    if data.id_column not in df.columns:
-        raise ChiptagError(f"{path}: missing id column {data.id_column!r} (columns: {', '.join(df.columns)})")
-    fmt = data.format
-    if fmt == "auto":
-        fmt = "tags" if data.tags_column in df.columns else "onehot"
-    if fmt == "tags" and data.tags_column not in df.columns:
-        raise ChiptagError(f"{path}: missing tags column {data.tags_column!r} (columns: {', '.join(df.columns)})")
-    if fmt == "onehot" and len(df.columns) < 2:
-        raise ChiptagError(f"{path}: one-hot table has no tag columns besides {data.id_column!r}")
-    return fmt
-
-
 def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data,
                  vocabulary: Sequence[str] | None) -> labels_mod.LabelTable:
     sub = df.iloc[keep].reset_index(drop=True)
-    if fmt == "tags":
-        table = labels_mod._from_tags(path, sub, data.id_column, data.tags_column)
-    else:
-        if vocabulary is not None:  # rows with a 1 outside the vocabulary are gone; drop those columns
-            sub = sub[[c for c in sub.columns if c == data.id_column or c in set(vocabulary)]]
-        table = labels_mod._from_onehot(path, sub, data.id_column)
+    if fmt == "onehot" and vocabulary is not None:  # rows with a 1 outside the vocabulary are gone
+        sub = sub[[c for c in sub.columns if c == data.id_column or c in set(vocabulary)]]
+    table = labels_mod.parse_table(path, sub, fmt, data.id_column, data.tags_column)
     return labels_mod.align(table, vocabulary) if vocabulary is not None else table
 
 
@@ -131,8 +115,8 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
     if not root.is_dir():
         raise ChiptagError(f"data.root: directory not found: {root} (for the demo: chiptag demo-data {root})")
     path = root / data.labels if data.labels else labels_mod.find_label_file(root)
-    df = labels_mod._read_csv(path)  # missing, empty, unparsable: one clear error each
-    fmt = _resolve_format(path, df, data)
+    df = labels_mod.read_table(path)  # missing, empty, unparsable: one clear error each
+    fmt = labels_mod.resolve_format(path, df, data.format, data.id_column, data.tags_column)
     report = Report(rows=len(df), policy=data.on_bad_image)
     _file_notes(path, report)
     names, keys, bad = _row_keys(path, df, fmt, data.id_column, data.tags_column, vocabulary, report)
@@ -140,7 +124,7 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
     image_dir = root / data.images
     if not image_dir.is_dir():
         raise ChiptagError(f"data.images: image folder not found: {image_dir}")
-    paths = [image_dir / f"{n}{data.extension}" for n in names]  # as data.images.image_paths, without torch
+    paths = [image_dir / f"{n}{data.extension}" for n in names]
     seen: set[str] = set()
     check = [i for i, n in enumerate(names) if n and not (n in seen or seen.add(n))]  # each file once
     bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
@@ -154,3 +138,8 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
         raise ChiptagError(f"no usable rows left in {path} after skipping:\n{report.format()}")
     table = _build_table(path, df, keep, fmt, data, vocabulary)
     return Dataset(table, [paths[i] for i in keep], path, image_dir), report
+
+
+def load_dataset(data, vocabulary: Sequence[str] | None = None) -> Dataset:
+    """The usable dataset of `data` (a config.DataConfig), validated, with `data.on_bad_image` applied."""
+    return preflight(data, vocabulary=vocabulary)[0]

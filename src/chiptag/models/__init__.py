@@ -1,1 +1,1 @@
-"""Backbone registry and classification heads."""
+"""Models: the backbone registry, the head, self-describing checkpoints and what fine-tuning unfreezes."""

@@ -15,6 +15,7 @@ from typing import Any
 from chiptag.atomic import replacing
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
+from chiptag.runs.layout import RunDir
 from chiptag.tracking import clearml_setup
 
 
@@ -43,9 +44,10 @@ class ClearMLTracker:
             raise ChiptagError("tracking.backend is clearml but the clearml package is not installed: "
                                "pip install clearml, or set tracking.backend: local") from None
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.offline = bool(cfg.offline)
         self.task = None
+        self.figures: set[str] = set()  # names already uploaded: each plot once
 
     def _go_offline_or_fail(self) -> None:
         if self.offline:
@@ -80,12 +82,9 @@ class ClearMLTracker:
             raise ChiptagError(f"ClearML Task.init failed for project {self.cfg.project!r}: "
                                f"{exc.__class__.__name__}: {exc}") from None
         self.task.connect(_hyperparameters(config), name="chiptag")
-        resolved = self.run_dir / "config.yaml"
+        resolved = self.run.config
         if resolved.is_file():
             self.task.connect_configuration(resolved, name="config.yaml")
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.task.connect(params, name="params")
 
     def log_scalars(self, epoch: int, scalars: dict[str, float]) -> None:
         logger = self.task.get_logger()
@@ -94,6 +93,9 @@ class ClearMLTracker:
             logger.report_scalar(title, series, float(value), iteration=epoch)
 
     def log_figure(self, name: str, path: Path) -> None:
+        if name in self.figures:  # the report hands its plots over, and finish() catches any it did not
+            return
+        self.figures.add(name)
         self.task.get_logger().report_image("report", name, iteration=0, local_path=str(path))
 
     def log_artifact(self, name: str, path: Path) -> None:
@@ -142,15 +144,15 @@ class ClearMLTracker:
 
     def _log_final(self, summary: dict) -> None:
         self._log_results(summary)
-        for png in sorted((self.run_dir / "report").glob("*.png")):
+        for png in sorted(self.run.report_dir.glob("*.png")):
             self.log_figure(png.stem, png)
-        if (self.run_dir / "summary.json").is_file():
-            self.log_artifact("summary.json", self.run_dir / "summary.json")
+        if self.run.summary.is_file():
+            self.log_artifact(self.run.summary.name, self.run.summary)
         if summary.get("thresholds"):  # a dict artifact is stored as JSON; no extra file in the run dir
             self.task.upload_artifact("thresholds", artifact_object=dict(summary["thresholds"]),
                                       wait_on_upload=True)
-        if (self.run_dir / "checkpoint.pt").is_file():
-            self.log_model(self.run_dir / "checkpoint.pt")
+        if self.run.checkpoint.is_file():
+            self.log_model(self.run.checkpoint)
 
     def _close(self) -> dict[str, Any]:
         task = self.task

@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chiptag.runs.layout import RunDir
+
 
 class LocalTracker:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(run_dir).metrics
 
     def start(self, run_id: str, name: str, config: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass  # the resolved config.yaml in the run dir is the record
 
     def log_scalars(self, epoch: int, scalars: dict[str, float]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:

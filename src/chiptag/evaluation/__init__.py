@@ -1,0 +1,1 @@
+"""Evaluation: metrics (F2, baseline), threshold tuning, `chiptag evaluate` and the run report."""

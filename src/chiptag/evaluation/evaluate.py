@@ -1,0 +1,50 @@
+"""`chiptag evaluate RUN`: recompute a run's metrics from its checkpoint, config and split lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chiptag import config as config_mod
+from chiptag.atomic import write_json
+from chiptag.data.split import load_split
+from chiptag.data.validate import load_dataset
+from chiptag.errors import ChiptagError
+from chiptag.evaluation import metrics
+from chiptag.features.extraction import default_workers
+from chiptag.features.views import make_extractor, tta_probabilities, view_features
+from chiptag.models import checkpoint
+from chiptag.progress import out
+from chiptag.runs.layout import RunDir
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    run = RunDir(run_dir).require_config("evaluate")
+    cfg = config_mod.load(run.config)
+    ckpt = checkpoint.load(run.checkpoint)
+    tagger = checkpoint.load_tagger(ckpt)
+    ds = load_dataset(cfg.data, vocabulary=ckpt["tags"])  # validated; tags outside the run are reported
+    if ds.table.tags != ckpt["tags"]:
+        raise ChiptagError(f"the label table's tags differ from the checkpoint's: {ds.table.tags} vs {ckpt['tags']}")
+    splits = load_split(ds.table.names, run.split)
+    # A frozen backbone's features are usually already in the cache from training.
+    cache = cfg.features.cache_dir if ckpt["frozen"] else None
+    # Same views as training: with views 8 and tta, the metrics average the 8 views' probabilities.
+    views = cfg.features.views if ckpt["frozen"] and cfg.features.tta else 1
+    device = torch.device("cpu")
+    ex = make_extractor(tagger.backbone, ckpt["backbone"], checkpoint.preprocessing(ckpt), cfg.features, device,
+                        num_workers=default_workers(cfg.training.num_workers, device),
+                        show_progress=cfg.training.progress, label="features")
+    feats, _ = view_features(ex, ds.paths, cache, views)
+    thresholds = np.asarray(ckpt["thresholds"])
+    result = {}
+    for s in ("val", "test"):
+        idx = splits[s]
+        probs = tta_probabilities(tagger.head, feats[:, idx]).numpy()
+        m = metrics.split_metrics(ds.table.y[idx], probs, thresholds, ds.table.tags)
+        result[s] = m
+        out.print(f"{s:>4}: F2 {m['f2']:.4f} (stored thresholds)  {m['f2_at_0.5']:.4f} @0.5  ({len(idx)} images)")
+    write_json(run.evaluation, result)
+    return result

@@ -1,0 +1,224 @@
+"""The run report: `report/report.md` (headline numbers, per-class table) and PNG plots.
+
+Inputs are what training leaves in the run dir: summary.json (metrics, thresholds, history), metrics.jsonl
+(fallback for the history) and eval_probs.npz (validation and test probabilities, for the precision-recall
+curves). Plots use matplotlib's object API (`Figure`, no pyplot): no GUI backend, no global state, safe headless.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from chiptag.atomic import replacing, write_text
+from chiptag.errors import ChiptagError
+from chiptag.evaluation import metrics
+from chiptag.progress import console
+from chiptag.runs.layout import RunDir
+
+FIGURES = {"training_curves": "training_curves.png", "per_class_f2": "per_class_f2.png",
+           "pr_curves": "pr_curves.png"}
+
+
+def save_eval_probs(path: Path, ev: dict, names: list[str], splits: dict, tags: list[str]) -> None:
+    """Keep the final validation/test probabilities so the report (and users) can plot and re-threshold them
+    without recomputing features."""
+    arrays = {"tags": np.asarray(tags)}
+    for s in ("val", "test"):
+        arrays[f"{s}_probs"] = ev[s]["probs"]
+        arrays[f"{s}_targets"] = ev[s]["targets"]
+        arrays[f"{s}_names"] = np.asarray([names[i] for i in splits[s]])
+    with replacing(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def load_eval_probs(run_dir: Path) -> dict | None:
+    path = RunDir(run_dir).eval_probs
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _read_summary(run_dir: Path) -> dict:
+    path = RunDir(run_dir).summary
+    if not path.is_file():
+        raise ChiptagError(f"{run_dir} is not a finished run (no summary.json)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ChiptagError(f"{path}: not valid JSON: {exc}") from None
+    missing = [k for k in ("tags", "metrics", "baseline", "thresholds") if k not in summary]
+    if missing:
+        raise ChiptagError(f"{path}: missing {', '.join(missing)} (written by an older chiptag?)")
+    return summary
+
+
+def _history(run_dir: Path, summary: dict) -> list[dict]:
+    if summary.get("history"):
+        return summary["history"]
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _save(fig, path: Path) -> Path:
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _curves_figure(history: list[dict], best_epoch: int | None):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.6))
+    ax_loss, ax_f2, ax_lr = fig.subplots(1, 3)
+    ep = [h["epoch"] for h in history]
+    for key, style in (("train/loss", "-"), ("val/loss", "--")):
+        ax_loss.plot(ep, [h[key] for h in history], style, label=key)
+    ax_f2.plot(ep, [h["val/f2"] for h in history], "-o", ms=3, label="val/f2 @0.5")
+    ax_lr.plot(ep, [h["lr"] for h in history], "-")
+    ax_lr.set_yscale("log")
+    for ax, title in ((ax_loss, "loss"), (ax_f2, "validation F2 (threshold 0.5)"), (ax_lr, "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if best_epoch and ax is not ax_lr:
+            ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label=f"best epoch {best_epoch}")
+    ax_loss.legend(fontsize=8)
+    ax_f2.legend(fontsize=8)
+    return fig
+
+
+def _f2_bars_figure(tags: list[str], series: dict[str, list[float]]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.32 * len(tags) + 1.2))
+    ax = fig.subplots()
+    y = np.arange(len(tags))
+    height = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        ax.barh(y + k * height, values, height=height, label=label)
+    ax.set_yticks(y + height * (len(series) - 1) / 2, tags)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F2")
+    ax.set_title("per-class F2 on test")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _pr_figure(tags: list[str], probs: dict, per_class: dict):
+    from matplotlib.figure import Figure
+
+    ncols = 5
+    nrows = -(-len(tags) // ncols)
+    fig = Figure(figsize=(3.0 * ncols, 2.7 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    curves = {s: metrics.pr_curves(probs[f"{s}_targets"], probs[f"{s}_probs"], tags) for s in ("val", "test")}
+    for ax, tag in zip(axes, tags):
+        for s, style in (("test", "-"), ("val", "--")):
+            if tag in curves[s]:
+                ax.plot(curves[s][tag]["recall"], curves[s][tag]["precision"], style, lw=1.2, label=s)
+        row = per_class[tag]
+        if row["support"]:  # the operating point the stored threshold gives on test
+            ax.plot(row["recall"], row["precision"], "o", color="k", ms=4, label=f"t={row['threshold']:.2f}")
+        else:
+            ax.text(0.5, 0.5, "no positives in test", ha="center", va="center", fontsize=8)
+        ax.set_title(f"{tag} (test n={row['support']})", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a tag absent from both splits has nothing to label
+            ax.legend(fontsize=6, loc="lower left")
+    for ax in axes[len(tags):]:
+        ax.set_visible(False)
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    return fig
+
+
+def _markdown(summary: dict, figures: dict[str, Path], probs_note: str) -> str:
+    m, b, tags = summary["metrics"], summary["baseline"], summary["tags"]
+    n = summary.get("n_images", {})
+    lines = [
+        f"# Run {summary.get('run_id', '?')}: {summary.get('model', '?')}",
+        "",
+        f"{summary.get('backbone', '?')} (weights {summary.get('weights_id', '?')}, frozen "
+        f"{summary.get('frozen', '?')}), {summary.get('image_size', '?')} px, head {summary.get('head', '?')}; "
+        f"best epoch {summary.get('best_epoch', '?')} of {summary.get('epochs', '?')}.",
+        "",
+        "Thresholds are tuned per class on validation; the test split is scored once, at the end, and is the "
+        "headline. Validation F2 at tuned thresholds is optimistic (they were chosen on it).",
+        "",
+        "| split | images | F2 (tuned thresholds) | F2 @0.5 | constant baseline F2 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in ("test", "val"):
+        name = f"**{s}**" if s == "test" else s
+        lines.append(f"| {name} | {n.get(s, '?')} | {m[s]['f2']:.4f} | {m[s]['f2_at_0.5']:.4f} | "
+                     f"{b[s]['f2']:.4f} |")
+    lines += ["", f"Constant baseline: predict {{{', '.join(b.get('tags', []))}}} for every chip (chosen on "
+              "train).", "", "## Per class (test, at the tuned thresholds)", "",
+              "| tag | threshold | val support | test support | precision | recall | F2 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    test_pc, val_pc = m["test"]["per_class"], m["val"]["per_class"]
+    for tag in sorted(tags, key=lambda t: (-test_pc[t]["support"] - val_pc[t]["support"], t)):
+        r = test_pc[tag]
+        lines.append(f"| {tag} | {summary['thresholds'][tag]:.2f} | {val_pc[tag]['support']} | {r['support']} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f2']:.3f} |")
+    lines += ["", "## Plots", ""]
+    for name, path in figures.items():
+        lines += [f"![{name.replace('_', ' ')}]({path.name})", ""]
+    if probs_note:
+        lines += [probs_note, ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    """(Re)write run_dir/report/: report.md and the PNGs. Returns {name: path} of the figures and the report."""
+    run_dir = Path(run_dir)
+    summary = _read_summary(run_dir)
+    tags, per_class = summary["tags"], summary["metrics"]["test"]["per_class"]
+    out_dir = RunDir(run_dir).report_dir
+    out_dir.mkdir(exist_ok=True)
+    figures: dict[str, Path] = {}
+    history = _history(run_dir, summary)
+    if history:
+        figures["training_curves"] = _save(_curves_figure(history, summary.get("best_epoch")),
+                                           out_dir / FIGURES["training_curves"])
+    probs = load_eval_probs(run_dir)
+    bars = {"tuned thresholds": [per_class[t]["f2"] for t in tags]}
+    note = ""
+    if probs is not None and list(probs["tags"]) == tags:
+        at_half = metrics.classification_metrics(probs["test_targets"], probs["test_probs"], 0.5, tags)
+        bars["threshold 0.5"] = [at_half["per_class"][t]["f2"] for t in tags]
+    else:
+        probs = None
+        note = (f"Precision-recall curves need {RunDir(run_dir).eval_probs.name} in the run dir (written by "
+                "training); it is missing.")
+    figures["per_class_f2"] = _save(_f2_bars_figure(tags, bars), out_dir / FIGURES["per_class_f2"])
+    if probs is not None:
+        figures["pr_curves"] = _save(_pr_figure(tags, probs, per_class), out_dir / FIGURES["pr_curves"])
+    md = RunDir(run_dir).report_md
+    write_text(md, _markdown(summary, figures, note))
+    return {**figures, "report": md}
+
+
+def report_after_training(run_dir: Path, tracker) -> None:
+    """Write the report and hand its plots to the tracker. The run is already complete (checkpoint and
+    summary written), so a plotting failure only warns: it must not cost the tracker's finish."""
+    try:
+        files = write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - see docstring; the message says how to retry
+        console.print(f"[yellow]warning:[/] could not write the report: {exc.__class__.__name__}: {exc}; "
+                      f"retry with: chiptag report {run_dir}")
+        return
+    for name, path in files.items():
+        if path.suffix == ".png":
+            tracker.log_figure(name, path)
+    tracker.log_artifact("report", files["report"])

@@ -1,0 +1,169 @@
+"""Frozen-backbone features: extracted once per image (and view), cached on disk as float16, reused.
+
+The cache key covers everything that changes the numbers: the backbone's actual parameters (a hash, so
+random-init and file weights are covered too), the preprocessing, the view, and each image's name, size and
+modification time. Files carry a SHA-256 of their features and are written to a temporary name and renamed;
+extraction saves chunks as it goes and resumes from them (features.cache), so an interrupted extraction
+is continued, a half-written cache never looks complete, and a corrupt one is reported and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from chiptag import distributed
+from chiptag.data.images import ImageDataset, Preprocessing, batches, normalize
+from chiptag.errors import ChiptagError
+from chiptag.features.backends import Forward
+from chiptag.features.cache import PartialCache, load_features, save_features
+from chiptag.interrupt import Interrupted, stop_requested
+from chiptag.progress import console, progress_bar
+
+CACHE_VERSION = 2  # 2: files carry a sha256 of their features
+CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on SIGINT/SIGTERM)
+
+
+@dataclass
+class Extractor:
+    """A backbone ready to extract: its forward (an engine from features.backends), what identifies its
+    numbers in the cache (name, parameter hash, preprocessing), and how to feed it."""
+
+    name: str
+    backbone_hash: str
+    pre: Preprocessing
+    forward: Forward
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 64
+    num_workers: int = 0
+    show_progress: bool = True
+    label: str = "extract"
+
+
+@dataclass
+class FeatureInfo:
+    """What one extraction did, for the log and summary.json["features"]."""
+
+    cache: str  # hit | miss | off (no cache: fine-tuned backbones) | not used (no head phase)
+    seconds: float = 0.0
+    path: str | None = None
+    images_per_s: float | None = None
+    resumed_from: int | None = None  # images already in saved chunks of an interrupted extraction
+    recomputed_because: str | None = None  # why an existing cache file was not used
+    views: int = 1
+    engine: str | None = None
+    tta: bool | None = None
+    per_view: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != []}
+
+
+def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], view: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": CACHE_VERSION, "backbone": backbone_hash, "pre": pre.to_dict(),
+                         "view": view}, sort_keys=True).encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            raise ChiptagError(f"image not found: {p}") from None
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def default_workers(requested: int | str, device: str | torch.device | None = None) -> int:
+    if requested != "auto":
+        return int(requested)
+    cores = os.cpu_count() or 1
+    if device is not None and torch.device(device).type == "cpu" and cores <= 2:
+        # The forward already uses every core: on 2 cores a decode worker preempted its threads and extraction
+        # ran at 0.67 of the forward limit, against 0.87 decoding in-process (benchmarks/frozen_training.py).
+        return 0
+    # One decoding worker per spare core keeps the backbone (main process) busy; 0 on a single core.
+    return max(0, min(8, cores - 1))
+
+
+@torch.inference_mode()
+def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
+            should_stop: Callable[[], object] | None = None) -> torch.Tensor:
+    """Backbone forward over images -> (N, dim) float16 on CPU, through the one input path (data.images).
+
+    should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
+    data = ImageDataset(paths, ex.pre, view=view)
+    chunks = []
+    with progress_bar(len(paths), ex.label, enabled=ex.show_progress) as advance:
+        for x, _, _ in batches(data, ex.batch_size, ex.num_workers, ex.device):
+            # uint8 crosses to the device (a quarter of the bytes) and is normalised there
+            x = x.to(ex.device, non_blocking=True)
+            chunks.append(ex.forward(normalize(x, ex.pre)).cpu().half())
+            advance(len(x))
+            if should_stop is not None and should_stop():
+                break
+    return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
+
+
+def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Path, view: int,
+                       info: FeatureInfo) -> torch.Tensor:
+    """Extract in chunks saved next to `path`, continuing from a previous interrupted extraction."""
+    partial = PartialCache(path, key)
+    chunks, dropped = partial.load()
+    for note in dropped:
+        console.print(f"[yellow]warning:[/] partial feature cache chunk dropped and recomputed: {note}")
+    done = sum(len(c) for c in chunks)
+    if done:
+        info.resumed_from = done
+        console.print(f"resuming feature extraction at image {done}/{len(paths)} ({partial.dir})")
+    while done < len(paths):
+        part = extract(ex, paths[done:done + CHUNK_IMAGES], view=view, should_stop=stop_requested)
+        partial.save(done, part)
+        chunks.append(part)
+        done += len(part)
+        signum = stop_requested()
+        if signum and done < len(paths):
+            raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
+                                      f"saved in {partial.dir}")
+    feats = torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
+    save_features(path, key, feats, [p.name for p in paths])
+    partial.clear()
+    return feats
+
+
+def cached_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None, *,
+                    view: int = 0) -> tuple[torch.Tensor, FeatureInfo]:
+    """Features for `paths` from the cache, extracting (and caching) them when absent.
+
+    cache_dir None: extract without caching (a fine-tuned backbone's features are used once)."""
+    sharded = (lambda shard: extract(ex, shard, view=view))
+    if cache_dir is None:
+        t0 = time.perf_counter()
+        feats = distributed.shard_extract(sharded, paths)
+        return feats, FeatureInfo("off", time.perf_counter() - t0)
+    key = fingerprint(ex.backbone_hash, ex.pre, paths, view)
+    path = Path(cache_dir) / f"{ex.name}-{ex.pre.image_size}px-v{view}-{key[:20]}.pt"
+    info = FeatureInfo("miss", path=str(path))
+    if path.is_file():
+        feats, problem = load_features(path, key, len(paths))
+        if feats is not None:
+            return feats, FeatureInfo("hit", 0.0, path=str(path))
+        console.print(f"[yellow]warning:[/] feature cache {path} is not usable: {problem}; recomputing it")
+        info.recomputed_because = problem
+        path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    if distributed.active():  # each rank extracts its shard; gathered on every rank; rank 0 writes the cache
+        feats = distributed.shard_extract(sharded, paths)
+        if distributed.is_main():
+            save_features(path, key, feats, [p.name for p in paths])
+    else:
+        feats = _extract_resumable(ex, paths, key, path, view, info)
+    info.seconds = time.perf_counter() - t0
+    n_new = len(paths) - (info.resumed_from or 0)
+    info.images_per_s = n_new / info.seconds if info.seconds else None
+    return feats, info

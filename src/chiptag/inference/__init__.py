@@ -1,0 +1,1 @@
+"""Inference: the Predictor, `chiptag predict` (submission CSV) and export (ONNX, TorchScript)."""

@@ -1,0 +1,99 @@
+"""Predict tags for new chips from a run's checkpoint alone (no config file, no data set, no network).
+
+    p = Predictor.from_run("runs/<id>")
+    probs = p.predict(paths, tta=True)        # (N, n_tags) float32 probabilities
+    tags = p.tag_strings(probs)               # "clear primary ..." at the run's tuned thresholds
+
+Images go through the same input path as training (data.images: ImageDataset, normalize), and TTA is the
+same rule as on cached features (features.views.mean_probabilities), so a chip is seen identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from chiptag.data.images import ImageDataset, Preprocessing, batches, d4, normalize
+from chiptag.errors import ChiptagError
+from chiptag.features.views import mean_probabilities
+from chiptag.models import checkpoint
+from chiptag.progress import progress_bar
+from chiptag.runs.layout import checkpoint_file
+
+
+class ProbabilityModel(nn.Module):
+    """images (N, 3, S, S), normalised -> probabilities (N, n_tags). Shared by predict and export, so both
+    compute exactly the same function."""
+
+    def __init__(self, tagger: nn.Module):
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.tagger(images))
+
+
+class Predictor:
+    def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
+                 device: str | torch.device = "cpu"):
+        if len(thresholds) != len(tags):
+            raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
+        self.device = torch.device(device)
+        self.model = ProbabilityModel(tagger).eval().to(self.device)
+        self.tags = list(tags)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.preprocessing = pre
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+        """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
+        ckpt = checkpoint.load(checkpoint_file(path))
+        return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
+                   device)
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """A normalised batch (N, 3, S, S) -> probabilities (N, n_tags) on CPU. TTA averages the
+        probabilities of the 8 flips/rotations (D4): tags do not depend on orientation."""
+        x = images.to(self.device).float()
+        if not tta:
+            return self.model(x).float().cpu()
+        return mean_probabilities(self.model.tagger(d4(x, v)) for v in range(8)).float().cpu()
+
+    def predict(self, paths: Sequence[str | Path], *, tta: bool = False, batch_size: int = 64,
+                num_workers: int = 0, errors: dict[int, str] | None = None,
+                show_progress: bool = False) -> np.ndarray:
+        """Image files -> (N, n_tags) float32 probabilities, in the order of `paths`.
+
+        An image that cannot be read raises ChiptagError naming it, unless `errors` (a dict) is given: then its
+        row is NaN and errors[index] holds the message, and the other images are still predicted."""
+        paths = [Path(p) for p in paths]
+        probs = np.full((len(paths), len(self.tags)), np.nan, dtype=np.float32)
+        data = ImageDataset(paths, self.preprocessing, keep_errors=True)  # never raises: errors come back
+        label = "predict (TTA x8)" if tta else "predict"
+        with progress_bar(len(paths), label, enabled=show_progress) as advance:
+            for x, idx, msgs in batches(data, batch_size, num_workers, self.device):
+                ok = torch.tensor([not m for m in msgs], dtype=torch.bool)
+                for i, m in zip(idx.tolist(), msgs):
+                    if m and errors is None:
+                        raise ChiptagError(m)
+                    if m:
+                        errors[i] = m
+                if ok.any():
+                    x = normalize(x[ok].to(self.device, non_blocking=True), self.preprocessing)
+                    probs[idx[ok].numpy()] = self.predict_tensor(x, tta).numpy()
+                advance(len(idx))
+        return probs
+
+    def binarize(self, probs: np.ndarray) -> np.ndarray:
+        """(N, n_tags) probabilities -> 0/1 at the stored thresholds; a NaN row (failed image) -> all 0."""
+        p = np.asarray(probs, dtype=np.float64)
+        return (np.nan_to_num(p, nan=-1.0) >= self.thresholds).astype(np.uint8)
+
+    def tag_strings(self, probs: np.ndarray) -> list[str]:
+        """Space-separated tags per row (the Kaggle submission form), in vocabulary order."""
+        return [" ".join(t for t, on in zip(self.tags, row) if on) for row in self.binarize(probs)]

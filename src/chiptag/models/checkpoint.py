@@ -1,0 +1,84 @@
+"""Self-describing checkpoints: everything needed to predict without the config file, written atomically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from chiptag import __version__
+from chiptag.atomic import torch_save
+from chiptag.data.images import Preprocessing
+from chiptag.errors import ChiptagError
+from chiptag.models.backbones import get_spec
+from chiptag.models.head import HeadSpec, Tagger
+
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "backbone", "weights_id", "head", "tags", "thresholds", "preprocessing",
+            "frozen", "state_dict")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint says about its model besides the weights: enough to rebuild it and preprocess."""
+
+    backbone: str
+    weights_id: str
+    head: HeadSpec
+    tags: list[str]
+    preprocessing: Preprocessing
+    config: dict
+
+
+def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float] | None, epoch: int) -> None:
+    """thresholds None: a checkpoint written during training, before thresholds are tuned (0.5 each, the
+    threshold the best epoch was chosen at); the final one carries the tuned thresholds."""
+    if thresholds is None:
+        thresholds = [0.5] * len(card.tags)
+    obj: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "chiptag_version": __version__, "backbone": card.backbone,
+        "weights_id": card.weights_id, "head": card.head.to_dict(), "tags": list(card.tags),
+        "thresholds": [float(t) for t in thresholds], "preprocessing": card.preprocessing.to_dict(),
+        "frozen": tagger.frozen, "config": card.config, "state_dict": tagger.state_dict(), "epoch": epoch,
+    }
+    torch_save(obj, path)
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ChiptagError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ChiptagError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ChiptagError(f"{path} is not a chiptag checkpoint")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise ChiptagError(f"{path} is not a chiptag checkpoint or is damaged: missing {', '.join(missing)}")
+    if obj["format_version"] != FORMAT_VERSION:
+        raise ChiptagError(f"{path} has checkpoint format {obj['format_version']} (written by chiptag "
+                           f"{obj.get('chiptag_version', '?')}); this chiptag {__version__} reads format "
+                           f"{FORMAT_VERSION}")
+    return obj
+
+
+def load_tagger(ckpt: dict) -> Tagger:
+    """Rebuild the exact model (no weights download: the backbone's parameters are in the checkpoint)."""
+    spec = get_spec(ckpt["backbone"])
+    net = spec.builder(weights=None)
+    setattr(net, spec.head_attr, torch.nn.Identity())
+    head = HeadSpec(**ckpt["head"]).build()
+    tagger = Tagger(net, head, frozen=bool(ckpt["frozen"]))
+    try:
+        tagger.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ChiptagError(f"checkpoint weights do not fit {ckpt['backbone']}: {str(exc).splitlines()[0]}") from None
+    return tagger.eval()
+
+
+def preprocessing(ckpt: dict) -> Preprocessing:
+    return Preprocessing.from_dict(ckpt["preprocessing"])

@@ -1,0 +1,169 @@
+"""The experiments table: one row per run dir, read from its summary.json (never crashes on a bad run dir).
+
+A run dir is `completed` (summary.json), `failed` (failure.json: the run stopped on an error), `unfinished`
+(config.yaml but no summary yet: running, interrupted or killed) or `broken` (unreadable files).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chiptag.errors import ChiptagError
+from chiptag.runs.layout import RunDir
+
+SORT_KEYS = ("run", "f2", "f2_05", "model", "duration")
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    status: str  # completed | failed | unfinished | broken
+    index: int | None = None
+    model: str = "?"
+    f2: float | None = None  # test split, tuned thresholds: the headline
+    f2_05: float | None = None  # test split, every threshold at 0.5
+    pos_weight: str = ""
+    optimizer: str = ""
+    scheduler: str = ""
+    epochs: str = ""
+    head: str = ""
+    frozen: str = ""
+    duration_s: float | None = None
+    tracker: str = ""
+    note: str = ""  # why a run failed or is broken
+
+
+def _tracker_link(tracker: Any) -> str:
+    """The web page (online ClearML), else the offline session zip, else 'local'."""
+    clearml = tracker.get("clearml") if isinstance(tracker, dict) else None
+    if isinstance(clearml, dict):
+        return str(clearml.get("url") or clearml.get("offline_zip") or clearml.get("task_id") or "clearml")
+    return "local"
+
+
+def row_from_summary(s: dict, run_id: str) -> RunRow:
+    test = s["metrics"]["test"]
+    best = s.get("best_epoch")
+    return RunRow(
+        run_id=run_id, status=str(s.get("status", "completed")), index=s.get("active_model_index"),
+        model=str(s["model"]), f2=float(test["f2"]), f2_05=float(test["f2_at_0.5"]),
+        pos_weight="on" if s.get("pos_weight") else "off", optimizer=str(s.get("optimizer", "")),
+        scheduler=str(s.get("scheduler", "")),
+        epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else ""),
+        head=str(s.get("head", "")), frozen="yes" if s.get("frozen") else "no",
+        duration_s=(s.get("timings") or {}).get("total_s"), tracker=_tracker_link(s.get("tracker")))
+
+
+def _model_from_config(path: Path) -> tuple[int | None, str]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    index = int(raw.get("active_model_index", 0))
+    return index, str(raw["models"][index]["name"])
+
+
+def read_run(run_dir: Path) -> RunRow:
+    run_dir = Path(run_dir)
+    layout = RunDir(run_dir)
+    summary, failure, config = layout.summary, layout.failure, layout.config
+    try:
+        if summary.is_file():
+            s = json.loads(summary.read_text(encoding="utf-8"))
+            if s.get("status", "completed") != "completed" and "metrics" not in s:  # a run that recorded its end
+                return RunRow(run_dir.name, str(s["status"]), s.get("active_model_index"),
+                              str(s.get("model", "?")), note=str(s.get("error", "")))
+            return row_from_summary(s, run_dir.name)
+        if failure.is_file():
+            f = json.loads(failure.read_text(encoding="utf-8"))
+            return RunRow(run_dir.name, "failed", f.get("active_model_index"), str(f.get("model", "?")),
+                          note=str(f.get("error", "")))
+        if config.is_file():
+            index, model = _model_from_config(config)
+            return RunRow(run_dir.name, "unfinished", index, model, note="no summary.json: still running, stopped or failed")
+        return RunRow(run_dir.name, "broken", note="no summary.json or config.yaml")
+    except Exception as exc:  # any damage to any file: the table still shows the others
+        which = summary if summary.is_file() else failure if failure.is_file() else config
+        return RunRow(run_dir.name, "broken", note=f"{which.name}: {exc.__class__.__name__}: {exc}")
+
+
+def list_runs(runs_dir: Path) -> list[RunRow]:
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ChiptagError(f"runs directory not found: {runs_dir} (train a model first, or pass RUNS_DIR)")
+    return [read_run(p) for p in sorted(runs_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def sort_rows(rows: list[RunRow], key: str = "run") -> list[RunRow]:
+    if key not in SORT_KEYS:
+        raise ChiptagError(f"--sort {key!r}: valid keys are {', '.join(SORT_KEYS)}")
+    if key == "run":
+        return sorted(rows, key=lambda r: r.run_id)
+    if key == "model":
+        return sorted(rows, key=lambda r: (r.model, r.run_id))
+    attr = {"f2": "f2", "f2_05": "f2_05", "duration": "duration_s"}[key]
+    # best F2 first, shortest duration first; runs without the number go last
+    sign = 1.0 if key == "duration" else -1.0
+    return sorted(rows, key=lambda r: (getattr(r, attr) is None, sign * (getattr(r, attr) or 0.0), r.run_id))
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+COLUMNS = ("#", "run", "model", "F2 test (tuned)", "F2@0.5", "pos_weight", "optimizer", "scheduler", "epochs",
+           "head layers", "frozen", "duration", "tracker", "status")
+
+
+def _cells(r: RunRow) -> list[str]:
+    f = (lambda v: "" if v is None else f"{v:.4f}")
+    status = r.status if not r.note or r.status == "completed" else f"{r.status}: {r.note}"
+    return ["" if r.index is None else str(r.index), r.run_id, r.model, f(r.f2), f(r.f2_05), r.pos_weight,
+            r.optimizer, r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker,
+            status]
+
+
+def to_markdown(rows: list[RunRow]) -> str:
+    def cell(text: str, col: str) -> str:
+        text = " ".join(text.split()).replace("|", "\\|")
+        if col == "tracker" and text.startswith(("http://", "https://")):
+            return f"[task]({text})"
+        return f"`{text}`" if col == "tracker" and text not in ("", "local") else text
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(c, col) for c, col in zip(_cells(r), COLUMNS)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_rich(rows: list[RunRow], title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold")
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold", justify="right" if col.startswith(("F2", "#")) else "left",
+                         no_wrap=col in ("run", "model", "epochs", "duration", "frozen", "pos_weight"))
+    colour = {"completed": "", "failed": "red", "unfinished": "yellow", "broken": "red"}
+    for r in rows:
+        cells = _cells(r)
+        cells[7] = cells[7].replace("ReduceLROnPlateau", "Plateau")  # the terminal is narrower than a page
+        table.add_row(*cells, style=colour.get(r.status, ""))
+    return table
+
+
+def print_table(rows: list[RunRow], title: str | None = None) -> None:
+    """Rich table on stdout; piped to a file or a log it is laid out one line per run, not folded at 80."""
+    from rich.console import Console
+
+    from chiptag.progress import out
+
+    console = out if out.is_terminal else Console(width=260, highlight=False, soft_wrap=True)
+    console.print(to_rich(rows, title))

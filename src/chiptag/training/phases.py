@@ -1,0 +1,123 @@
+"""Training phases: what each one trains, on what inputs, with which parameter groups.
+
+freeze: true -> one `head` phase on cached features. freeze: false -> optionally `unfreeze_after` head epochs
+(cheap: the cached-feature path), then a `finetune` phase on images with the last backbone stages unfrozen at a
+lower learning rate, so the untrained head's large gradients do not wreck the pretrained features (the
+schedule the best single Planet models used).
+
+A phase's inputs hold the train loader's shuffling generator (`Inputs.gen`): its state is part of resume.pt,
+so a resumed epoch replays the same batch order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from chiptag import distributed
+from chiptag.config import Config
+from chiptag.data.dataset import Dataset
+from chiptag.data.images import ImageDataset, Preprocessing, WithTargets
+from chiptag.features.views import RandomViewSampler, TensorBatches, ViewAverage
+from chiptag.interrupt import ignore_sigint_in_worker
+from chiptag.models.head import Tagger
+from chiptag.models.stages import unfreeze
+
+HEAD, FINETUNE = "head", "finetune"
+
+
+@dataclass
+class Inputs:
+    """What a phase iterates: (inputs, targets) batches per split, and the train shuffling generator."""
+
+    train: object
+    val: object
+    test: object
+    gen: torch.Generator
+
+
+@dataclass
+class Phase:
+    name: str  # HEAD (cached features) or FINETUNE (images through the backbone)
+    epochs: int
+    inputs: Inputs
+    # A head on cached features is a few small matmuls per step: one thread avoids OpenMP barrier waits that
+    # made it ~6x slower with 2 threads on a shared 2-core machine (benchmarks/frozen_training.py); None: as is.
+    threads: int | None = None
+
+    def model(self, tagger: Tagger, cfg: Config, device: torch.device) -> nn.Module:
+        """The module this phase trains: the head alone (views averaged for TTA), or the Tagger with its last
+        stages unfrozen (DistributedDataParallel under torchrun)."""
+        if self.name == HEAD:
+            return ViewAverage(tagger.head)
+        model = unfreeze(tagger, cfg.model.unfreeze_stages, cfg.model.batchnorm)
+        if cfg.training.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return distributed.wrap(model, device)
+
+    def param_groups(self, model: nn.Module, learning_rate: float, backbone_lr_mult: float) -> list[dict]:
+        """Trainable parameters only: the head at learning_rate, an unfrozen backbone at lr * backbone_lr_mult."""
+        if self.name == HEAD:
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate}]
+        tagger = getattr(model, "module", model).tagger  # through DistributedDataParallel
+        return [{"params": [p for p in tagger.head.parameters() if p.requires_grad], "lr": learning_rate},
+                {"params": [p for p in tagger.backbone.parameters() if p.requires_grad],
+                 "lr": learning_rate * backbone_lr_mult}]
+
+
+def uses_features(cfg: Config) -> bool:
+    """Whether a head phase trains on cached features (a frozen backbone, or head epochs before unfreezing)."""
+    return cfg.model.freeze or cfg.model.unfreeze_after > 0
+
+
+def plan(cfg: Config, features: Inputs | None, images: Inputs | None) -> list[Phase]:
+    entry = cfg.model
+    if entry.freeze:
+        return [Phase(HEAD, entry.epochs, features, threads=1)]
+    phases = [Phase(FINETUNE, entry.epochs - entry.unfreeze_after, images)]
+    if entry.unfreeze_after:
+        phases.insert(0, Phase(HEAD, entry.unfreeze_after, features, threads=1))
+    return phases
+
+
+def feature_inputs(cfg: Config, feats: torch.Tensor, y: np.ndarray, splits: dict) -> Inputs:
+    """Batches of cached features (V, N, dim): each epoch one random view per chip; evaluation averages the
+    views (TTA, `features.tta`) or uses the identity view."""
+    y = torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(cfg.training.seed)
+    bs, views = cfg.batch_size(), feats.shape[0]
+    tta = views > 1 and cfg.features.tta
+
+    def train_loader(idx):
+        n = len(idx)
+        if views == 1:
+            return TensorBatches(feats[0, idx], y[idx], bs, order=lambda: torch.randperm(n, generator=gen))
+        sampler = RandomViewSampler(n, views, gen)  # row v*n + i of the flattened views
+        return TensorBatches(feats[:, idx].flatten(0, 1), y[idx].repeat(views, 1), bs, n, sampler.draw)
+
+    def eval_loader(idx):  # TTA: (n, V, dim) rows, averaged by ViewAverage; otherwise the identity view
+        return TensorBatches(feats[:, idx].transpose(0, 1) if tta else feats[0, idx], y[idx], bs)
+
+    return Inputs(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]), gen)
+
+
+def image_inputs(cfg: Config, ds: Dataset, splits: dict, pre: Preprocessing, workers: int) -> Inputs:
+    """DataLoaders over the images of each split (the one input path: data.images), normalised in batches."""
+    gen = torch.Generator().manual_seed(cfg.training.seed)
+    init = ignore_sigint_in_worker if workers else None
+
+    def loader(idx, shuffle):
+        data = ImageDataset([ds.paths[i] for i in idx], pre)
+        collate = WithTargets(ds.table.y[idx], pre)
+        if shuffle and distributed.active():  # each rank its shard; batch_size stays the global batch
+            sampler = DistributedSampler(data, shuffle=True, seed=cfg.training.seed)
+            return DataLoader(data, batch_size=max(1, cfg.batch_size() // distributed.world()),
+                              sampler=sampler, num_workers=workers, worker_init_fn=init, collate_fn=collate)
+        return DataLoader(data, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
+                          generator=gen if shuffle else None, worker_init_fn=init, collate_fn=collate)
+
+    return Inputs(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False), gen)

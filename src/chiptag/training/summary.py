@@ -1,0 +1,63 @@
+"""summary.json of a finished run (what `chiptag runs`, the report and the trackers read) and its printout."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chiptag import __version__
+from chiptag.config import Config
+from chiptag.data.dataset import Dataset
+from chiptag.features.extraction import FeatureInfo
+from chiptag.progress import out
+from chiptag.runs.layout import RunDir
+from chiptag.training.loop import describe_optim
+from chiptag.training.resume import LoopState
+
+
+@dataclass
+class Outcome:
+    """What training produced, beside the model: loop state, final scores, timings, feature extraction."""
+
+    state: LoopState
+    scores: dict  # {"metrics": {val, test}, "baseline": {...}, "thresholds": array}
+    timings: dict
+    features: FeatureInfo
+    pos_weight: torch.Tensor | None
+    parameters: dict
+
+
+def build_summary(cfg: Config, run: RunDir, ds: Dataset, splits: dict, model, outcome: Outcome) -> dict:
+    """model: training.run.Model (backbone, head spec, tagger)."""
+    entry, tags, bb = cfg.model, ds.table.tags, model.backbone
+    optimizer, scheduler = describe_optim(cfg)
+    pw, thresholds = outcome.pos_weight, outcome.scores["thresholds"]
+    return {
+        "run_id": run.name, "run_dir": str(run.path), "status": "completed", "chiptag_version": __version__,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "active_model_index": cfg.active_model_index,
+        "model": entry.name, "backbone": bb.name, "weights": entry.weights, "weights_id": bb.weights_id,
+        "frozen": entry.freeze, "image_size": bb.preprocessing.image_size, "head": model.head.describe(),
+        "parameters": outcome.parameters, "optimizer": optimizer, "scheduler": scheduler,
+        "epochs": entry.epochs, "best_epoch": outcome.state.best_epoch,
+        "pos_weight": None if pw is None else dict(zip(tags, map(float, pw))),
+        "tags": tags, "n_images": {s: int(len(i)) for s, i in splits.items()},
+        "data": {"labels": str(ds.labels_path), "images": str(ds.image_dir)},
+        "metrics": outcome.scores["metrics"], "baseline": outcome.scores["baseline"],
+        "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
+        "timings": outcome.timings, "features": outcome.features.to_dict(), "history": outcome.state.history,
+    }
+
+
+def print_result(s: dict) -> None:
+    m, b = s["metrics"], s["baseline"]
+    out.print(
+        f"\n[bold]{s['model']}[/] best epoch {s['best_epoch']}\n"
+        f"  val  F2 {m['val']['f2']:.4f} (tuned thresholds)   {m['val']['f2_at_0.5']:.4f} @0.5   "
+        f"baseline {b['val']['f2']:.4f}\n"
+        f"  test F2 {m['test']['f2']:.4f} (tuned thresholds)   {m['test']['f2_at_0.5']:.4f} @0.5   "
+        f"baseline {b['test']['f2']:.4f}  (constant {{{', '.join(b['tags'])}}})\n"
+        f"  run dir {s['run_dir']}  ({s['timings']['total_s']:.1f}s)"
+    )

@@ -1,0 +1,65 @@
+"""The one input path (ImageDataset -> collate -> normalize) gives the reference numbers, for every view and
+size, and the prefetch thread yields exactly the DataLoader's batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from chiptag.data.images import ImageDataset, Preprocessing, collate, normalize, preprocess, read_rgb
+from chiptag.errors import ChiptagError
+
+
+def _reference(path, pre, view):
+    """Pillow decode -> float /255 -> antialiased bilinear resize -> normalise -> D4 view, written out here."""
+    import numpy as np
+
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    if x.shape[-1] != pre.image_size:
+        x = F.interpolate(x[None], size=(pre.image_size,) * 2, mode="bilinear", antialias=True)[0]
+    x = (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+    if view >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, view % 4, dims=(-2, -1))
+
+
+@pytest.mark.parametrize("size", [48, 32])  # 48: the chips' own size (uint8 path); 32: resized in the worker
+@pytest.mark.parametrize("view", [0, 3, 6])
+def test_input_path_gives_the_reference_numbers(tiny_data, size, view):
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:5]
+    pre = Preprocessing(size, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    raw, idx, errors = collate([ImageDataset(paths, pre, view=view)[i] for i in range(5)])
+    assert raw.dtype == (torch.uint8 if size == 48 else torch.float32)
+    assert idx.tolist() == list(range(5)) and errors == [""] * 5
+    ref = torch.stack([_reference(p, pre, view) for p in paths])
+    # torchvision's libjpeg and Pillow's decode the same JPEG to within one grey level
+    assert torch.allclose(normalize(raw, pre), ref, atol=1.5 / 255 / 0.2)
+    if view == 0:  # the single-image helper is the same path
+        assert torch.equal(torch.stack([preprocess(read_rgb(p), pre) for p in paths]), normalize(raw, pre))
+
+
+def test_unreadable_image_raises_or_comes_back_as_an_error(tiny_data, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = sorted((tiny_data / "train-jpg").glob("*.jpg"))[0]
+    with pytest.raises(ChiptagError, match="bad.jpg"):
+        ImageDataset([good, bad], Preprocessing(48))[1]
+    x, idx, errors = collate([ImageDataset([good, bad], Preprocessing(48), keep_errors=True)[i] for i in (0, 1)])
+    assert errors[0] == "" and "bad.jpg" in errors[1] and x[1].abs().sum() == 0
+
+
+def test_prefetched_batches_are_the_dataloader_batches(tiny_data):
+    from torch.utils.data import DataLoader
+
+    from chiptag.data.images import prefetched
+
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:7]
+    data = ImageDataset(paths, Preprocessing(48), view=2)
+    ours = list(prefetched(data, 3))
+    ref = list(DataLoader(data, batch_size=3, collate_fn=collate))
+    assert len(ours) == len(ref) == 3
+    for (a, i, _), (b, j, _) in zip(ours, ref):
+        assert torch.equal(a, b) and torch.equal(i, j)
+    assert list(prefetched(ImageDataset([], Preprocessing(48)), 3)) == []

@@ -1,0 +1,122 @@
+"""Feature cache integrity: a truncated, bit-flipped or foreign cache file is detected, reported, recomputed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chiptag.features import cache as cachefile
+from chiptag.data.images import Preprocessing
+from chiptag.features.extraction import Extractor, cached_features, fingerprint
+from chiptag.features.backends import torch_forward
+from chiptag.models.backbones import build_backbone, state_fingerprint
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    torch.manual_seed(0)
+    return build_backbone("resnet18", None, 32, progress=False)
+
+
+def features(bb, paths, cache):
+    ex = Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing, torch_forward(bb.net, torch.device("cpu"), False),
+                   batch_size=32, num_workers=0, show_progress=False)
+    feats, info = cached_features(ex, paths, cache)
+    return feats, info.to_dict()
+
+
+def one_file(cache: Path) -> Path:
+    (path,) = cache.glob("*.pt")
+    return path
+
+
+def _flip_a_feature_byte(path: Path, feats: torch.Tensor) -> None:
+    """Flip one bit inside the stored feature data (found by its bytes, so the zip/pickle stays loadable)."""
+    raw = bytearray(path.read_bytes())
+    needle = feats.contiguous().numpy().tobytes()[:64]
+    at = raw.find(needle)
+    assert at > 0
+    raw[at + 10] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "garbage"])
+def test_damaged_cache_is_reported_and_recomputed(small_net, tiny_data, tmp_path, capsys, damage):
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:40]
+    cache = tmp_path / "cache"
+    first, info = features(small_net, paths, cache)
+    assert info["cache"] == "miss"
+    path = one_file(cache)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "bitflip":
+        _flip_a_feature_byte(path, first)
+        damaged = torch.load(path, weights_only=True)["features"]  # still loads: only the checksum can tell
+        assert not torch.equal(damaged, first)
+    else:
+        path.write_bytes(b"\0" * 100)
+    again, info = features(small_net, paths, cache)
+    assert info["cache"] == "miss" and info["recomputed_because"]
+    if damage == "bitflip":
+        assert "checksum mismatch" in info["recomputed_because"]
+    assert "not usable" in capsys.readouterr().err
+    assert torch.equal(again, first)
+    assert features(small_net, paths, cache)[1]["cache"] == "hit"  # the rewritten file is trusted again
+
+
+def test_fingerprint_mismatch_is_not_used(tiny_data, tmp_path):
+    path = tmp_path / "f.pt"
+    feats = torch.randn(4, 8).half()
+    cachefile.save_features(path, "key-a", feats, [])
+    assert cachefile.load_features(path, "key-a", 4)[0] is not None
+    assert "fingerprint mismatch" in cachefile.load_features(path, "key-b", 4)[1]
+    assert "rows" in cachefile.load_features(path, "key-a", 5)[1]
+
+
+def test_fingerprint_covers_images_and_preprocessing(tiny_data, tmp_path):
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:3]
+    pre = Preprocessing(32)
+    base = fingerprint("h", pre, paths, 0)
+    assert fingerprint("h", Preprocessing(64), paths, 0) != base
+    assert fingerprint("other", pre, paths, 0) != base
+    assert fingerprint("h", pre, paths, 1) != base
+    assert fingerprint("h", pre, paths[:2], 0) != base
+
+
+def test_damaged_partial_chunk_is_dropped_and_recomputed(tmp_path):
+    final = tmp_path / "x.pt"
+    partial = cachefile.PartialCache(final, "k")
+    a, b = torch.ones(3, 2).half(), torch.zeros(2, 2).half()
+    partial.save(0, a)
+    partial.save(3, b)
+    chunk = partial.dir / "000000003.pt"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    chunks, dropped = partial.load()
+    assert [c.shape[0] for c in chunks] == [3] and "000000003.pt" in dropped[0]
+    assert not chunk.exists()
+
+
+def test_checkpoint_from_other_version_missing_keys_or_truncated_is_a_clear_error(tmp_path):
+    from chiptag.models import checkpoint
+    from chiptag.training import resume
+    from chiptag.runs.layout import RunDir
+    from chiptag.errors import ChiptagError
+
+    path = tmp_path / "checkpoint.pt"
+    full = {k: 0 for k in checkpoint.REQUIRED}
+    torch.save({**full, "format_version": 99, "chiptag_version": "9.9"}, path)
+    with pytest.raises(ChiptagError, match="format 99 .*chiptag 9.9"):
+        checkpoint.load(path)
+    torch.save({k: v for k, v in full.items() if k != "tags"}, path)
+    with pytest.raises(ChiptagError, match="missing tags"):
+        checkpoint.load(path)
+    torch.save({**full, "format_version": checkpoint.FORMAT_VERSION}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ChiptagError, match="cannot read checkpoint"):
+        checkpoint.load(path)
+    state = RunDir(tmp_path).resume
+    state.write_bytes(b"\0" * 10)
+    with pytest.raises(ChiptagError, match="cannot be resumed"):
+        resume.load(state)

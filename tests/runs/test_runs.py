@@ -1,0 +1,102 @@
+"""The experiments table on good, failed, unfinished and broken run dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_config_dict
+from typer.testing import CliRunner
+
+from chiptag.cli import app
+from chiptag.config import from_dict
+from chiptag.errors import ChiptagError
+from chiptag.runs.table import COLUMNS, RunRow, format_duration, list_runs, sort_rows, to_markdown
+from chiptag.training.run import run_train
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_data, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("good")
+    return Path(run_train(from_dict(make_config_dict(tiny_data, work, epochs=1)))["run_dir"])
+
+
+@pytest.fixture
+def runs_dir(good_run, tmp_path) -> Path:
+    """One real run plus every kind of damaged run dir next to it."""
+    runs, good = tmp_path / "runs", tmp_path / "runs" / good_run.name
+    shutil.copytree(good_run, good)
+    (runs / "b-garbled").mkdir()
+    (runs / "b-garbled" / "summary.json").write_text("{not json", encoding="utf-8")
+    (runs / "c-no-metrics").mkdir()
+    (runs / "c-no-metrics" / "summary.json").write_text('{"model": "x"}', encoding="utf-8")
+    (runs / "d-unfinished").mkdir()
+    shutil.copy(good / "config.yaml", runs / "d-unfinished" / "config.yaml")
+    (runs / "e-failed").mkdir()
+    (runs / "e-failed" / "failure.json").write_text(
+        json.dumps({"model": "bad", "active_model_index": 1, "error": "weights file not found: w.pt"}))
+    (runs / "f-empty").mkdir()
+    (runs / ".hidden").mkdir()
+    (runs / "EXPERIMENTS.md").write_text("not a run\n")
+    return runs
+
+
+def test_every_run_dir_is_listed_with_its_state(runs_dir):
+    rows = {r.run_id: r for r in list_runs(runs_dir)}
+    assert len(rows) == 6  # hidden dirs and files are not runs
+    good = next(r for r in rows.values() if r.status == "completed")
+    summary = json.loads((runs_dir / good.run_id / "summary.json").read_text())
+    assert good.model == "tiny" and good.f2 == summary["metrics"]["test"]["f2"]
+    assert good.f2_05 == summary["metrics"]["test"]["f2_at_0.5"] and good.f2 != good.f2_05
+    assert good.index == 0 and good.epochs == "1 (best 1)" and good.frozen == "yes" and good.pos_weight == "off"
+    assert good.head.startswith("Dropout(0.1)-Linear(512,32)") and good.tracker == "local"
+    assert rows["b-garbled"].status == "broken" and "summary.json: JSONDecodeError" in rows["b-garbled"].note
+    assert rows["c-no-metrics"].status == "broken" and "KeyError" in rows["c-no-metrics"].note
+    assert (rows["d-unfinished"].status, rows["d-unfinished"].model) == ("unfinished", "tiny")
+    assert (rows["e-failed"].status, rows["e-failed"].index) == ("failed", 1)
+    assert "weights file not found" in rows["e-failed"].note
+    assert rows["f-empty"].status == "broken"
+
+
+def test_markdown_has_the_plan_columns_and_one_line_per_run(runs_dir):
+    md = to_markdown(list_runs(runs_dir)).splitlines()
+    assert md[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert len(md) == 2 + 6 and all(line.count(" | ") == len(COLUMNS) - 1 for line in md[2:])
+    assert any("failed: weights file not found" in line for line in md)
+
+
+def test_cli_runs_markdown_sorted_by_f2(runs_dir):
+    res = CliRunner().invoke(app, ["runs", str(runs_dir), "--markdown", "--sort", "f2"])
+    assert res.exit_code == 0, res.output
+    body = [line for line in res.output.splitlines() if line.startswith("| ")][1:]
+    assert "completed" in body[0]  # the only run with an F2 comes first
+    table = CliRunner().invoke(app, ["runs", str(runs_dir)])
+    assert table.exit_code == 0 and "unfinished" in table.output and "broken" in table.output
+
+
+def test_cli_runs_missing_dir_is_one_clean_error(tmp_path):
+    res = CliRunner().invoke(app, ["runs", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "runs directory not found" in res.output
+
+
+def test_sort_by_f2_best_first_and_missing_last():
+    rows = [RunRow("a", "completed", f2=0.5), RunRow("b", "failed"), RunRow("c", "completed", f2=0.9)]
+    assert [r.run_id for r in sort_rows(rows, "f2")] == ["c", "a", "b"]
+    with pytest.raises(ChiptagError, match="valid keys are run, f2"):
+        sort_rows(rows, "accuracy")
+
+
+@pytest.mark.parametrize("seconds,text", [(None, ""), (4.25, "4.2s"), (125, "2m05s"), (3725, "1h02m")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_a_single_failed_train_is_listed_as_failed(tiny_data, tmp_path):
+    """Not only sweeps: a plain `chiptag train` that stops on an error marks its run dir failed."""
+    cfg = from_dict(make_config_dict(tiny_data, tmp_path, learning_rate=1e30, epochs=2))
+    with pytest.raises(ChiptagError, match="loss is"):
+        run_train(cfg)
+    (row,) = list_runs(tmp_path / "runs")
+    assert row.status == "failed" and "loss is" in row.note

@@ -1,0 +1,41 @@
+"""The epoch loop's optimizer and LR schedule follow the config (model.optimizer, training.scheduler.name)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chiptag.training.loop import describe_optim, make_optim
+from chiptag.training.phases import HEAD, Phase
+from chiptag.training.run import run_train
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                       ("sgd", torch.optim.SGD)])
+def test_optimizer_choice_switches_the_optimizer(tiny_config, name, cls):
+    cfg = tiny_config(optimizer=name, weight_decay=0.01)
+    head = torch.nn.Linear(4, 2)
+    optim = make_optim(cfg, Phase(HEAD, 3, None), head)
+    assert type(optim.optimizer) is cls
+    group = optim.optimizer.param_groups[0]
+    assert group["lr"] == cfg.model.learning_rate and group["weight_decay"] == 0.01
+    assert describe_optim(cfg)[0].startswith({"adam": "Adam(", "adamw": "AdamW(", "sgd": "SGD("}[name])
+
+
+def test_cosine_schedule_anneals_over_the_phase(tiny_config):
+    cfg = tiny_config(epochs=3, optimizer="sgd")
+    cfg.training.scheduler.name = "cosine"
+    s = run_train(cfg)
+    lr0, floor = cfg.model.learning_rate, cfg.training.scheduler.min_lr
+    expected = [floor + (lr0 - floor) * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    assert [h["lr"] for h in s["history"]] == pytest.approx(expected)
+    assert s["optimizer"].startswith("SGD(") and s["scheduler"].startswith("CosineAnnealingLR")
+
+
+def test_constant_schedule_keeps_the_learning_rate(tiny_config):
+    cfg = tiny_config(epochs=2)
+    cfg.training.scheduler.name = "constant"
+    s = run_train(cfg)
+    assert [h["lr"] for h in s["history"]] == [cfg.model.learning_rate] * 2 and s["scheduler"] == "constant"

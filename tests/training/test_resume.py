@@ -1,0 +1,178 @@
+"""Interruption and resume: a real run is signalled mid-training (or mid-extraction), resumed, and compared
+with an uninterrupted run of the same seed. Numerical faults stop with the epoch and step named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chiptag import config as config_mod
+from chiptag.features import extraction as features
+from chiptag.models import checkpoint
+from chiptag.training import resume
+from chiptag.runs.layout import RunDir
+from chiptag.cli import app
+from chiptag.training.epoch import NonFiniteLoss
+from chiptag.interrupt import Interrupted
+from chiptag.training.run import run_train
+from conftest import make_config_dict
+
+
+def signal_after_steps(monkeypatch, n: int, sig: int = signal.SIGTERM, action=None) -> None:
+    """Send `sig` to this process right after the n-th optimizer step (or run `action` there instead)."""
+    real = torch.optim.Adam.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == n:
+            action(self) if action else os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+def run_dir_of(tmp_path: Path) -> Path:
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if not (p / "summary.json").is_file()]
+    return run
+
+
+def same_result(a: dict, b: dict) -> None:
+    assert a["metrics"]["test"]["f2"] == b["metrics"]["test"]["f2"]
+    assert a["metrics"]["val"]["f2"] == b["metrics"]["val"]["f2"]
+    assert a["thresholds"] == b["thresholds"] and a["best_epoch"] == b["best_epoch"]
+    for key in ("train/loss", "val/loss", "val/f2", "lr"):
+        assert [h[key] for h in a["history"]] == [h[key] for h in b["history"]], key
+
+
+# 84 training chips / batch 32 = 3 steps per epoch
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, after_steps, where", [
+    (signal.SIGTERM, 5, "epoch 2, step 2"),  # mid-epoch: the epoch's batch order and RNG are replayed
+    (signal.SIGINT, 3, "after epoch 1"),  # on the last step of an epoch: the epoch completes first
+])
+def test_interrupted_run_resumes_to_identical_result(tiny_config, tmp_path, monkeypatch, sig, after_steps, where):
+    cfg = tiny_config(epochs=3)
+    reference = run_train(cfg)
+    with monkeypatch.context() as m:
+        signal_after_steps(m, after_steps, sig)
+        with pytest.raises(Interrupted) as stopped:
+            run_train(cfg)
+    assert stopped.value.exit_code == 128 + sig
+    assert where in str(stopped.value) and "chiptag train --resume" in str(stopped.value)
+    run = run_dir_of(tmp_path)
+    assert RunDir(run).resume.is_file() and not (run / "summary.json").exists()
+    resumed = run_train(resume=run)
+    same_result(resumed, reference)
+    assert not RunDir(run).resume.exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # every epoch logged once
+    with pytest.raises(Exception, match="already complete"):
+        run_train(resume=run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_steps, where", [
+    (5, "epoch 2, step 2"),  # inside the fine-tuning phase: its optimizer and scheduler are restored
+    (3, "after epoch 1"),  # at the end of the head phase: fine-tuning starts fresh after the resume
+])
+def test_interrupted_fine_tuning_resumes_to_identical_result(tiny_config, tmp_path, monkeypatch, after_steps,
+                                                             where):
+    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=1)
+    reference = run_train(cfg)
+    assert [h["phase"] for h in reference["history"]] == ["head", "finetune", "finetune"]
+    with monkeypatch.context() as m:
+        signal_after_steps(m, after_steps, signal.SIGTERM)
+        with pytest.raises(Interrupted) as stopped:
+            run_train(cfg)
+    assert where in str(stopped.value)
+    resumed = run_train(resume=run_dir_of(tmp_path))
+    same_result(resumed, reference)
+
+
+def test_cli_exits_143_on_sigterm_and_resumes(tiny_config_file, tmp_path, monkeypatch):
+    runner = CliRunner()
+    with monkeypatch.context() as m:
+        signal_after_steps(m, 4)
+        res = runner.invoke(app, ["train", "-c", str(tiny_config_file)])
+    assert res.exit_code == 143, res.output
+    assert "Traceback" not in res.output and "--resume" in res.output
+    run = run_dir_of(tmp_path)
+    res = runner.invoke(app, ["train", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_interrupted_extraction_resumes_from_saved_chunks(tiny_data, tmp_path, monkeypatch):
+    raw = make_config_dict(tiny_data, tmp_path, epochs=1)
+    raw["features"]["batch_size"] = 16
+    cfg = config_mod.from_dict(raw)
+    monkeypatch.setattr(features, "CHUNK_IMAGES", 40)
+    real, calls, armed = features.extract, [], {"on": True}
+
+    def extract(ex, paths, *args, **kwargs):
+        calls.append(len(paths))
+        if len(calls) == 2 and armed["on"]:  # signal as the second chunk starts: it stops after one batch
+            armed["on"] = False
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(ex, paths, *args, **kwargs)
+
+    monkeypatch.setattr(features, "extract", extract)
+    with pytest.raises(Interrupted, match="feature extraction stopped at image 56/120") as stopped:
+        run_train(cfg)
+    assert stopped.value.exit_code == 130
+    cache = tmp_path / "cache"
+    assert not list(cache.glob("*.pt"))  # never looks complete
+    (partial,) = cache.glob("*.partial")
+    assert len(list(partial.glob("*.pt"))) == 2
+    calls.clear()
+    s = run_train(resume=run_dir_of(tmp_path))
+    assert s["features"]["resumed_from"] == 56 and calls == [40, 24]  # only the rest was extracted
+    assert not partial.exists() and len(list(cache.glob("*.pt"))) == 1
+    resumed_feats = torch.load(next(cache.glob("*.pt")), weights_only=True)["features"]
+    fresh = features.extract(*_extractor_and_paths(cfg))
+    torch.testing.assert_close(resumed_feats.float(), fresh.float(), atol=2e-2, rtol=1e-2)
+
+
+def _extractor_and_paths(cfg):
+    from chiptag.data.validate import load_dataset
+    from chiptag.features.backends import torch_forward
+    from chiptag.models.backbones import state_fingerprint
+    from chiptag.training.run import build_model
+
+    bb = build_model(cfg, 17).backbone
+    ex = features.Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing,
+                            torch_forward(bb.net, torch.device("cpu")), show_progress=False)
+    return ex, load_dataset(cfg.data).paths
+
+
+def test_nan_loss_names_epoch_and_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    def poison(opt):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.data.fill_(float("nan"))
+
+    signal_after_steps(monkeypatch, 4, action=poison)  # epoch 2, after its first step
+    with pytest.raises(NonFiniteLoss) as err:
+        run_train(tiny_config(epochs=3))
+    msg = str(err.value)
+    assert "loss is nan at epoch 2, step 1" in msg and "lower learning rate" in msg
+    assert "last good checkpoint is kept" in msg
+    run = run_dir_of(tmp_path)
+    ckpt = checkpoint.load(run / "checkpoint.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_fails_cleanly_from_the_cli(tiny_config_file):
+    res = CliRunner().invoke(app, ["train", "-c", str(tiny_config_file), "--set", "model.learning_rate=1e30"])
+    assert res.exit_code == 2, res.output
+    assert "loss is" in res.output and "at epoch" in res.output and "step" in res.output
+    assert "Traceback" not in res.output
