@@ -156,12 +156,12 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
     Failed images keep their row with empty tags, go to stderr and <out stem>.errors.csv; exit code 1."""
+    from chiptag.device import resolve_device
     from chiptag.features.extraction import default_workers
     from chiptag.inference.submission import PredictOptions, run_predict
-    from chiptag.training.run import resolve_device
 
     opts = PredictOptions(probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
-                          batch_size=batch_size, device=str(resolve_device(device)),
+                          batch_size=batch_size, device=str(resolve_device(device, "--device")),
                           num_workers=default_workers(workers))
     r = run_predict(run, input_, out, opts)
     extra = f", probabilities in {probabilities}" if probabilities else ""

@@ -32,11 +32,23 @@ def _raw(tiny_data, work: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
+def _prepend_pythonpath(src: Path) -> str:
+    """This checkout's src first, then whatever PYTHONPATH the environment relies on for its packages."""
+    return os.pathsep.join([str(src), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
+def test_child_pythonpath_keeps_the_environments_entries(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/opt/site-a", "/opt/site-b"]))
+    assert _prepend_pythonpath(tmp_path).split(os.pathsep) == [str(tmp_path), "/opt/site-a", "/opt/site-b"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert _prepend_pythonpath(tmp_path) == str(tmp_path)
+
+
 def test_torchrun_two_processes_matches_one(tiny_data, tmp_path):
     single = run_train(config_mod.from_dict(_raw(tiny_data, tmp_path / "one", "single")))
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(_raw(tiny_data, tmp_path / "two", "ddp")), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(Path(chiptag.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": _prepend_pythonpath(Path(chiptag.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "chiptag", "train", "-c", str(cfg_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

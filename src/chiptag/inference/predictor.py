@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from chiptag.data.images import ImageDataset, Preprocessing, batches, d4, normalize
+from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.features.views import mean_probabilities
 from chiptag.models import checkpoint
@@ -39,17 +40,17 @@ class ProbabilityModel(nn.Module):
 
 class Predictor:
     def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "auto"):
         if len(thresholds) != len(tags):
             raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # auto: CUDA when available, as `chiptag predict`
         self.model = ProbabilityModel(tagger).eval().to(self.device)
         self.tags = list(tags)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.preprocessing = pre
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    def from_run(cls, path: str | Path, device: str | torch.device = "auto") -> Predictor:
         """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
         ckpt = checkpoint.load(checkpoint_file(path))
         return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),

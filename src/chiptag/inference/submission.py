@@ -41,7 +41,7 @@ class PredictOptions:
     image_dirs: Sequence[Path] = ()  # where a CSV's images are looked up (default: beside it, Planet's layout)
     ext: str | None = None  # image extension (default: common ones)
     batch_size: int = 64
-    device: str = "cpu"
+    device: str = "auto"
     num_workers: int = 0
     show_progress: bool = True
 

@@ -21,6 +21,7 @@ from chiptag.data.dataset import Dataset
 from chiptag.data.problems import Report
 from chiptag.data.split import load_split, save_split, split_indices
 from chiptag.data.validate import preflight
+from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
 from chiptag.evaluation.thresholds import tune_thresholds
@@ -56,18 +57,6 @@ class Model:
     backbone: Backbone
     head: HeadSpec
     tagger: Tagger
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ChiptagError(f"training.device: unknown device {name!r} (use auto, cpu, cuda, cuda:0)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ChiptagError("training.device is cuda but no CUDA device is available; use device: auto or cpu")
-    return dev
 
 
 def build_model(cfg: Config, n_tags: int) -> Model:
@@ -189,7 +178,7 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     validation = _record_validation(r)
     tracker = make_tracker(cfg, r.run.path) if distributed.is_main() else MultiTracker([])
     tracker.start(r.run.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
-    device = dist_device or resolve_device(cfg.training.device)
+    device = dist_device or resolve_device(cfg.training.device, "training.device")
     out.print(f"run [bold]{r.run.name}[/]: {entry.name} ({entry.backbone}, weights={entry.weights}, "
               f"freeze={entry.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
               f"{len(splits['test'])} train/val/test images, {len(ds.table.tags)} tags")
