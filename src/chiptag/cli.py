@@ -128,11 +128,17 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
 
 @app.command()
 @friendly
-def report(run: Path = typer.Argument(..., help="run directory")) -> None:
-    """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
+def report(run: Path = typer.Argument(..., help="run directory"),
+           top_errors: int = typer.Option(24, min=1, help="chips on report/top_errors.png"),
+           tag_tiles: int = typer.Option(6, min=1, help="false positives and false negatives per tag sheet"),
+           tag_sheets: Optional[int] = typer.Option(None, min=1, help="only the N worst tags by F2 get a sheet"),
+           ) -> None:
+    """(Re)write RUN/report/: report.md with headline numbers and per-class table, the PNG plots and the error
+    sheets (top_errors.png, per_tag/<tag>.png, cooccurrence.png)."""
     from chiptag.evaluation.report import write_report
+    from chiptag.evaluation.sheets import SheetOptions
 
-    files = write_report(run)
+    files = write_report(run, SheetOptions(top_errors, tag_tiles, tag_sheets))
     print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
 
 
