@@ -15,7 +15,7 @@ import numpy as np
 from chiptag.atomic import replacing, write_text
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
-from chiptag.evaluation.sheets import SheetOptions, write_sheets
+from chiptag.evaluation import sheets as error_sheets
 from chiptag.progress import console
 from chiptag.runs.layout import RunDir
 
@@ -180,18 +180,22 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
     return "\n".join(lines + errors)
 
 
-def _errors_section(run_dir: Path, summary: dict, probs: dict, opts: SheetOptions) -> tuple[dict, list[str]]:
+def _errors_section(run_dir: Path, summary: dict, probs: dict, overrides: dict | None) -> tuple[dict, list[str]]:
     """The error sheets and their report section; bad stored arrays cost the sheets, not the whole report."""
+    opts = error_sheets.options(run_dir, overrides)
+    if not opts.error_sheets:
+        return {}, []
     try:
-        sheets = write_sheets(run_dir, summary, probs, opts)
+        drawn = error_sheets.write_sheets(run_dir, summary, probs, opts)
     except ChiptagError as exc:
         return {}, ["## Errors", "", f"No error sheets: {exc}", ""]
-    return sheets.figures, sheets.markdown
+    return drawn.figures, drawn.markdown
 
 
-def write_report(run_dir: Path, sheets: SheetOptions = SheetOptions()) -> dict[str, Path]:
-    """(Re)write run_dir/report/: report.md, the plots and the error sheets. Returns {name: path} of the
-    figures (error sheets under their tracker names: top_errors, cooccurrence, per_tag/<tag>) and the report."""
+def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
+    """(Re)write run_dir/report/: report.md, the plots and the error sheets (options: the run's `report:` config,
+    overridden by `sheets`, e.g. {"top_errors": 48}). Returns {name: path} of the figures (error sheets under
+    their tracker names: top_errors, cooccurrence, per_tag/<tag>) and the report."""
     run_dir = Path(run_dir)
     summary = _read_summary(run_dir)
     tags, per_class = summary["tags"], summary["metrics"]["test"]["per_class"]

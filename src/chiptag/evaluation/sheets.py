@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
 from chiptag.atomic import replacing
+from chiptag.config import ReportConfig
+from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, mistakes
 from chiptag.runs.layout import RunDir
 from chiptag.evaluation.tiles import COLOURS, GAP_IN, TITLE_IN, Tile, TileReader, block_size, place_tiles, tag_lines
@@ -24,12 +28,23 @@ LEGEND = ('tags under each chip: black "ok" = true and predicted, red "missed" =
           'blue "extra" = predicted but not true (at the tuned thresholds)')
 
 
-@dataclass(frozen=True)
-class SheetOptions:
-    top_errors: int = 24  # chips on top_errors.png
-    tag_tiles: int = 6  # chips per side (false positives | false negatives) on each per-tag sheet
-    max_tag_sheets: int | None = None  # None: every tag with something to show; else the worst ones by F2
-    columns: int = 6
+COLUMNS = 6  # tiles per row on top_errors.png
+
+
+def options(run_dir: Path, overrides: dict | None = None) -> ReportConfig:
+    """The run's `report:` config section (defaults for a run written before it existed), with overrides (the
+    `chiptag report` options) validated the same way."""
+    try:
+        raw = (yaml.safe_load(RunDir(run_dir).config.read_text(encoding="utf-8")) or {}).get("report") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        raw = {}  # the sheets' tiles say what is wrong with config.yaml; the options fall back to defaults
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    try:
+        return ReportConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ChiptagError(f"{RunDir(run_dir).config}: report.{key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 @dataclass
@@ -92,14 +107,14 @@ def _tile_figure(blocks: list[tuple[str, list[Tile]]], ncols: int, title: str):
     return fig
 
 
-def _top_errors(t: _Test, opts: SheetOptions, run: RunDir, result: Sheets) -> str:
+def _top_errors(t: _Test, opts: ReportConfig, run: RunDir, result: Sheets) -> str:
     losses = mistakes.chip_losses(t.y, t.p)
     f2 = metrics.f2_per_sample(t.y, t.pred)
     top = mistakes.top_losses(losses, opts.top_errors)
     result.top_names = [t.names[i] for i in top]
     tiles = [t.tile(i, f"F2 {f2[i]:.2f} · loss {losses[i]:.2f}") for i in top]
     title = f"the {len(top)} test chips with the largest loss (of {len(t.names)}), largest first"
-    result.figures["top_errors"] = _save(_tile_figure([("", tiles)], opts.columns, title), run.top_errors)
+    result.figures["top_errors"] = _save(_tile_figure([("", tiles)], COLUMNS, title), run.top_errors)
     missed = t.y[top] & (1 - t.pred[top])
     extra = t.pred[top] & (1 - t.y[top])
     most = lambda m: f"{t.tags[int(m.sum(0).argmax())]} ({int(m.sum(0).max())} chips)" if m.any() else "none"  # noqa: E731
@@ -117,10 +132,10 @@ def _stem(tag: str, taken: set[str]) -> str:
     return stem
 
 
-def _per_tag(t: _Test, opts: SheetOptions, run: RunDir, result: Sheets) -> list[str]:
+def _per_tag(t: _Test, opts: ReportConfig, run: RunDir, result: Sheets) -> list[str]:
     folder = run.per_tag_dir
     stale = set(folder.glob("*.png")) if folder.is_dir() else set()
-    errors = mistakes.tag_errors(t.y, t.p, t.thresholds, t.tags, opts.max_tag_sheets)
+    errors = mistakes.tag_errors(t.y, t.p, t.thresholds, t.tags, opts.tag_sheets)
     lines, taken = [], set()
     ncols = max(1, min(3, opts.tag_tiles))
     for e in errors:
@@ -147,6 +162,7 @@ def _per_tag(t: _Test, opts: SheetOptions, run: RunDir, result: Sheets) -> list[
 
 
 def _cooccurrence(t: _Test, run: RunDir, result: Sheets) -> str:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     (truth, n_true), (pred, n_pred) = mistakes.cooccurrence(t.y), mistakes.cooccurrence(t.pred)
@@ -157,8 +173,7 @@ def _cooccurrence(t: _Test, run: RunDir, result: Sheets) -> str:
     panels = ((truth, "truth", n_true, "Blues", (0, 1)), (pred, "prediction (tuned thresholds)", n_pred, "Blues",
               (0, 1)), (pred - truth, "prediction - truth", None, "RdBu_r", (-1, 1)))
     for ax, (m, name, counts, cmap, (lo, hi)) in zip(axes, panels):
-        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=lo, vmax=hi)
-        im.cmap.set_bad("#d9d9d9")
+        im = ax.imshow(np.ma.masked_invalid(m), cmap=colormaps[cmap].with_extremes(bad="#d9d9d9"), vmin=lo, vmax=hi)
         labels = [f"{tag} ({c})" for tag, c in zip(t.tags, counts)] if counts is not None else t.tags
         ax.set_yticks(range(n), labels, fontsize=7)
         ax.set_xticks(range(n), t.tags, fontsize=7, rotation=90)
@@ -184,7 +199,7 @@ def _load_test(run_dir: Path, summary: dict, probs: dict) -> _Test:
     return _Test(names, y, p, metrics.binarize(p, thresholds), thresholds, tags, reader)
 
 
-def write_sheets(run_dir: Path, summary: dict, probs: dict, opts: SheetOptions = SheetOptions()) -> Sheets:
+def write_sheets(run_dir: Path, summary: dict, probs: dict, opts: ReportConfig) -> Sheets:
     """Draw the three kinds of sheet into run_dir's report/ for the test split; returns what was drawn and the
     report's Errors section."""
     result = Sheets()
