@@ -90,7 +90,8 @@ def test_unreadable_chips_become_grey_tiles(run_copy):
     (data / "train-jpg" / f"{corrupt}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
     (data / "train-jpg" / f"{missing}.jpg").unlink()
     n_test = len(probs["test_names"])
-    sheets = write_sheets(run_copy, summary, probs, ReportConfig(top_errors=n_test, tag_sheets=1))  # every test chip drawn
+    # Every test chip is drawn, so both broken ones are on the sheet.
+    sheets = write_sheets(run_copy, summary, probs, ReportConfig(top_errors=n_test, tag_sheets=1))
     assert set(sheets.unreadable) == {corrupt, missing}
     assert "cannot read image" in sheets.unreadable[corrupt] and corrupt in sheets.unreadable[corrupt]
     assert "not found" in sheets.unreadable[missing]
@@ -150,7 +151,8 @@ def _fabricated_run(root: Path, n_test: int, n_tags: int, size: int, n_images: i
     names = [f"chip_{i}" for i in range(n_test)]
     (root / "data" / "img").mkdir(parents=True)
     for name in names[:n_images]:
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "data" / "img" / f"{name}.jpg")
+        chip = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(chip).save(root / "data" / "img" / f"{name}.jpg")
     run = root / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"root": str(root / "data"), "images": "img"}}))

@@ -80,8 +80,8 @@ class _Test:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    with replacing(path) as tmp:  # zlib level 1: a fifth less CPU than the default 6 for ~15 % larger files
+        fig.savefig(tmp, dpi=100, format="png", pil_kwargs={"compress_level": 1})
     return path
 
 
@@ -117,10 +117,15 @@ def _top_errors(t: _Test, opts: ReportConfig, run: RunDir, result: Sheets) -> st
     result.figures["top_errors"] = _save(_tile_figure([("", tiles)], COLUMNS, title), run.top_errors)
     missed = t.y[top] & (1 - t.pred[top])
     extra = t.pred[top] & (1 - t.y[top])
-    most = lambda m: f"{t.tags[int(m.sum(0).argmax())]} ({int(m.sum(0).max())} chips)" if m.any() else "none"  # noqa: E731
-    return (f"[{run.top_errors.name}]({run.top_errors.name}): the {len(top)} test chips with the largest loss (cross-entropy "
-            f"summed over tags); among them the most missed tag is {most(missed)}, the most often added one "
-            f"{most(extra)}.")
+    return (f"[{run.top_errors.name}]({run.top_errors.name}): the {len(top)} test chips with the largest loss "
+            f"(cross-entropy summed over tags); among them the most missed tag is {_most(missed, t.tags)}, "
+            f"the most often added one {_most(extra, t.tags)}.")
+
+
+def _most(mask: np.ndarray, tags: list[str]) -> str:
+    """The tag set most often in a (chips, tags) mask, with its number of chips."""
+    counts = mask.sum(axis=0)
+    return f"{tags[int(counts.argmax())]} ({int(counts.max())} chips)" if counts.any() else "none"
 
 
 def _stem(tag: str, taken: set[str]) -> str:
