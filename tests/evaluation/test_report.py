@@ -126,7 +126,8 @@ def test_tracker_receives_the_plots_and_a_failure_only_warns(run, tmp_path, caps
     assert len(names) == len(set(names))  # each plot once, under a unique name
     assert {c[2] for c in figures if "/" not in c[1]} == {*FIGURES.values(), "top_errors.png", "cooccurrence.png"}
     per_tag = {c[1]: c[2] for c in figures if c[1].startswith("per_tag/")}
-    assert per_tag and per_tag == {f"per_tag/{p.stem}": p.name for p in (run_dir / "report" / "per_tag").glob("*.png")}
+    drawn = (run_dir / "report" / "per_tag").glob("*.png")
+    assert per_tag and per_tag == {f"per_tag/{p.stem}": p.name for p in drawn}
     assert ("artifact", "report", "report.md") in rec.calls
     (run_dir / "summary.json").write_text("{broken")
     rec = _Recorder()

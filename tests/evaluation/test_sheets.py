@@ -201,3 +201,13 @@ def test_tag_errors_and_cooccurrence_by_hand():
     assert "haze also carry clear more often in the prediction (100%) than in the truth (0%)" in \
         mistakes.cooccurrence_reading(truth, pred, tags)
     assert mistakes.tile_tags(y[0], [1, 1, 0], tags) == (["clear"], ["road"], ["haze"])
+
+
+def test_inconsistent_stored_arrays_cost_the_sheets_not_the_report(run_copy):
+    probs = load_eval_probs(run_copy)
+    probs["test_names"] = probs["test_names"][:-1]
+    np.savez_compressed(RunDir(run_copy).eval_probs, **probs)
+    files = write_report(run_copy)
+    md = files["report"].read_text()
+    assert "No error sheets:" in md and "test names" in md and "pr_curves" in files
+    assert "top_errors" not in files

@@ -21,13 +21,11 @@ from chiptag.atomic import replacing
 from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, mistakes
-from chiptag.runs.layout import RunDir
 from chiptag.evaluation.tiles import COLOURS, GAP_IN, TITLE_IN, Tile, TileReader, block_size, place_tiles, tag_lines
+from chiptag.runs.layout import RunDir
 
 LEGEND = ('tags under each chip: black "ok" = true and predicted, red "missed" = true but not predicted, '
           'blue "extra" = predicted but not true (at the tuned thresholds)')
-
-
 COLUMNS = 6  # tiles per row on top_errors.png
 
 
@@ -44,7 +42,8 @@ def options(run_dir: Path, overrides: dict | None = None) -> ReportConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
-        raise ChiptagError(f"{RunDir(run_dir).config}: report.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ChiptagError(f"{RunDir(run_dir).config}: report.{key}: {err['msg']} "
+                           f"(got {err.get('input')!r})") from None
 
 
 @dataclass
@@ -190,7 +189,8 @@ def _cooccurrence(t: _Test, run: RunDir, result: Sheets) -> str:
     fig.suptitle(f"tag co-occurrence on test ({len(t.names)} chips): row = a tag, cell = % of the chips carrying "
                  "it that also carry the column's tag; (n) = chips carrying it; grey = none", fontsize=9)
     result.figures["cooccurrence"] = _save(fig, run.cooccurrence)
-    return f"[{run.cooccurrence.name}]({run.cooccurrence.name}): {mistakes.cooccurrence_reading(truth, pred, t.tags)}."
+    name = run.cooccurrence.name
+    return f"[{name}]({name}): {mistakes.cooccurrence_reading(truth, pred, t.tags)}."
 
 
 def _load_test(run_dir: Path, summary: dict, probs: dict) -> _Test:
@@ -200,6 +200,9 @@ def _load_test(run_dir: Path, summary: dict, probs: dict) -> _Test:
     p = metrics.as_probs(probs["test_probs"], "test_probs")
     metrics.same_shape(y, p, "test_targets", "test_probs")
     names = [str(n) for n in probs["test_names"]]
+    if len(names) != len(y) or y.shape[1] != len(tags):
+        raise ChiptagError(f"{RunDir(run_dir).eval_probs}: {len(names)} test names, targets {y.shape}, "
+                           f"{len(tags)} tags in summary.json: they should agree")
     reader = TileReader.for_run(run_dir, summary.get("image_size"))
     return _Test(names, y, p, metrics.binarize(p, thresholds), thresholds, tags, reader)
 
