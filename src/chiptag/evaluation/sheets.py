@@ -88,7 +88,7 @@ def _tile_figure(blocks: list[tuple[str, list[Tile]]], ncols: int, title: str):
     """Blocks of tiles side by side, each under its own heading, the whole under a title and the legend."""
     from matplotlib.figure import Figure
 
-    sizes = [block_size(tiles, ncols) for _, tiles in blocks]
+    sizes = [block_size(tiles, ncols if tiles else 1) for _, tiles in blocks]  # an empty block: one tile wide
     head = 0.55 if any(heading for heading, _ in blocks) else 0.3  # title + legend (+ the blocks' headings)
     width = sum(w for w, _, _ in sizes) + 0.6 * (len(blocks) - 1) + 2 * GAP_IN
     height = head + TITLE_IN + max(h for _, h, _ in sizes) + GAP_IN
