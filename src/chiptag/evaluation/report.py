@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from chiptag.atomic import replacing, write_text
+from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
 from chiptag.evaluation import sheets as error_sheets
@@ -180,9 +181,9 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
     return "\n".join(lines + errors)
 
 
-def _errors_section(run_dir: Path, summary: dict, probs: dict, overrides: dict | None) -> tuple[dict, list[str]]:
+def _errors_section(run_dir: Path, summary: dict, probs: dict,
+                    opts: ReportConfig) -> tuple[dict, list[str]]:
     """The error sheets and their report section; bad stored arrays cost the sheets, not the whole report."""
-    opts = error_sheets.options(run_dir, overrides)
     if not opts.error_sheets:
         return {}, []
     try:
@@ -198,6 +199,7 @@ def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
     their tracker names: top_errors, cooccurrence, per_tag/<tag>) and the report."""
     run_dir = Path(run_dir)
     summary = _read_summary(run_dir)
+    opts = error_sheets.options(run_dir, sheets)  # a bad option fails before any drawing
     tags, per_class = summary["tags"], summary["metrics"]["test"]["per_class"]
     out_dir = RunDir(run_dir).report_dir
     out_dir.mkdir(exist_ok=True)
@@ -219,7 +221,7 @@ def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
     figures["per_class_f2"] = _save(_f2_bars_figure(tags, bars), out_dir / FIGURES["per_class_f2"])
     if probs is not None:
         figures["pr_curves"] = _save(_pr_figure(tags, probs, per_class), out_dir / FIGURES["pr_curves"])
-    error_figures, errors = _errors_section(run_dir, summary, probs, sheets) if probs is not None else ({}, [])
+    error_figures, errors = _errors_section(run_dir, summary, probs, opts) if probs is not None else ({}, [])
     md = RunDir(run_dir).report_md
     write_text(md, _markdown(summary, figures, note, errors))
     return {**figures, **error_figures, "report": md}
