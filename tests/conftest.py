@@ -27,6 +27,8 @@ def make_config_dict(data_root: Path, work: Path, **model) -> dict:
         "training": {"batch_size": 32, "seed": 0, "device": "cpu", "num_workers": 0, "progress": False},
         "features": {"cache_dir": str(work / "cache"), "batch_size": 64},
         "output": {"runs_dir": str(work / "runs")},
+        # The error sheets render ~20 figures per run: drawn by the shared trained_run and their own tests only.
+        "report": {"error_sheets": False},
     }
 
 
@@ -54,4 +56,7 @@ def trained_run(tiny_data, tmp_path_factory) -> dict:
     from chiptag.training.run import run_train
 
     work = tmp_path_factory.mktemp("trained_run")
-    return run_train(config_mod.from_dict(make_config_dict(tiny_data, work, image_size=48, epochs=4)))
+    raw = make_config_dict(tiny_data, work, image_size=48, epochs=4)
+    # The report tests check the sheets written at the end of training; three tag sheets keep them quick.
+    raw["report"] = {"error_sheets": True, "top_errors": 8, "tag_sheets": 3}
+    return run_train(config_mod.from_dict(raw))

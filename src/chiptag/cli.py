@@ -128,11 +128,20 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
 
 @app.command()
 @friendly
-def report(run: Path = typer.Argument(..., help="run directory")) -> None:
-    """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
+def report(run: Path = typer.Argument(..., help="run directory"),
+           top_errors: Optional[int] = typer.Option(None, min=1, help="chips on top_errors.png [run config: 24]"),
+           tag_tiles: Optional[int] = typer.Option(None, min=1, help="false positives and false negatives per "
+                                                   "tag sheet [run config: 6]"),
+           tag_sheets: Optional[int] = typer.Option(None, min=1, help="only the N worst tags by F2 get a sheet"),
+           error_sheets: Optional[bool] = typer.Option(None, "--error-sheets/--no-error-sheets",
+                                                       help="draw the error sheets [run config: yes]"),
+           ) -> None:
+    """(Re)write RUN/report/: report.md with headline numbers and per-class table, the PNG plots and the error
+    sheets (top_errors.png, per_tag/<tag>.png, cooccurrence.png; options default to the run's report: config)."""
     from chiptag.evaluation.report import write_report
 
-    files = write_report(run)
+    files = write_report(run, {"top_errors": top_errors, "tag_tiles": tag_tiles, "tag_sheets": tag_sheets,
+                               "error_sheets": error_sheets})
     print(f"wrote {files['report']} and {len(files) - 1} plot(s)")
 
 

@@ -144,6 +144,15 @@ class TrackingConfig(_Strict):
     fallback_offline: bool = False  # server unreachable online: track offline (with a warning) instead of failing
 
 
+class ReportConfig(_Strict):
+    """The report's error sheets for the test split (evaluation.sheets); `chiptag report` options override."""
+
+    error_sheets: bool = True  # false: no top_errors.png, per_tag/, cooccurrence.png (e.g. a large sweep)
+    top_errors: int = Field(24, ge=1)  # chips on top_errors.png, largest loss first
+    tag_tiles: int = Field(6, ge=1)  # false positives and false negatives shown per tag sheet
+    tag_sheets: int | None = Field(None, ge=1)  # None: every tag with a test error; N: the N worst by F2
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     models: list[ModelEntry]
@@ -152,6 +161,7 @@ class Config(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _index_in_range(self) -> Config:

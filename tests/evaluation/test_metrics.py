@@ -84,6 +84,16 @@ def test_f2_samples_matches_sklearn_random():
     assert M.f2_samples(y, yp) == fbeta_score(y, yp, beta=2, average="samples", zero_division=0.0)
 
 
+def test_f2_per_sample_matches_sklearn_row_by_row():
+    rng = np.random.default_rng(1)
+    y, yp = (rng.random((200, 17)) < 0.2), (rng.random((200, 17)) < 0.3)
+    y[0], yp[0] = False, False  # no true and no predicted tags: 0, as sklearn's zero_division=0.0
+    per_row = M.f2_per_sample(y, yp)
+    expected = [fbeta_score(y[i], yp[i], beta=2, zero_division=0.0) for i in range(len(y))]
+    assert per_row == pytest.approx(expected, abs=1e-12)
+    assert per_row.mean() == pytest.approx(M.f2_samples(y, yp), abs=1e-12)
+
+
 def test_binarize_scalar_and_per_class_inclusive():
     p = np.array([[0.5, 0.2], [0.49, 0.9]])
     assert M.binarize(p, 0.5).tolist() == [[1, 0], [0, 1]]

@@ -65,8 +65,9 @@ def test_tag_without_validation_positives_keeps_default(run):
 
 def test_report_written_after_training(run):
     report = Path(run["run_dir"]) / "report"
-    for name in (*FIGURES.values(), "report.md"):
+    for name in (*FIGURES.values(), "report.md", "top_errors.png", "cooccurrence.png"):
         assert (report / name).stat().st_size > 0, name
+    assert list((report / "per_tag").glob("*.png"))  # the error sheets: drawn at the end of training
     assert (report / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (report / "report.md").read_text()
     assert f"{run['metrics']['test']['f2']:.4f}" in md and f"{run['metrics']['test']['f2_at_0.5']:.4f}" in md
@@ -82,7 +83,8 @@ def test_report_command_regenerates(run, tmp_path):
     r = runner.invoke(app, ["report", str(run_dir)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output
-    assert {p.name for p in (run_dir / "report").iterdir()} == {*FIGURES.values(), "report.md"}
+    assert {p.name for p in (run_dir / "report").iterdir()} == {*FIGURES.values(), "report.md", "top_errors.png",
+                                                                "cooccurrence.png", "per_tag"}
 
 
 def test_report_without_probabilities_skips_pr_curves(run, tmp_path):
@@ -119,7 +121,13 @@ def test_tracker_receives_the_plots_and_a_failure_only_warns(run, tmp_path, caps
     run_dir = Path(shutil.copytree(run["run_dir"], tmp_path / "run"))
     rec = _Recorder()
     report_after_training(run_dir, rec)
-    assert sorted(c[2] for c in rec.calls if c[0] == "figure") == sorted(FIGURES.values())
+    figures = [c for c in rec.calls if c[0] == "figure"]
+    names = [c[1] for c in figures]
+    assert len(names) == len(set(names))  # each plot once, under a unique name
+    assert {c[2] for c in figures if "/" not in c[1]} == {*FIGURES.values(), "top_errors.png", "cooccurrence.png"}
+    per_tag = {c[1]: c[2] for c in figures if c[1].startswith("per_tag/")}
+    drawn = (run_dir / "report" / "per_tag").glob("*.png")
+    assert per_tag and per_tag == {f"per_tag/{p.stem}": p.name for p in drawn}
     assert ("artifact", "report", "report.md") in rec.calls
     (run_dir / "summary.json").write_text("{broken")
     rec = _Recorder()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from clearml_helpers import clearml_env, names, scalars, session_events, single_values, task_json  # noqa: F401
 
-from chiptag.config import TrackingConfig
+from chiptag.config import ReportConfig, TrackingConfig
 from chiptag.errors import ChiptagError
 from chiptag.training.run import run_train
 
@@ -25,7 +25,9 @@ def _clearml_config(tiny_config, **tracking):
 
 
 def test_offline_session_zip_holds_every_epoch_and_final_metrics(tiny_config, clearml_env):
-    s = run_train(_clearml_config(tiny_config, offline=True))
+    cfg = _clearml_config(tiny_config, offline=True)
+    cfg.report = ReportConfig(top_errors=4, tag_tiles=2, tag_sheets=2)  # the error sheets go up too
+    s = run_train(cfg)
     info = s["tracker"]["clearml"]
     zip_path = Path(info["offline_zip"])
     assert info["offline"] is True and zip_path.is_file()
@@ -40,6 +42,8 @@ def test_offline_session_zip_holds_every_epoch_and_final_metrics(tiny_config, cl
     assert any(e.get("type") == "plot" and e.get("metric") == "per-class (test)" for e in events)
     images = [e["variant"] for e in events if e.get("type") == "training_debug_image"]
     assert sorted(images) == sorted(set(images)) and "pr_curves" in images  # each report plot once
+    sheets = sorted(p.stem for p in (Path(s["run_dir"]) / "report" / "per_tag").glob("*.png"))
+    assert len(sheets) == 2 and {"top_errors", "cooccurrence", *(f"per_tag/{t}" for t in sheets)} <= set(images)
     files = names(zip_path)
     assert any(n.endswith("artifacts/summary.json/summary.json") for n in files)
     assert any("artifacts/thresholds/" in n for n in files)

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from chiptag.atomic import replacing, write_text
+from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
+from chiptag.evaluation import sheets as error_sheets
 from chiptag.progress import console
 from chiptag.runs.layout import RunDir
 
@@ -142,7 +144,7 @@ def _pr_figure(tags: list[str], probs: dict, per_class: dict):
     return fig
 
 
-def _markdown(summary: dict, figures: dict[str, Path], probs_note: str) -> str:
+def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: list[str]) -> str:
     m, b, tags = summary["metrics"], summary["baseline"], summary["tags"]
     n = summary.get("n_images", {})
     lines = [
@@ -176,13 +178,28 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str) -> str:
         lines += [f"![{name.replace('_', ' ')}]({path.name})", ""]
     if probs_note:
         lines += [probs_note, ""]
-    return "\n".join(lines)
+    return "\n".join(lines + errors)
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
-    """(Re)write run_dir/report/: report.md and the PNGs. Returns {name: path} of the figures and the report."""
+def _errors_section(run_dir: Path, summary: dict, probs: dict,
+                    opts: ReportConfig) -> tuple[dict, list[str]]:
+    """The error sheets and their report section; bad stored arrays cost the sheets, not the whole report."""
+    if not opts.error_sheets:
+        return {}, []
+    try:
+        drawn = error_sheets.write_sheets(run_dir, summary, probs, opts)
+    except ChiptagError as exc:
+        return {}, ["## Errors", "", f"No error sheets: {exc}", ""]
+    return drawn.figures, drawn.markdown
+
+
+def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
+    """(Re)write run_dir/report/: report.md, the plots and the error sheets (options: the run's `report:` config,
+    overridden by `sheets`, e.g. {"top_errors": 48}). Returns {name: path} of the figures (error sheets under
+    their tracker names: top_errors, cooccurrence, per_tag/<tag>) and the report."""
     run_dir = Path(run_dir)
     summary = _read_summary(run_dir)
+    opts = error_sheets.options(run_dir, sheets)  # a bad option fails before any drawing
     tags, per_class = summary["tags"], summary["metrics"]["test"]["per_class"]
     out_dir = RunDir(run_dir).report_dir
     out_dir.mkdir(exist_ok=True)
@@ -199,14 +216,15 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         bars["threshold 0.5"] = [at_half["per_class"][t]["f2"] for t in tags]
     else:
         probs = None
-        note = (f"Precision-recall curves need {RunDir(run_dir).eval_probs.name} in the run dir (written by "
-                "training); it is missing.")
+        note = (f"Precision-recall curves and error sheets need {RunDir(run_dir).eval_probs.name} in the run "
+                "dir (written by training); it is missing.")
     figures["per_class_f2"] = _save(_f2_bars_figure(tags, bars), out_dir / FIGURES["per_class_f2"])
     if probs is not None:
         figures["pr_curves"] = _save(_pr_figure(tags, probs, per_class), out_dir / FIGURES["pr_curves"])
+    error_figures, errors = _errors_section(run_dir, summary, probs, opts) if probs is not None else ({}, [])
     md = RunDir(run_dir).report_md
-    write_text(md, _markdown(summary, figures, note))
-    return {**figures, "report": md}
+    write_text(md, _markdown(summary, figures, note, errors))
+    return {**figures, **error_figures, "report": md}
 
 
 def report_after_training(run_dir: Path, tracker) -> None:

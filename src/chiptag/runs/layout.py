@@ -12,7 +12,8 @@
       evaluation.json    what `chiptag evaluate` recomputed
       skipped.csv        every item data validation left out, with its reason
       validation.json    the data validation report
-      report/            report.md and its PNGs (evaluation.report)
+      report/            report.md and its PNGs (evaluation.report); the error sheets top_errors.png,
+                         cooccurrence.png and per_tag/<tag>.png (evaluation.sheets)
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class RunDir:
     validation = property(lambda self: self.path / "validation.json")
     report_dir = property(lambda self: self.path / "report")
     report_md = property(lambda self: self.path / "report" / "report.md")
+    top_errors = property(lambda self: self.path / "report" / "top_errors.png")
+    cooccurrence = property(lambda self: self.path / "report" / "cooccurrence.png")
+    per_tag_dir = property(lambda self: self.path / "report" / "per_tag")  # <tag>.png, one per tag sheet
 
     def require_config(self, what: str) -> RunDir:
         """This run dir, or a ChiptagError saying `what` needs a run directory."""

@@ -1,0 +1,131 @@
+"""Chip tiles for the error sheets: decoded through the training input path, laid out in inches.
+
+A tile is the chip as the model saw it (read_rgb + resize to the run's image_size: the whole chip, no crop), a
+two-line title above it and its tags below it: black = true and predicted, red "missed" = true but not predicted,
+blue "extra" = predicted but not true (a word as well as a colour, so the sheet reads in greyscale too). A chip
+that cannot be read becomes a grey tile that says why; a sheet never fails on one image.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+from chiptag.config import DataConfig
+from chiptag.data.images import read_rgb, resize
+from chiptag.runs.layout import RunDir
+
+COLOURS = {"ok": "#202020", "missed": "#c62828", "extra": "#1565c0"}
+TILE_IN = 1.9  # tile side in inches: legible tags at 7 pt whatever the chip's pixel size (64 to 256 px and up)
+GAP_IN = 0.18
+FONT = 7.0
+TITLE_FONT = 7.5
+WRAP = 34  # characters per tag line at 7 pt across TILE_IN
+LINE_IN = FONT * 1.3 / 72
+TITLE_IN = 2 * TITLE_FONT * 1.3 / 72 + 0.06
+GREY = 0.6
+
+
+@dataclass(frozen=True)
+class Tile:
+    image: np.ndarray  # H x W x 3 float in [0, 1]
+    title: str  # two lines: the chip's name, then its numbers
+    lines: list[tuple[str, str]]  # (text, colour) below the image, already wrapped
+    unreadable: str = ""  # why the image is a grey tile ("" when it was read)
+
+
+def tag_lines(correct: Sequence[str], missed: Sequence[str], extra: Sequence[str]) -> list[tuple[str, str]]:
+    """A tile's tag block, wrapped to the tile's width; an empty group is left out."""
+    out = []
+    for label, group in (("ok", correct), ("missed", missed), ("extra", extra)):
+        if group or label == "ok":
+            text = textwrap.fill(f"{label}: {', '.join(group) or '-'}", WRAP, subsequent_indent="  ")
+            out += [(line, COLOURS[label]) for line in text.splitlines()]
+    return out
+
+
+@dataclass
+class TileReader:
+    """name -> the chip as the model saw it. Each chip is decoded at most once (sheets share chips) and the
+    count is kept, so the work stays bounded by the tiles drawn, not by the size of the test split."""
+
+    image_dir: Path | None
+    extension: str
+    size: int | None
+    problem: str = ""  # why no image can be found at all (no usable config.yaml), "" otherwise
+    decoded: int = 0
+    cache: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, run_dir: Path, size: int | None) -> TileReader:
+        """Image locations from the run's config.yaml data section (root / images / name + extension), read
+        as they were at training time; the data set itself is not re-validated."""
+        path = RunDir(run_dir).config
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = DataConfig.model_validate(raw.get("data") or {})
+        except Exception as exc:  # noqa: BLE001 - every tile says why instead of the report failing
+            return cls(None, "", size, f"no image location: {path}: {exc.__class__.__name__}")
+        return cls(Path(data.root) / data.images, data.extension, size)
+
+    def __call__(self, name: str) -> tuple[np.ndarray, str]:
+        """-> (H x W x 3 float image in [0, 1], "") or (a grey square, the reason it could not be read)."""
+        if name not in self.cache:
+            self.cache[name] = self._read(name)
+        return self.cache[name]
+
+    def _read(self, name: str) -> tuple[np.ndarray, str]:
+        if self.image_dir is None:
+            return self._grey(), self.problem
+        self.decoded += 1
+        try:
+            img = read_rgb(self.image_dir / f"{name}{self.extension}")
+            if self.size:
+                img = resize(img, self.size)
+        except Exception as exc:  # noqa: BLE001 - ChiptagError names the file; anything else is shown too
+            return self._grey(), str(exc) or exc.__class__.__name__
+        arr = img.permute(1, 2, 0).numpy()
+        return (arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.clip(0.0, 1.0)), ""
+
+    def _grey(self) -> np.ndarray:
+        side = self.size or 64
+        return np.full((side, side, 3), GREY, dtype=np.float32)
+
+
+def block_size(tiles: Sequence[Tile], ncols: int) -> tuple[float, float, float]:
+    """(width, height, row pitch) in inches of a block of tiles, rows spaced for the longest tag block."""
+    n_lines = max((len(t.lines) for t in tiles), default=1)
+    pitch = TITLE_IN + TILE_IN + n_lines * LINE_IN + GAP_IN
+    nrows = max(-(-len(tiles) // ncols), 1)
+    return ncols * TILE_IN + (ncols - 1) * GAP_IN, nrows * pitch, pitch
+
+
+def place_tiles(fig, tiles: Sequence[Tile], origin_in: tuple[float, float], ncols: int) -> None:
+    """Draw tiles row by row, the block's top-left corner at origin_in (inches from the figure's top-left)."""
+    width, height = fig.get_size_inches()
+    pitch = block_size(tiles, ncols)[2]
+    for k, tile in enumerate(tiles):
+        row, col = divmod(k, ncols)
+        left = origin_in[0] + col * (TILE_IN + GAP_IN)
+        top = origin_in[1] + row * pitch + TITLE_IN
+        ax = fig.add_axes((left / width, 1 - (top + TILE_IN) / height, TILE_IN / width, TILE_IN / height))
+        _draw(ax, tile)
+
+
+def _draw(ax, tile: Tile) -> None:
+    ax.imshow(tile.image, interpolation="antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(tile.title, fontsize=TITLE_FONT, loc="left", pad=2)
+    if tile.unreadable:
+        reason = textwrap.fill(tile.unreadable, 30, max_lines=5, placeholder=" ...")
+        ax.text(0.5, 0.5, f"unreadable\n{reason}", transform=ax.transAxes, ha="center", va="center",
+                fontsize=6, color="black")
+    for i, (text, colour) in enumerate(tile.lines):
+        ax.text(0.0, -0.02 - i * LINE_IN / TILE_IN, text, transform=ax.transAxes, ha="left", va="top",
+                fontsize=FONT, color=colour)

@@ -1,0 +1,213 @@
+"""The report's error sheets: which chips they show and in which order (checked against an independent loss
+computation), grey tiles for chips that cannot be read, bounded decoding, and the pure selection helpers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from chiptag.cli import app
+from chiptag.evaluation import mistakes
+from chiptag.evaluation.report import load_eval_probs, write_report
+from chiptag.config import ReportConfig
+from chiptag.evaluation.sheets import write_sheets
+from chiptag.evaluation.tiles import GREY, TileReader
+from chiptag.runs.layout import RunDir
+
+runner = CliRunner()
+
+
+def _bce_order(probs: dict) -> list[str]:
+    """The expected top-errors order, computed with torch's BCE (not chiptag's): largest summed loss first."""
+    p = torch.from_numpy(probs["test_probs"]).double().clamp(1e-7, 1 - 1e-7)
+    loss = torch.nn.functional.binary_cross_entropy(p, torch.from_numpy(probs["test_targets"]).double(),
+                                                    reduction="none").sum(dim=1).numpy()
+    order = sorted(range(len(loss)), key=lambda i: (-loss[i], i))
+    return [str(probs["test_names"][i]) for i in order]
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """The trained tiny run with its own copy of the data (so chips can be broken) and no report yet."""
+    src = Path(trained_run["run_dir"])
+    run_dir = Path(shutil.copytree(src, tmp_path / "run"))
+    shutil.rmtree(run_dir / "report")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = Path(shutil.copytree(cfg["data"]["root"], tmp_path / "data"))
+    cfg["data"]["root"] = str(data)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+def test_report_writes_sheets_in_loss_order(run_copy):
+    probs = load_eval_probs(run_copy)
+    summary = json.loads(RunDir(run_copy).summary.read_text())
+    n, k = 5, 3
+    files = write_report(run_copy, {"top_errors": n, "tag_sheets": k})
+    run = RunDir(run_copy)
+    for name in ("top_errors", "cooccurrence"):
+        assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sheets = write_sheets(run_copy, summary, probs, ReportConfig(top_errors=n, tag_sheets=k))
+    assert sheets.top_names == _bce_order(probs)[:n]
+    assert not sheets.unreadable
+    # The k tags with the worst test F2 (among those with an error) get a sheet listing the tag's own errors,
+    # most confident false positive / most missed false negative first.
+    y, p = probs["test_targets"], probs["test_probs"]
+    tags, per_class = summary["tags"], summary["metrics"]["test"]["per_class"]
+    expected = {}
+    for c, tag in enumerate(tags):
+        pred = p[:, c] >= summary["thresholds"][tag]
+        fp = [i for i in np.argsort(-p[:, c], kind="stable") if pred[i] and not y[i, c]]
+        fn = [i for i in np.argsort(p[:, c], kind="stable") if y[i, c] and not pred[i]]
+        if fp or fn:
+            expected[tag] = ([probs["test_names"][i] for i in fp[:6]], [probs["test_names"][i] for i in fn[:6]])
+    worst = sorted(expected, key=lambda t: (per_class[t]["f2"], -per_class[t]["support"], t))[:k]
+    assert sheets.tag_names == {t: expected[t] for t in worst}
+    assert sorted(p.name for p in run.per_tag_dir.glob("*.png")) == sorted(f"{t}.png" for t in worst)
+    md = run.report_md.read_text()
+    assert "## Errors" in md and "](top_errors.png)" in md and "](cooccurrence.png)" in md
+    assert f"the {n} test chips with the largest loss" in md
+    assert [line.split("]")[0] for line in md.splitlines() if "](per_tag/" in line] == [f"  - [{t}" for t in worst]
+    assert all(files[f"per_tag/{t}"] == run.per_tag_dir / f"{t}.png" for t in worst)
+    # Bounded: each chip on any sheet decoded once, never the whole split.
+    shown = set(sheets.top_names) | {c for fp, fn in sheets.tag_names.values() for c in fp + fn}
+    assert sheets.decoded == len(shown)
+
+
+def test_unreadable_chips_become_grey_tiles(run_copy):
+    probs = load_eval_probs(run_copy)
+    summary = json.loads(RunDir(run_copy).summary.read_text())
+    data = Path(yaml.safe_load((run_copy / "config.yaml").read_text())["data"]["root"])
+    corrupt, missing = str(probs["test_names"][0]), str(probs["test_names"][1])
+    (data / "train-jpg" / f"{corrupt}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    (data / "train-jpg" / f"{missing}.jpg").unlink()
+    n_test = len(probs["test_names"])
+    # Every test chip is drawn, so both broken ones are on the sheet.
+    sheets = write_sheets(run_copy, summary, probs, ReportConfig(top_errors=n_test, tag_sheets=1))
+    assert set(sheets.unreadable) == {corrupt, missing}
+    assert "cannot read image" in sheets.unreadable[corrupt] and corrupt in sheets.unreadable[corrupt]
+    assert "not found" in sheets.unreadable[missing]
+    assert RunDir(run_copy).top_errors.stat().st_size > 0
+    reader = TileReader.for_run(run_copy, summary["image_size"])
+    image, why = reader(corrupt)
+    assert why and image.shape == (summary["image_size"], summary["image_size"], 3)
+    assert np.all(image == GREY)
+    good, why = reader(str(probs["test_names"][2]))
+    assert not why and good.std() > 0.01  # a real chip is not grey
+    md = RunDir(run_copy).report_md
+    write_report(run_copy, {"top_errors": n_test, "tag_sheets": 1})
+    assert "2 chip(s) could not be read and show as grey tiles" in md.read_text()
+
+
+def test_report_command_options_and_stale_tag_sheets(run_copy):
+    stale = RunDir(run_copy).per_tag_dir / "no_such_tag.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    r = runner.invoke(app, ["report", str(run_copy), "--top-errors", "3", "--tag-sheets", "2"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    md = RunDir(run_copy).report_md.read_text()
+    assert "the 3 test chips with the largest loss" in md
+    assert len(list(RunDir(run_copy).per_tag_dir.glob("*.png"))) <= 2 and not stale.exists()
+
+
+def test_sheets_follow_the_run_config_and_can_be_turned_off(run_copy):
+    r = runner.invoke(app, ["report", str(run_copy), "--no-error-sheets"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert not RunDir(run_copy).top_errors.exists() and "## Errors" not in RunDir(run_copy).report_md.read_text()
+    cfg = yaml.safe_load((run_copy / "config.yaml").read_text())
+    cfg["report"] = {"top_errors": 2, "tag_sheets": 1}
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_report(run_copy)
+    assert "the 2 test chips with the largest loss" in RunDir(run_copy).report_md.read_text()
+    cfg["report"] = {"top_errors": 0}
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["report", str(run_copy)])
+    assert r.exit_code == 2 and "report.top_errors" in r.output and "Traceback" not in r.output
+
+
+def test_without_a_usable_config_every_tile_is_grey(run_copy):
+    (run_copy / "config.yaml").write_text("data: {root: 3, nonsense: true}\n")
+    probs = load_eval_probs(run_copy)
+    summary = json.loads(RunDir(run_copy).summary.read_text())
+    sheets = write_sheets(run_copy, summary, probs, ReportConfig(top_errors=4, tag_sheets=1))
+    assert set(sheets.top_names) <= set(sheets.unreadable) and sheets.decoded == 0
+    assert all("config.yaml" in why for why in sheets.unreadable.values())
+
+
+def _fabricated_run(root: Path, n_test: int, n_tags: int, size: int, n_images: int) -> tuple[Path, dict, dict]:
+    """A run dir with only what the sheets read: config.yaml, summary.json, eval_probs.npz; `n_images` of the
+    test chips exist as `size` px JPEGs (the rest are missing files, i.e. grey tiles)."""
+    rng = np.random.default_rng(0)
+    tags = [f"tag_{k:02d}_{'x' * (k % 9)}" for k in range(n_tags)]  # long, varied names: the worst case
+    names = [f"chip_{i}" for i in range(n_test)]
+    (root / "data" / "img").mkdir(parents=True)
+    for name in names[:n_images]:
+        chip = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(chip).save(root / "data" / "img" / f"{name}.jpg")
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"root": str(root / "data"), "images": "img"}}))
+    summary = {"tags": tags, "thresholds": {t: 0.5 for t in tags}, "image_size": size}
+    probs = {"test_probs": rng.random((n_test, n_tags)), "test_names": np.asarray(names),
+             "test_targets": (rng.random((n_test, n_tags)) < 0.3).astype(np.uint8)}
+    return run, summary, probs
+
+
+def test_sheets_at_25_tags_and_256px_stay_bounded_on_a_large_split(tmp_path):
+    run, summary, probs = _fabricated_run(tmp_path, n_test=5000, n_tags=25, size=256, n_images=60)
+    opts = ReportConfig(top_errors=6, tag_tiles=2, tag_sheets=2)
+    sheets = write_sheets(run, summary, probs, opts)
+    assert sheets.decoded <= opts.top_errors + 2 * opts.tag_tiles * opts.tag_sheets
+    assert sheets.top_names == _bce_order(probs)[:6]
+    assert len(sheets.tag_names) == 2 and len(list(RunDir(run).per_tag_dir.glob("*.png"))) == 2
+    assert RunDir(run).cooccurrence.stat().st_size > 0
+
+
+# --- the pure selection helpers ---
+
+
+def test_chip_losses_and_top_losses_break_ties_in_split_order():
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    p = np.array([[0.9, 0.1], [0.2, 0.5], [0.2, 0.5], [0.0, 1.0]])
+    expected = -np.log([0.9 * 0.9, 0.2 * 0.5, 0.8 * 0.5, 1e-7 * (1 - 1e-7)])
+    assert mistakes.chip_losses(y, p) == pytest.approx(expected, rel=1e-6)
+    assert mistakes.top_losses(mistakes.chip_losses(y, p), 3).tolist() == [3, 1, 2]
+    assert mistakes.top_losses([1.0, 1.0, 1.0], 2).tolist() == [0, 1]
+
+
+def test_tag_errors_and_cooccurrence_by_hand():
+    tags = ["clear", "haze", "road"]
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [1, 0, 0]])
+    p = np.array([[0.9, 0.8, 0.2], [0.6, 0.7, 0.1], [0.7, 0.9, 0.1], [0.8, 0.1, 0.1]])
+    errs = {e.tag: e for e in mistakes.tag_errors(y, p, [0.5, 0.5, 0.5], tags)}
+    assert errs["haze"].false_positives.tolist() == [2, 0]  # most confident first
+    assert errs["clear"].false_positives.tolist() == [1] and errs["road"].false_negatives.tolist() == [0]
+    assert [e.tag for e in mistakes.tag_errors(y, p, [0.5] * 3, tags, max_tags=1)] == ["road"]  # F2 0: worst
+    truth, counts = mistakes.cooccurrence(y)
+    assert counts.tolist() == [3, 1, 1]
+    assert truth[0].tolist() == pytest.approx([1, 0, 1 / 3]) and truth[2].tolist() == [1, 0, 1]
+    pred, _ = mistakes.cooccurrence(mistakes.metrics.binarize(p, 0.5))
+    assert np.isnan(pred[2]).all()  # road is never predicted
+    assert pred[0, 1] == pytest.approx(3 / 4)  # clear predicted on 4 chips, 3 of them also haze
+    assert "haze also carry clear more often in the prediction (100%) than in the truth (0%)" in \
+        mistakes.cooccurrence_reading(truth, pred, tags)
+    assert mistakes.tile_tags(y[0], [1, 1, 0], tags) == (["clear"], ["road"], ["haze"])
+
+
+def test_inconsistent_stored_arrays_cost_the_sheets_not_the_report(run_copy):
+    probs = load_eval_probs(run_copy)
+    probs["test_names"] = probs["test_names"][:-1]
+    np.savez_compressed(RunDir(run_copy).eval_probs, **probs)
+    files = write_report(run_copy)
+    md = files["report"].read_text()
+    assert "No error sheets:" in md and "test names" in md and "pr_curves" in files
+    assert "top_errors" not in files
