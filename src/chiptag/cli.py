@@ -98,7 +98,7 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
     if report.bad and policy == "error":
         raise ChiptagError(f"{len(report.bad)} problem(s); training would stop (data.on_bad_image=error). "
                            "Fix them or set data.on_bad_image=skip.")
-    skipped = report.rows - len(ds.table)
+    skipped = report.skipped_rows(len(ds.table))
     print(f"ok: {len(ds.table)} usable rows" + (f", {skipped} would be skipped" if skipped else ""))
 
 

@@ -245,3 +245,13 @@ def test_standalone_onnx_script_reproduces_predict(run_dir, chips, tmp_path, onn
     ours_sub = pd.read_csv(tmp_path / "sub.csv", keep_default_na=False).set_index("image_name").sort_index()
     theirs_sub = pd.read_csv(sub, keep_default_na=False).set_index("image_name").sort_index()
     assert ours_sub.equals(theirs_sub)
+
+
+def test_predict_accepts_a_text_file_of_names(run_dir, chips, tiny_data, tmp_path):
+    names = [c.stem for c in chips[:4]]
+    listing = tmp_path / "test.txt"  # as a run's split/test.txt is written
+    listing.write_text("".join(f"{n}\n" for n in names))
+    out = tmp_path / "p.csv"
+    r = invoke("predict", run_dir, listing, "--out", out, "--images", tiny_data / "train-jpg", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out)["image_name"].tolist() == names

@@ -70,6 +70,10 @@ class Report:
             raise KeyError(f"unknown problem kind {kind!r}")
         self.problems.append(Problem(kind, str(file), row, detail))
 
+    def skipped_rows(self, usable: int) -> int:
+        """Rows left out of `usable` ones; the repeats of identical duplicate rows are merged, not skipped."""
+        return self.rows - usable - len(self.by_kind().get("duplicate_same", []))
+
     def of_severity(self, severity: str) -> list[Problem]:
         return [p for p in self.problems if KINDS[p.kind][0] == severity]
 

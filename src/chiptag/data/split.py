@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +66,11 @@ def read_name_list(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ChiptagError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    lines = [s.strip() for s in text.splitlines()]
     if path.suffix.lower() == ".csv":
-        lines = [s.split(",")[0].strip().strip('"') for s in lines[1:]]
+        rows = list(csv.reader(io.StringIO(text)))[1:]  # after the header
+        lines = [r[0].strip() if r else "" for r in rows]
+    else:
+        lines = [s.strip() for s in text.splitlines()]
     names = [s for s in lines if s]
     if not names:
         raise ChiptagError(f"{path}: no image names in it")

@@ -33,13 +33,13 @@ ENCODING = "float16-scaled"
 def encode(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, dim) float -> (float16 values in [-1, 1], float32 per-dimension scales)."""
     x = feats.float()
-    scale = x.abs().amax(dim=0) if len(x) else torch.ones(x.shape[1:])
+    scale = torch.maximum(x.amax(dim=0), -x.amin(dim=0)) if len(x) else torch.ones(x.shape[1:])
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x / scale).half(), scale
+    return torch.div(x, scale).half(), scale
 
 
 def decode(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return values.float() * scale
+    return torch.mul(values, scale)  # float16 * float32 -> float32 in one pass
 
 
 def stored(feats: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
 
 
 def _record_validation(r: OpenRun) -> dict:
-    skipped = r.validation.rows - len(r.ds.table)
+    skipped = r.validation.skipped_rows(len(r.ds.table))
     if r.validation.problems or r.validation.converted:
         console.print(f"data validation: {r.validation.format()}")
     if skipped:
