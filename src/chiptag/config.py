@@ -21,8 +21,7 @@ class _Strict(BaseModel):
 
 
 class SplitFiles(_Strict):
-    """The dataset's own split: text files of image names, one a line (or CSVs whose first column is the id),
-    relative to data.root."""
+    """The dataset's own split: text files of names, one a line (or CSVs, id first), relative to data.root."""
 
     train: Path
     val: Path
@@ -66,8 +65,8 @@ class DataConfig(_Strict):
     resize: Literal["squash", "pad", "crop"] = "squash"
     # One-hot tables: the label columns. None: every column whose cells are all 0/1 (others ignored, noted).
     tag_columns: list[str] | None = None
-    # True: validation decodes every image in full (slow), so corrupt image data is found before training
-    # and handled by on_bad_image; false: header checks only (`chiptag validate --full` sets it).
+    # True: validation decodes every image in full (slow), so corrupt data is found before training and
+    # handled by on_bad_image; false: header checks only (`chiptag validate --full` sets it).
     full_check: bool = False
 
     @field_validator("extension")

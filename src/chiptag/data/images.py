@@ -35,6 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 RESIZE_MODES = ("squash", "pad", "crop")
+CORRUPT_HINT = (" — `chiptag validate --full` lists every such file; data.full_check: true with "
+                "data.on_bad_image: skip leaves them out of training")
 # libjpeg warns on this one and decodes every pixel (bytes after the entropy data); every other warning means
 # pixels were invented (a grey or smeared lower part), so the image is bad.
 HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker",)
@@ -191,7 +193,7 @@ class ImageDataset(torch.utils.data.Dataset):
             x = fit(read_rgb(self.paths[i]), self.pre)
         except ChiptagError as exc:
             if not self.keep_errors:
-                raise
+                raise ChiptagError(f"{exc}{CORRUPT_HINT if str(exc).startswith('corrupt') else ''}") from None
             return self._blank(), i, str(exc)
         except Exception as exc:  # noqa: BLE001 - e.g. a decoder's RuntimeError, reported per image
             if not self.keep_errors:

@@ -73,10 +73,11 @@ def row_from_summary(s: dict, run_id: str) -> RunRow:
         duration_s=(s.get("timings") or {}).get("total_s"), tracker=_tracker_link(s.get("tracker")))
 
 
-def _model_from_config(path: Path) -> tuple[int | None, str]:
+def _model_from_config(path: Path) -> tuple[int | None, str, str]:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     index = int(raw.get("active_model_index", 0))
-    return index, str(raw["models"][index]["name"])
+    entry = raw["models"][index]
+    return index, str(entry["name"]), str(entry.get("backbone", ""))
 
 
 def read_run(run_dir: Path) -> RunRow:
@@ -95,8 +96,9 @@ def read_run(run_dir: Path) -> RunRow:
             return RunRow(run_dir.name, "failed", f.get("active_model_index"), str(f.get("model", "?")),
                           note=str(f.get("error", "")))
         if config.is_file():
-            index, model = _model_from_config(config)
-            return RunRow(run_dir.name, "unfinished", index, model, note="no summary.json: still running, stopped or failed")
+            index, model, backbone = _model_from_config(config)
+            return RunRow(run_dir.name, "unfinished", index, model, backbone=backbone,
+                          note="no summary.json: still running, stopped or failed")
         return RunRow(run_dir.name, "broken", note="no summary.json or config.yaml")
     except Exception as exc:  # any damage to any file: the table still shows the others
         which = summary if summary.is_file() else failure if failure.is_file() else config
