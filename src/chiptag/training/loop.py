@@ -1,9 +1,9 @@
 """The epoch loop: phases in order; per epoch train -> evaluate -> log -> checkpoint -> scheduler.
 
 The loop owns the optimizer and LR schedule of each phase, the best-state tracking (`training.select`:
-validation loss, F2 at 0.5 or F2 at tuned thresholds; training.select) and the checkpoint of the best epoch. Its state is a `LoopState` (training.resume); after every
-epoch, and when SIGINT/SIGTERM arrives mid-epoch, it goes to resume.pt, so `chiptag train --resume` continues
-exactly where it stopped.
+validation loss, F2 at 0.5 or F2 at tuned thresholds; training.select) and the checkpoint of the best epoch.
+Its state is a `LoopState` (training.resume); after every epoch, and when SIGINT/SIGTERM arrives mid-epoch, it
+goes to resume.pt, so `chiptag train --resume` continues exactly where it stopped.
 """
 
 from __future__ import annotations

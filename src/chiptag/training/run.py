@@ -90,7 +90,8 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
         ds, vreport = preflight(cfg.data)
         splits = make_split(cfg.data, ds)
         if distributed.is_main():
-            run = new_run_dir(cfg.output.runs_dir, cfg.output.run_name, model_label(cfg.model.name, cfg.model.backbone))
+            label = model_label(cfg.model.name, cfg.model.backbone)  # the backbone actually trained
+            run = new_run_dir(cfg.output.runs_dir, cfg.output.run_name, label)
         else:
             run = RunDir(distributed.scratch_dir())
         write_text(run.config, config_mod.dump(cfg))  # --resume reads it back
