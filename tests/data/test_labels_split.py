@@ -110,7 +110,7 @@ def test_given_split_is_used_exactly_and_bad_lists_are_clear_errors(tmp_path):
     assert {k: v.tolist() for k, v in out.items()} == {"train": [0, 1, 2], "val": [3], "test": [4]}
     assert given_split(names + ["x"], frozenset({"b"}), files, ".jpg")["train"].tolist() == [0, 2]  # skipped
     files["test"].write_text("e\nzz\n")
-    with pytest.raises(ChiptagError, match=r"test.txt, line 2: 'zz' is not in the label table"):
+    with pytest.raises(ChiptagError, match=r"test.txt: 1 name\(s\) not in the label table \(e.g. 'zz'\)"):
         given_split(names, frozenset(), files)
     files["test"].write_text("e\na\n")
     with pytest.raises(ChiptagError, match=r"test.txt: 'a' is also in the train list"):

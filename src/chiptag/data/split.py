@@ -77,6 +77,10 @@ def read_name_list(path: Path) -> list[str]:
     return names
 
 
+def _examples(missing: list[str]) -> str:
+    return "e.g. " + ", ".join(repr(m) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
+
+
 def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Path],
                 extension: str = "") -> dict[str, np.ndarray]:
     """The dataset's own split (data.split.files): each list's names -> row indices, exactly as listed.
@@ -87,8 +91,8 @@ def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Pat
     out, owner, dropped = {}, {}, 0
     for split in SPLITS:
         path = files[split]
-        idx = []
-        for line, name in enumerate(read_name_list(path), start=1):
+        idx, missing = [], []
+        for name in read_name_list(path):
             if name not in pos and extension and name.endswith(extension):
                 name = name[: -len(extension)]  # a list of file names rather than ids
             if name in owner and owner[name] != split:
@@ -98,9 +102,13 @@ def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Pat
             if name in left_out:
                 dropped += 1
                 continue
-            if name not in pos:
-                raise ChiptagError(f"{path}, line {line}: {name!r} is not in the label table")
-            idx.append(pos[name])
+            if name in pos:
+                idx.append(pos[name])
+            else:
+                missing.append(name)
+        if missing:
+            raise ChiptagError(f"{path}: {len(missing)} name(s) not in the label table "
+                               f"({_examples(missing)})")
         if not idx:
             raise ChiptagError(f"{path}: no usable image in the {split} list")
         out[split] = np.array(sorted(set(idx)), dtype=np.int64)
