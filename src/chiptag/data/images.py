@@ -86,7 +86,7 @@ def _strict_jpeg(path: Path, raw: bytes) -> torch.Tensor | None:
         if not any(w in msg for w in HARMLESS_JPEG_WARNINGS):
             raise ChiptagError(f"corrupt JPEG data in {path}: {msg}") from None
         arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=False)
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1)  # a view: the resize or the batch stack copies it anyway
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
