@@ -273,8 +273,19 @@ def test_corrupt_jpeg_data_is_a_bad_image(tmp_path):
     path.write_bytes(corrupt_jpeg())
     with pytest.raises(ChiptagError, match=r"corrupt JPEG data in .*c.jpg: Corrupt JPEG data: premature end"):
         read_rgb(path)  # the decoder every path uses
-    ds, k, report = image_problem(tmp_path / "a", corrupt_jpeg())
-    assert "bad" in ds.table.names and not report.bad  # the fast header checks cannot see it
+    ds, k, report = image_problem(tmp_path / "a", corrupt_jpeg())  # the default checks (1/8-scale decode)
+    assert k["truncated"] == [(7, "OSError: Corrupt JPEG data: premature end of data segment")]
+    assert "bad" not in ds.table.names
+    with pytest.raises(ChiptagError, match="truncated or corrupt image data: 1\n    row 7: .*bad.jpg"):
+        preflight(make_data(tmp_path / "c", [("bad", "clear")], {"bad": corrupt_jpeg()}))  # on_bad_image=error
+
+
+def test_full_check_decodes_every_image(tmp_path, monkeypatch):
+    import chiptag.data.image_check as image_check
+
+    monkeypatch.setattr(image_check, "jpeg_corruption", lambda raw: None)  # as if the quick check missed it
+    ds, k, _ = image_problem(tmp_path / "a", corrupt_jpeg())
+    assert "bad" in ds.table.names
     ds, k, _ = image_problem(tmp_path / "b", corrupt_jpeg(), full_check=True)
     assert k["corrupt"][0][0] == 7 and "premature end of data segment" in k["corrupt"][0][1]
     assert "bad" not in ds.table.names

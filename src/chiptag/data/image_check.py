@@ -5,11 +5,12 @@ What each check costs and why it is enough:
 - `Image.open` reads only the header: format, mode and size (so a decompression bomb is caught before any
   pixel is decoded, and a PNG behind a `.jpg` name is seen);
 - JPEG: a complete file ends with the EOI marker (FF D9); only when it is absent is the file decoded, to tell
-  a truncated file from one with harmless trailing bytes;
+  a truncated file from one with harmless trailing bytes; a complete one is decoded at 1/8 scale with strict
+  libjpeg-turbo (data.images.jpeg_corruption), which reads all the entropy data and so finds corrupt data
+  behind an intact EOI, at about half the cost of a full decode;
 - PNG: `verify()` checks every chunk's CRC without decompressing pixels, which catches truncation and flips;
 - other formats are rare for chips and are decoded in full.
-A JPEG whose entropy data is corrupt (EOI intact) passes these checks; `full=True` (data.full_check,
-`chiptag validate --full`) decodes every image with the training decoder, which finds it.
+`full=True` (data.full_check, `chiptag validate --full`) decodes every image in full with the training decoder.
 
 Sizes: a side below data.min_side or more pixels than the cap are errors; with data.expected_size set, a
 side more than 2x off it is an error too; otherwise an image far from the usual size is only noted (datasets
@@ -27,7 +28,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from chiptag.data.images import read_rgb
+from chiptag.data.images import jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
 from chiptag.errors import ChiptagError
 
@@ -65,7 +66,10 @@ def _deep_check(im: Image.Image, f) -> None:
     if im.format == "PNG":
         im.verify()
     elif im.format == "JPEG" and _jpeg_complete(f):
-        return
+        f.seek(0)
+        problem = jpeg_corruption(f.read())
+        if problem:
+            raise OSError(problem)
     else:
         f.seek(0)
         with Image.open(f) as again:
