@@ -76,3 +76,19 @@ def test_planet_config_on_real_kaggle_layout(tmp_path, monkeypatch):
     assert yaml.safe_load((run / "config.yaml").read_text())["active_model_index"] == 4
     r = invoke("evaluate", run)
     assert r.exit_code == 0 and "test: F2" in r.output
+
+
+def test_validate_finds_corrupt_jpeg_data(tiny_data, tiny_config_file, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    chip = sorted((data / "train-jpg").glob("*.jpg"))[0]
+    raw = chip.read_bytes()
+    sos = raw.find(b"\xff\xda")
+    chip.write_bytes(raw[: sos + (len(raw) - sos) // 3] + b"\xff\xd9")  # entropy data cut, EOI intact
+    fast = runner.invoke(app, ["validate", "-c", str(tiny_config_file), "--set", f"data.root={data}"])
+    assert fast.exit_code == 2 and "premature end of data segment" in fast.output and chip.name in fast.output
+    full = runner.invoke(app, ["validate", "-c", str(tiny_config_file), "--set", f"data.root={data}", "--full",
+                               "--set", "data.on_bad_image=skip"])
+    assert full.exit_code == 0 and "1 would be skipped" in full.output

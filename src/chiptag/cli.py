@@ -81,12 +81,15 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
 @friendly
 def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML config"),
              set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. data.root=..."),
+             full: bool = typer.Option(False, "--full", help="decode every image completely (finds corrupt "
+                                       "JPEG data the fast header checks miss; = data.full_check: true)"),
              ) -> None:
     """Check CONFIG's label table and every image; list problems by kind. Exit 2 if training would stop."""
     from chiptag import config as config_mod
     from chiptag.data.validate import preflight
 
     cfg = config_mod.load(config, set_ or [])
+    cfg.data.full_check = cfg.data.full_check or full
     policy = cfg.data.on_bad_image
     cfg.data.on_bad_image = "skip"  # collect everything, then judge by the configured policy
     ds, report = preflight(cfg.data)
@@ -95,7 +98,7 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
     if report.bad and policy == "error":
         raise ChiptagError(f"{len(report.bad)} problem(s); training would stop (data.on_bad_image=error). "
                            "Fix them or set data.on_bad_image=skip.")
-    skipped = report.rows - len(ds.table)
+    skipped = report.skipped_rows(len(ds.table))
     print(f"ok: {len(ds.table)} usable rows" + (f", {skipped} would be skipped" if skipped else ""))
 
 
@@ -148,8 +151,9 @@ def report(run: Path = typer.Argument(..., help="run directory"),
 @app.command()
 @friendly
 def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
-            input_: Path = typer.Argument(..., metavar="INPUT", help="image folder, or CSV whose first column is "
-                                          "image_name (e.g. Planet's sample_submission.csv)"),
+            input_: Path = typer.Argument(..., metavar="INPUT", help="image folder, CSV whose first column is "
+                                          "image_name (e.g. Planet's sample_submission.csv), or a text file of "
+                                          "image names, one a line (e.g. a run's split/test.txt)"),
             out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="submission CSV to write"),
             probabilities: Optional[Path] = typer.Option(None, help="also write per-tag probabilities here"),
             tta: bool = typer.Option(False, "--tta", help="average the 8 flips/rotations of each chip (the "

@@ -20,11 +20,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SplitFiles(_Strict):
+    """The dataset's own split: text files of names, one a line (or CSVs, id first), relative to data.root."""
+
+    train: Path
+    val: Path
+    test: Path
+
+
 class SplitConfig(_Strict):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     seed: int = 0
+    files: SplitFiles | None = None  # given: used exactly as listed; the fractions and seed are then unused
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -47,8 +56,18 @@ class DataConfig(_Strict):
     on_bad_image: Literal["error", "skip"] = "error"
     # Images over this many pixels are reported as decompression bombs and never decoded (Pillow's default cap).
     max_image_pixels: int = Field(89_478_485, ge=1)
-    # Chip side in pixels; images more than 2x off are reported. None: the most common size in the data.
+    # Set: images with a side more than 2x off this are errors (bad images). None: any shape is fine; images
+    # far from the usual size are only noted.
     expected_size: int | None = Field(None, ge=1)
+    min_side: int = Field(16, ge=1)  # images with a shorter side are bad images
+    # How a non-square image becomes the model's square input: squash (stretch the whole image), pad
+    # (letterbox: whole image, aspect kept, padded with the mean colour), crop (the centred square).
+    resize: Literal["squash", "pad", "crop"] = "squash"
+    # One-hot tables: the label columns. None: every column whose cells are all 0/1 (others ignored, noted).
+    tag_columns: list[str] | None = None
+    # True: validation decodes every image in full (slow), so corrupt data is found before training and
+    # handled by on_bad_image; false: header checks only (`chiptag validate --full` sets it).
+    full_check: bool = False
 
     @field_validator("extension")
     @classmethod
@@ -114,6 +133,9 @@ class TrainingConfig(_Strict):
     grad_accum_steps: int = Field(1, ge=1)  # end-to-end training: optimiser step every N batches
     channels_last: bool = True  # end-to-end training: faster convolutions on CPU (oneDNN) and CUDA
     amp: bool = True  # bf16 autocast for end-to-end training on CUDA; ignored on CPU
+    # Which epoch's weights the checkpoint keeps: lowest validation loss, highest validation F2 at 0.5, or
+    # highest validation F2 at thresholds tuned on validation (benchmarks/checkpoint_select.py).
+    select: Literal["val_loss", "val_f2", "val_f2_tuned"] = "val_loss"
 
 
 class FeaturesConfig(_Strict):

@@ -63,3 +63,30 @@ def test_prefetched_batches_are_the_dataloader_batches(tiny_data):
     for (a, i, _), (b, j, _) in zip(ours, ref):
         assert torch.equal(a, b) and torch.equal(i, j)
     assert list(prefetched(ImageDataset([], Preprocessing(48)), 3)) == []
+
+
+def test_resize_modes_on_a_non_square_image():
+    from chiptag.data.images import fit, resize
+
+    img = torch.zeros(3, 40, 20, dtype=torch.uint8)  # 20 wide, 40 high
+    img[:, 10:30] = 255  # the centred 20x20 square is white, the top and bottom quarters black
+    squash = resize(img, 10, "squash")
+    assert squash.shape == (3, 10, 10) and squash[:, 0].max() < 0.5 and squash[:, 5].min() > 0.9
+    crop = resize(img, 10, "crop")
+    assert torch.allclose(crop, torch.ones(3, 10, 10))  # the centred square only
+    pre = Preprocessing(10, resize="pad")
+    pad = fit(img, pre)
+    assert pad.shape == (3, 10, 10)
+    # letterboxed: the image fills the middle 5 columns (aspect kept), the borders are the mean colour,
+    # which normalises to exactly 0
+    assert torch.allclose(normalize(pad[None], pre)[0][:, :, :2], torch.zeros(3, 10, 2), atol=1e-6)
+    assert pad[:, 5, 4:6].min() > 0.9 and pad[:, 0, 4:6].max() < 0.1
+    assert resize(torch.zeros(3, 10, 10, dtype=torch.uint8), 10, "pad").dtype == torch.uint8  # at size: as is
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        resize(img, 10, "stretch")
+
+
+def test_preprocessing_of_old_checkpoints_squashes():
+    old = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}  # written before data.resize existed
+    assert Preprocessing.from_dict(old).resize == "squash"
+    assert Preprocessing.from_dict(Preprocessing(32, resize="crop").to_dict()).resize == "crop"

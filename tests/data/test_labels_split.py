@@ -96,3 +96,25 @@ def test_split_is_seeded_disjoint_and_stratified(tmp_path):
 def test_split_rejects_bad_fractions():
     with pytest.raises(ChiptagError, match="sum to 1"):
         split_indices(np.ones((10, 2), dtype=np.uint8), 0.5, 0.2, 0.2)
+
+
+def test_given_split_is_used_exactly_and_bad_lists_are_clear_errors(tmp_path):
+    from chiptag.data.split import given_split
+
+    names = ["a", "b", "c", "d", "e", "f"]
+    files = {}
+    for split, text in {"train": "a\nb\n\nc\n", "val": "Id,title\nd,\"x, y\"\n", "test": "e.jpg\n"}.items():
+        files[split] = tmp_path / (f"{split}.csv" if split == "val" else f"{split}.txt")
+        files[split].write_text(text)
+    out = given_split(names, frozenset(), files, ".jpg")
+    assert {k: v.tolist() for k, v in out.items()} == {"train": [0, 1, 2], "val": [3], "test": [4]}
+    assert given_split(names + ["x"], frozenset({"b"}), files, ".jpg")["train"].tolist() == [0, 2]  # skipped
+    files["test"].write_text("e\nzz\n")
+    with pytest.raises(ChiptagError, match=r"test.txt: 1 name\(s\) not in the label table \(e.g. 'zz'\)"):
+        given_split(names, frozenset(), files)
+    files["test"].write_text("e\na\n")
+    with pytest.raises(ChiptagError, match=r"test.txt: 'a' is also in the train list"):
+        given_split(names, frozenset(), files)
+    files["test"].write_text("\n")
+    with pytest.raises(ChiptagError, match=r"test.txt: no image names in it"):
+        given_split(names, frozenset(), files)

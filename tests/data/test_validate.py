@@ -86,12 +86,33 @@ def test_bom_and_crlf_are_handled_and_noted(tmp_path):
     assert set(kinds(report)) == {"bom", "crlf"} and not report.bad
 
 
-def test_duplicate_same_tags(tmp_path):
+def test_identical_duplicate_rows_are_kept_once_and_noted(tmp_path):
     data = make_data(tmp_path, [("g1", "primary haze")])  # same set as row 3, other order
-    with pytest.raises(ChiptagError, match=r"duplicate image name, same tags.*: 1\n    row 7: .*'g1' first at row 3"):
-        preflight(data)
-    ds, report = preflight(skip(data))
-    assert ds.table.names.count("g1") == 1 and len(ds.table) == 5
+    ds, report = preflight(data)  # on_bad_image=error: nothing is ambiguous, so nothing stops
+    assert ds.table.names.count("g1") == 1 and len(ds.table) == 5 and not report.bad
+    assert kinds(report)["duplicate_same"] == [(7, "'g1' first at row 3")]
+    assert "identical duplicate row (same name, same tags): kept once: 1\n    row 7:" in report.format()
+
+
+def test_repeated_tag_in_a_row_is_noted(tmp_path):
+    ds, report = preflight(make_data(tmp_path, [("r", "cultivation primary cultivation"), ("s", "clear clear")]))
+    assert kinds(report)["repeated_tag"] == [(7, "'r': cultivation"), (8, "'s': clear")]
+    assert ds.table.tag_strings()[ds.table.names.index("r")] == "cultivation primary"
+
+
+def test_onehot_text_column_is_ignored_and_noted(tmp_path):
+    text = ("Id,Title,clear,haze\n" + "".join(f"g{i},A title {i},{i % 2},{1 - i % 2}\n" for i in range(5))
+            + "g1,A title 1,1,0\n")  # an identical duplicate too
+    data = make_data(tmp_path, text=text, id_column="Id")
+    ds, report = preflight(data)
+    assert ds.table.tags == ["clear", "haze"] and len(ds.table) == 5 and not report.bad
+    assert kinds(report)["ignored_column"] == [(1, "'Title'")]
+    named = make_data(tmp_path / "b", text=text, id_column="Id", tag_columns=["haze"], on_bad_image="skip")
+    ds, report = preflight(named)  # exactly the named columns: rows without a haze tag have no tags left
+    assert ds.table.tags == ["haze"] and ds.table.names == ["g0", "g2", "g4"]
+    assert kinds(report)["ignored_column"] == [(1, "'Title', 'clear'")]
+    with pytest.raises(ChiptagError, match=r"data.tag_columns names column\(s\) not in the table: 'nope'"):
+        preflight(make_data(tmp_path / "c", text=text, id_column="Id", tag_columns=["nope"]))
 
 
 def test_duplicate_conflicting_tags(tmp_path):
@@ -220,11 +241,54 @@ def test_convertible_modes_are_counted_and_converted_consistently(tmp_path):
     assert np.array_equal(read["m_48"].numpy(), np.asarray(base).transpose(2, 0, 1))
 
 
-def test_size_far_from_expected(tmp_path):
-    _, k, _ = image_problem(tmp_path, chip(6, size=128))
-    assert k["size_off"][0] == (7, "128x128, expected about 32x32")
+def test_size_far_from_usual_is_a_note_unless_expected_size_is_set(tmp_path):
+    ds, k, report = image_problem(tmp_path, chip(6, size=128))
+    assert k["size_unusual"][0] == (7, "128x128, most images have a longest side of 32")
+    assert "bad" in ds.table.names and not report.bad
     _, k, _ = image_problem(tmp_path / "b", chip(6, size=128), expected_size=128)
     assert [r for r, _ in k["size_off"]] == [2, 3, 4, 5, 6]  # configured size wins over the majority
+
+
+def test_non_square_and_tiny_images(tmp_path):
+    poster = Image.fromarray(np.zeros((444, 300, 3), dtype=np.uint8))  # 300 wide, 444 high
+    ds, k, report = image_problem(tmp_path, poster)
+    assert "bad" in ds.table.names and not report.bad  # any shape is fine by default
+    ds, k, _ = image_problem(tmp_path / "b", chip(6, size=12))
+    assert k["too_small"] == [(7, "12x12, shorter side below data.min_side=16")] and "bad" not in ds.table.names
+    ds, k, _ = image_problem(tmp_path / "c", chip(6, size=12), min_side=8)
+    assert "too_small" not in k and "bad" in ds.table.names
+
+
+def corrupt_jpeg(seed: int = 0) -> bytes:
+    """A JPEG whose entropy data stops a third of the way in, EOI marker intact (libjpeg: 'premature end of
+    data segment')."""
+    rng = np.random.default_rng(seed)
+    data = jpeg_bytes(Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)))
+    sos = data.find(b"\xff\xda")
+    return data[: sos + (len(data) - sos) // 3] + b"\xff\xd9"
+
+
+def test_corrupt_jpeg_data_is_a_bad_image(tmp_path):
+    path = tmp_path / "c.jpg"
+    path.write_bytes(corrupt_jpeg())
+    with pytest.raises(ChiptagError, match=r"corrupt JPEG data in .*c.jpg: Corrupt JPEG data: premature end"):
+        read_rgb(path)  # the decoder every path uses
+    ds, k, report = image_problem(tmp_path / "a", corrupt_jpeg())  # the default checks (1/8-scale decode)
+    assert k["truncated"] == [(7, "OSError: Corrupt JPEG data: premature end of data segment")]
+    assert "bad" not in ds.table.names
+    with pytest.raises(ChiptagError, match="truncated or corrupt image data: 1\n    row 7: .*bad.jpg"):
+        preflight(make_data(tmp_path / "c", [("bad", "clear")], {"bad": corrupt_jpeg()}))  # on_bad_image=error
+
+
+def test_full_check_decodes_every_image(tmp_path, monkeypatch):
+    import chiptag.data.image_check as image_check
+
+    monkeypatch.setattr(image_check, "jpeg_corruption", lambda raw: None)  # as if the quick check missed it
+    ds, k, _ = image_problem(tmp_path / "a", corrupt_jpeg())
+    assert "bad" in ds.table.names
+    ds, k, _ = image_problem(tmp_path / "b", corrupt_jpeg(), full_check=True)
+    assert k["corrupt"][0][0] == 7 and "premature end of data segment" in k["corrupt"][0][1]
+    assert "bad" not in ds.table.names
 
 
 def test_decompression_bomb_cap_is_configurable(tmp_path):

@@ -35,7 +35,8 @@ def one_file(cache: Path) -> Path:
 def _flip_a_feature_byte(path: Path, feats: torch.Tensor) -> None:
     """Flip one bit inside the stored feature data (found by its bytes, so the zip/pickle stays loadable)."""
     raw = bytearray(path.read_bytes())
-    needle = feats.contiguous().numpy().tobytes()[:64]
+    stored = torch.load(path, weights_only=True)["features"]  # the encoded values (features.cache.encode)
+    needle = stored.contiguous().numpy().tobytes()[:64]
     at = raw.find(needle)
     assert at > 0
     raw[at + 10] ^= 0x04
@@ -75,11 +76,37 @@ def test_fingerprint_mismatch_is_not_used(tiny_data, tmp_path):
     assert "rows" in cachefile.load_features(path, "key-a", 5)[1]
 
 
+def test_cache_keeps_features_float16_cannot_hold(tmp_path):
+    """A random-init EfficientNet's features are ~1e-14: plain float16 stored them as exact zeros."""
+    rng = torch.Generator().manual_seed(0)
+    feats = torch.rand(50, 16, generator=rng) * 1e-14 * torch.logspace(0, 3, 16)  # dims of different scales
+    feats[:, 3] = -feats[:, 3]
+    feats[:, 5] = 0.0  # an all-zero dimension stays zero
+    cachefile.save_features(tmp_path / "f.pt", "k", feats, [])
+    back, problem = cachefile.load_features(tmp_path / "f.pt", "k", 50)
+    assert problem == "" and back.dtype == torch.float32 and not torch.equal(feats.half().float(), feats)
+    rel = ((back - feats).abs() / feats.abs().amax(0).clamp_min(1e-30)).max()
+    assert rel < 2 ** -11 and torch.equal(back[:, 5], feats[:, 5])
+    assert (back[:, 0].std() > 0) and (back[:, 3] < 0).all()
+
+
+def test_degenerate_features_are_named():
+    from chiptag.features.extraction import degenerate, feature_warning
+
+    assert degenerate(torch.zeros(4, 3)) == "all zero"
+    assert degenerate(torch.ones(4, 3)) == "constant across images"
+    assert "vanishingly small" in degenerate(torch.rand(4, 3) * 1e-12)
+    assert degenerate(torch.rand(1, 4, 3)) is None
+    msg = feature_warning(torch.zeros(1, 4, 3), "efficientnet_b0", None)
+    assert "efficientnet_b0" in msg and "model.weights" in msg and "model.freeze: false" in msg
+
+
 def test_fingerprint_covers_images_and_preprocessing(tiny_data, tmp_path):
     paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:3]
     pre = Preprocessing(32)
     base = fingerprint("h", pre, paths, 0)
     assert fingerprint("h", Preprocessing(64), paths, 0) != base
+    assert fingerprint("h", Preprocessing(32, resize="pad"), paths, 0) != base
     assert fingerprint("other", pre, paths, 0) != base
     assert fingerprint("h", pre, paths, 1) != base
     assert fingerprint("h", pre, paths[:2], 0) != base

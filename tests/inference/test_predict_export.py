@@ -271,3 +271,23 @@ def test_cpu_and_cuda_predictions_agree_within_the_measured_tolerance(run_dir, c
     cpu = Predictor.from_run(run_dir, device="cpu").predict(chips)
     cuda = Predictor.from_run(run_dir, device="cuda").predict(chips)
     np.testing.assert_allclose(cuda, cpu, atol=CPU_CUDA_ATOL, rtol=0)
+
+
+def test_predict_accepts_a_text_file_of_names(run_dir, chips, tiny_data, tmp_path):
+    names = [c.stem for c in chips[:4]]
+    listing = tmp_path / "test.txt"  # as a run's split/test.txt is written
+    listing.write_text("".join(f"{n}\n" for n in names))
+    out = tmp_path / "p.csv"
+    r = invoke("predict", run_dir, listing, "--out", out, "--images", tiny_data / "train-jpg", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(out)["image_name"].tolist() == names
+
+
+def test_export_metadata_says_how_images_were_made_square(run_dir):
+    from chiptag.inference.export import metadata
+    from chiptag.models import checkpoint as ckpt_mod
+
+    ckpt = ckpt_mod.load(run_dir / "checkpoint.pt")
+    assert metadata(ckpt)["resize"] == "squash" == ckpt["preprocessing"]["resize"]
+    old = {**ckpt, "preprocessing": {k: v for k, v in ckpt["preprocessing"].items() if k != "resize"}}
+    assert metadata(old)["resize"] == "squash"  # checkpoints from before data.resize squashed

@@ -100,3 +100,19 @@ def test_a_single_failed_train_is_listed_as_failed(tiny_data, tmp_path):
         run_train(cfg)
     (row,) = list_runs(tmp_path / "runs")
     assert row.status == "failed" and "loss is" in row.note
+
+
+def test_backbone_baseline_and_delta_columns():
+    from chiptag.runs.layout import model_label
+    from chiptag.runs.table import delta_cell, row_from_summary
+
+    s = {"model": "resnet50", "backbone": "efficientnet_b0", "image_size": 224, "features": {"views": 8},
+         "tta": True, "metrics": {"test": {"f2": 0.4992, "f2_at_0.5": 0.45}},
+         "baseline": {"test": {"f2": 0.4990}}}
+    row = row_from_summary(s, "r1")
+    md = to_markdown([row])
+    assert "| resnet50 | efficientnet_b0 | 224 | 8 / TTA | 0.4992 | 0.4500 | 0.4990 | +0.0002 ≈ baseline |" in md
+    s["metrics"]["test"]["f2"] = 0.60
+    assert delta_cell(row_from_summary(s, "r1")) == "+0.1010"
+    assert model_label("resnet50", "efficientnet_b0") == "resnet50-efficientnet_b0"
+    assert model_label("resnet18-demo", "resnet18") == "resnet18-demo"

@@ -36,7 +36,7 @@ BAD = {
     "x_empty": ("clear primary", b"", "zero_bytes"),
     "x_trunc": ("clear primary", _bytes(_img(1), "JPEG")[:300], "truncated"),
     "x_junk": ("clear primary", b"GIF-not-really" * 20, "not_an_image"),
-    "x_big": ("clear primary", _bytes(_img(2, size=200), "JPEG"), "size_off"),
+    "x_tiny": ("clear primary", _bytes(_img(2, size=10), "JPEG"), "too_small"),
     "x_notags": ("", _bytes(_img(3), "JPEG"), "empty_tags"),
 }
 NOTES = {"x_png": ("clear primary", _bytes(_img(4), "PNG")),
@@ -70,7 +70,7 @@ def test_one_of_each_bad_input_stops_with_full_listing(tiny_data, tmp_path):
     else:
         raise AssertionError("training did not stop")
     for label in ("image file missing: 1", "image file is empty (0 bytes): 1", "truncated or corrupt image data: 1",
-                  "not an image Pillow can identify: 1", "image size far from the expected one", "empty tag list: 1",
+                  "not an image Pillow can identify: 1", "image smaller than data.min_side: 1", "empty tag list: 1",
                   "duplicate image name with conflicting tags", "content does not match its extension",
                   "converted to RGB: CMYK 1, L 1"):
         assert label in msg, label

@@ -39,3 +39,27 @@ def test_constant_schedule_keeps_the_learning_rate(tiny_config):
     cfg.training.scheduler.name = "constant"
     s = run_train(cfg)
     assert [h["lr"] for h in s["history"]] == [cfg.model.learning_rate] * 2 and s["scheduler"] == "constant"
+
+
+@pytest.mark.parametrize("select", ["val_loss", "val_f2_tuned"])
+def test_checkpoint_epoch_follows_training_select(tiny_config, select):
+    from chiptag.training.run import run_train
+
+    cfg = tiny_config(epochs=4)
+    cfg.training.select = select
+    s = run_train(cfg)
+    key, best = ("val/loss", min) if select == "val_loss" else ("val/f2_tuned", max)
+    values = [h[key] for h in s["history"]]
+    assert s["best_epoch"] == values.index(best(values)) + 1 and s["select"] == select
+
+
+def test_select_scores():
+    import numpy as np
+
+    from chiptag.training.select import score
+
+    ev = {"loss": 0.3, "targets": np.array([[1, 0], [0, 1]]), "probs": np.array([[0.4, 0.1], [0.2, 0.3]])}
+    assert score("val_loss", ev, 0.0) == (-0.3, {})
+    assert score("val_f2", ev, 0.25) == (0.25, {})
+    tuned, extra = score("val_f2_tuned", ev, 0.0)
+    assert tuned == pytest.approx(1.0) and extra == {"val/f2_tuned": tuned}

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from chiptag import config as config_mod
 from chiptag.features import extraction as features
+from chiptag.features.cache import decode
 from chiptag.models import checkpoint
 from chiptag.training import resume
 from chiptag.runs.layout import RunDir
@@ -136,7 +137,8 @@ def test_interrupted_extraction_resumes_from_saved_chunks(tiny_data, tmp_path, m
     s = run_train(resume=run_dir_of(tmp_path))
     assert s["features"]["resumed_from"] == 56 and calls == [40, 24]  # only the rest was extracted
     assert not partial.exists() and len(list(cache.glob("*.pt"))) == 1
-    resumed_feats = torch.load(next(cache.glob("*.pt")), weights_only=True)["features"]
+    stored = torch.load(next(cache.glob("*.pt")), weights_only=True)
+    resumed_feats = decode(stored["features"], stored["scale"])
     fresh = features.extract(*_extractor_and_paths(cfg))
     torch.testing.assert_close(resumed_feats.float(), fresh.float(), atol=2e-2, rtol=1e-2)
 

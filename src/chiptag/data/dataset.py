@@ -14,3 +14,4 @@ class Dataset:
     paths: list[Path]
     labels_path: Path
     image_dir: Path
+    left_out: frozenset[str] = frozenset()  # names of rows validation left out (data.on_bad_image=skip)

@@ -5,9 +5,16 @@ What each check costs and why it is enough:
 - `Image.open` reads only the header: format, mode and size (so a decompression bomb is caught before any
   pixel is decoded, and a PNG behind a `.jpg` name is seen);
 - JPEG: a complete file ends with the EOI marker (FF D9); only when it is absent is the file decoded, to tell
-  a truncated file from one with harmless trailing bytes;
+  a truncated file from one with harmless trailing bytes; a complete one is decoded at 1/8 scale with strict
+  libjpeg-turbo (data.images.jpeg_corruption), which reads all the entropy data and so finds corrupt data
+  behind an intact EOI, at about half the cost of a full decode;
 - PNG: `verify()` checks every chunk's CRC without decompressing pixels, which catches truncation and flips;
 - other formats are rare for chips and are decoded in full.
+`full=True` (data.full_check, `chiptag validate --full`) decodes every image in full with the training decoder.
+
+Sizes: a side below data.min_side or more pixels than the cap are errors; with data.expected_size set, a
+side more than 2x off it is an error too; otherwise an image far from the usual size is only noted (datasets
+of posters, thumbnails and chips of any shape are all fine: data.resize makes them square).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from chiptag.data.images import jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
+from chiptag.errors import ChiptagError
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
                      ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
@@ -57,14 +66,17 @@ def _deep_check(im: Image.Image, f) -> None:
     if im.format == "PNG":
         im.verify()
     elif im.format == "JPEG" and _jpeg_complete(f):
-        return
+        f.seek(0)
+        problem = jpeg_corruption(f.read())
+        if problem:
+            raise OSError(problem)
     else:
         f.seek(0)
         with Image.open(f) as again:
             again.load()
 
 
-def check_image(path: Path, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS) -> ImageInfo:
+def check_image(path: Path, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, full: bool = False) -> ImageInfo:
     fmt = mode = size = None
     try:
         if os.stat(path).st_size == 0:
@@ -86,34 +98,51 @@ def check_image(path: Path, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS) -> Imag
         return ImageInfo("not_an_image", "unknown format")
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:  # Pillow's ways of saying "broken"
         return ImageInfo("truncated", f"{exc.__class__.__name__}: {str(exc)[:80]}", fmt, mode, size)
+    if full:
+        try:
+            read_rgb(path)
+        except ChiptagError as exc:
+            return ImageInfo("corrupt", str(exc).replace(str(path), "the file")[:160], fmt, mode, size)
     return ImageInfo(None, "", fmt, mode, size)
 
 
-def _expected_size(sizes: Iterable[tuple[int, int]], configured: int | None) -> int | None:
-    if configured:
-        return configured
+def _usual_side(sizes: Iterable[tuple[int, int]]) -> int | None:
     counts = Counter(max(s) for s in sizes)
     return counts.most_common(1)[0][0] if counts else None
 
 
+def _size_problem(size: tuple[int, int], expected: int | None, usual: int | None,
+                  min_side: int) -> tuple[str, str] | None:
+    w, h = size
+    if min(w, h) < min_side:
+        return "too_small", f"{w}x{h}, shorter side below data.min_side={min_side}"
+    ref = expected or usual
+    if ref and (max(w, h) > ref * SIZE_TOLERANCE or min(w, h) * SIZE_TOLERANCE < ref):
+        if expected:
+            return "size_off", f"{w}x{h}, expected about {ref}x{ref}"
+        return "size_unusual", f"{w}x{h}, most images have a longest side of {ref}"
+    return None
+
+
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
                  max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
-                 check_size: bool = True) -> set[int]:
+                 min_side: int = 16, check_size: bool = True, full: bool = False) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
 
-    expected_size None: the most common chip side in the data (an odd one out is what this catches)."""
+    expected_size None: sizes far from the most common longest side are notes, not problems."""
     rows = list(rows) if rows is not None else [None] * len(paths)
-    infos = [check_image(Path(p), max_pixels) for p in paths]
+    infos = [check_image(Path(p), max_pixels, full) for p in paths]
     report.images += len(paths)
     bad: set[int] = set()
-    ok_sizes = [i.size for i in infos if i.kind is None and i.size]
-    expected = _expected_size(ok_sizes, expected_size)
+    usual = _usual_side(i.size for i in infos if i.kind is None and i.size)
     for i, (p, info) in enumerate(zip(paths, infos)):
         kind, detail = info.kind, info.detail
-        if kind is None and check_size and expected and info.size:
-            w, h = info.size
-            if max(w, h) > expected * SIZE_TOLERANCE or min(w, h) * SIZE_TOLERANCE < expected:
-                kind, detail = "size_off", f"{w}x{h}, expected about {expected}x{expected}"
+        if kind is None and check_size and info.size:
+            found = _size_problem(info.size, expected_size, usual, min_side)
+            if found and found[0] == "size_unusual":
+                report.add(found[0], p, rows[i], found[1])
+            elif found:
+                kind, detail = found
         if kind is not None:
             report.add(kind, p, rows[i], detail)
             bad.add(i)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,18 +34,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+RESIZE_MODES = ("squash", "pad", "crop")
+CORRUPT_HINT = (" — `chiptag validate --full` lists every such file; data.full_check: true with "
+                "data.on_bad_image: skip leaves them out of training")
+# libjpeg warns on this one and decodes every pixel (bytes after the entropy data); every other warning means
+# pixels were invented (a grey or smeared lower part), so the image is bad.
+HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker",)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "squash"  # data.resize: how a non-square image becomes the square input
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+        # checkpoints written before data.resize existed squashed every image
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("resize", "squash")))
 
 
 def _to_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +74,55 @@ def _pillow_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def _jpeg_warning(msg: str) -> str | None:
+    """libjpeg's message -> "corrupt", "harmless" (pixels all decoded) or None (not a data warning)."""
+    if "Corrupt JPEG" not in msg and "Premature end" not in msg:
+        return None
+    return "harmless" if any(w in msg for w in HARMLESS_JPEG_WARNINGS) else "corrupt"
+
+
+def jpeg_corruption(raw: bytes) -> str | None:
+    """libjpeg's complaint about corrupt data in JPEG bytes, or None. Decodes at 1/8 scale: every block's
+    entropy data is still read (where corruption shows) but little else is done, so it costs about half a
+    full decode — cheap enough for the pre-flight checks."""
+    try:
+        simplejpeg.decode_jpeg(raw, strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        return str(exc) if _jpeg_warning(str(exc)) == "corrupt" else None
+    return None
+
+
+def _strict_jpeg(path: Path, raw: bytes) -> torch.Tensor | None:
+    """JPEG bytes -> 3xHxW uint8, raising ChiptagError when libjpeg reports corrupt data (torchvision and
+    Pillow only print that on stderr and return made-up pixels). None: not decodable here (fall back)."""
+    try:
+        arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        kind = _jpeg_warning(str(exc))
+        if kind is None:
+            return None  # e.g. a JPEG flavour libjpeg-turbo does not read: torchvision / Pillow may
+        if kind == "corrupt":
+            raise ChiptagError(f"corrupt JPEG data in {path}: {exc}") from None
+        arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=False)
+    return torch.from_numpy(arr).permute(2, 0, 1)  # a view: the resize or the batch stack copies it anyway
+
+
 def read_rgb(path: str | Path) -> torch.Tensor:
     """Decode an image file to a 3xHxW uint8 RGB tensor. Grayscale, palette, RGBA/LA (alpha dropped), CMYK
-    and 16-bit inputs are converted, the same way in training and prediction (both call this)."""
+    and 16-bit inputs are converted, the same way in training and prediction (both call this). Corrupt JPEG
+    data is an error naming the file."""
     path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ChiptagError(f"image not found: {path}") from None
+    except OSError as exc:
+        raise ChiptagError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if raw[:2] == b"\xff\xd8":
+        img = _strict_jpeg(path, raw)
+        if img is not None:
+            return img
     try:
         return _to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
     except Exception:  # torchvision cannot decode some inputs (some CMYK, 16-bit gray); Pillow is the fallback
@@ -80,13 +137,37 @@ def read_rgb(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 3xHxW -> the whole chip at size x size (no crop: tags may sit at the edges). Already at size: the
-    uint8 tensor itself; else float in [0, 1] after an antialiased bilinear resize."""
-    if img.shape[-2:] == (size, size):
-        return img
-    return F.interpolate(img.float().div_(255.0).unsqueeze(0), size=(size, size), mode="bilinear",
+def _scaled(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return F.interpolate(img.float().div_(255.0).unsqueeze(0), size=(h, w), mode="bilinear",
                          antialias=True, align_corners=False).squeeze(0)
+
+
+def resize(img: torch.Tensor, size: int, mode: str = "squash",
+           fill: tuple[float, float, float] = IMAGENET_MEAN) -> torch.Tensor:
+    """uint8 3xHxW -> size x size by `mode` (data.resize): squash stretches the whole image (default: tags may
+    sit at the edges), pad letterboxes it (aspect kept, borders in `fill`, the mean colour, so they normalise
+    to 0), crop takes the centred square. Already at size: the uint8 tensor itself; else float in [0, 1]."""
+    h, w = img.shape[-2:]
+    if (h, w) == (size, size):
+        return img
+    if mode == "squash" or h == w:
+        return _scaled(img, size, size)
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return _scaled(img[:, top:top + side, left:left + side], size, size)
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode {mode!r} (valid: {', '.join(RESIZE_MODES)})")
+    nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+    out = torch.tensor(fill, dtype=torch.float32).view(3, 1, 1).repeat(1, size, size)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[:, top:top + nh, left:left + nw] = _scaled(img, nh, nw)
+    return out
+
+
+def fit(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """A decoded image -> the model's square input as `pre` says (size and data.resize mode)."""
+    return resize(img, pre.image_size, pre.resize, pre.mean)
 
 
 def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
@@ -99,7 +180,7 @@ def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 def preprocess(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """One decoded chip -> its normalised float 3xSxS input (the dataset + normalize path, for one image)."""
-    return normalize(resize(img, pre.image_size).unsqueeze(0), pre).squeeze(0)
+    return normalize(fit(img, pre).unsqueeze(0), pre).squeeze(0)
 
 
 def d4(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -127,10 +208,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            x = resize(read_rgb(self.paths[i]), self.pre.image_size)
+            x = fit(read_rgb(self.paths[i]), self.pre)
         except ChiptagError as exc:
             if not self.keep_errors:
-                raise
+                raise ChiptagError(f"{exc}{CORRUPT_HINT if str(exc).startswith('corrupt') else ''}") from None
             return self._blank(), i, str(exc)
         except Exception as exc:  # noqa: BLE001 - e.g. a decoder's RuntimeError, reported per image
             if not self.keep_errors:

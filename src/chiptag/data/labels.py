@@ -90,12 +90,31 @@ def _from_tags(path: Path, df: pd.DataFrame, id_col: str, tags_col: str) -> Labe
     return LabelTable(names, tags, encode(tag_lists, tags))
 
 
-def _from_onehot(path: Path, df: pd.DataFrame, id_col: str) -> LabelTable:
+def onehot_columns(path: Path, df: pd.DataFrame, id_col: str,
+                   tag_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """-> (label columns, ignored columns) of a one-hot table. tag_columns (data.tag_columns): exactly those.
+    None: the columns whose cells are mostly (at least half) 0/1 — a text or number column is ignored, while a
+    tag column with a typo stays a tag column, so its bad cells are reported rather than the tag lost."""
+    others = [c for c in df.columns if c != id_col]
+    if tag_columns is not None:
+        missing = [c for c in tag_columns if c not in df.columns or c == id_col]
+        if missing:
+            raise ChiptagError(f"{path}: data.tag_columns names column(s) not in the table: "
+                               f"{', '.join(map(repr, missing))} (columns: {', '.join(df.columns)})")
+        if not tag_columns:
+            raise ChiptagError(f"{path}: data.tag_columns is an empty list; name the label columns or use null")
+        return list(dict.fromkeys(tag_columns)), [c for c in others if c not in set(tag_columns)]
+    labels = [c for c in others if df[c].str.strip().isin(["0", "1"]).mean() >= 0.5]
+    if not labels:
+        raise ChiptagError(f"{path}: one-hot table has no 0/1 tag columns besides {id_col!r} "
+                           f"(columns: {', '.join(df.columns)}); name them with data.tag_columns")
+    return labels, [c for c in others if c not in set(labels)]
+
+
+def _from_onehot(path: Path, df: pd.DataFrame, id_col: str, tag_columns: Sequence[str] | None) -> LabelTable:
     names = [s.strip() for s in df[id_col]]
     _check_names(path, names)
-    tag_cols = [c for c in df.columns if c != id_col]
-    if not tag_cols:
-        raise ChiptagError(f"{path}: one-hot table has no tag columns besides {id_col!r}")
+    tag_cols, _ = onehot_columns(path, df, id_col, tag_columns)
     values = df[tag_cols].apply(lambda col: col.str.strip())
     bad = ~values.isin(["0", "1"])
     if bad.to_numpy().any():
@@ -107,12 +126,14 @@ def _from_onehot(path: Path, df: pd.DataFrame, id_col: str) -> LabelTable:
     return LabelTable(names, order, y)
 
 
-def resolve_format(path: Path, df: pd.DataFrame, fmt: str, id_column: str, tags_column: str) -> str:
-    """'auto' -> 'tags' when the tags column is there, else 'onehot'; checks the columns the format needs."""
+def resolve_format(path: Path, df: pd.DataFrame, fmt: str, id_column: str, tags_column: str,
+                   tag_columns: Sequence[str] | None = None) -> str:
+    """'auto' -> 'tags' when the tags column is there (and no tag_columns are named), else 'onehot'; checks
+    the columns the format needs."""
     if id_column not in df.columns:
         raise ChiptagError(f"{path}: missing id column {id_column!r} (columns: {', '.join(df.columns)})")
     if fmt == "auto":
-        fmt = "tags" if tags_column in df.columns else "onehot"
+        fmt = "tags" if tags_column in df.columns and tag_columns is None else "onehot"
     if fmt == "tags" and tags_column not in df.columns:
         raise ChiptagError(f"{path}: missing tags column {tags_column!r} (columns: {', '.join(df.columns)})")
     if fmt == "onehot" and len(df.columns) < 2:
@@ -121,13 +142,14 @@ def resolve_format(path: Path, df: pd.DataFrame, fmt: str, id_column: str, tags_
 
 
 def parse_table(path: Path, df: pd.DataFrame, fmt: str, id_column: str = "image_name",
-                tags_column: str = "tags") -> LabelTable:
+                tags_column: str = "tags", tag_columns: Sequence[str] | None = None) -> LabelTable:
     """A label table from rows of `path` (as read by read_table). fmt: 'tags' (image_name,tags), 'onehot'
-    (id + 0/1 columns) or 'auto'. Raises ChiptagError naming the file and row of the first bad one."""
-    fmt = resolve_format(path, df, fmt, id_column, tags_column)
+    (id + 0/1 columns: `tag_columns`, or found by onehot_columns) or 'auto'. Raises ChiptagError naming the
+    file and row of the first bad one."""
+    fmt = resolve_format(path, df, fmt, id_column, tags_column, tag_columns)
     if fmt == "tags":
         return _from_tags(path, df, id_column, tags_column)
-    return _from_onehot(path, df, id_column)
+    return _from_onehot(path, df, id_column, tag_columns)
 
 
 def align(table: LabelTable, tags: Sequence[str]) -> LabelTable:

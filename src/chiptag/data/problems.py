@@ -19,7 +19,7 @@ from chiptag.atomic import write_json, write_text
 # kind -> (severity, what the user reads)
 KINDS: dict[str, tuple[str, str]] = {
     "empty_name": ("bad", "empty image name"),
-    "duplicate_same": ("bad", "duplicate image name, same tags (skip keeps the first row)"),
+    "duplicate_same": ("note", "identical duplicate row (same name, same tags): kept once"),
     "duplicate_conflict": ("bad", "duplicate image name with conflicting tags (skip drops every copy)"),
     "empty_tags": ("bad", "empty tag list"),
     "unknown_tag": ("bad", "tag outside the run's vocabulary"),
@@ -31,6 +31,13 @@ KINDS: dict[str, tuple[str, str]] = {
     "truncated": ("bad", "truncated or corrupt image data"),
     "bomb": ("bad", "image over the pixel cap (data.max_image_pixels; decompression bomb guard)"),
     "size_off": ("bad", "image size far from the expected one (data.expected_size)"),
+    "too_small": ("bad", "image smaller than data.min_side"),
+    "corrupt": ("bad", "corrupt image data (found by a full decode)"),
+    "size_unusual": ("note", "image size far from the usual one (fine: data.resize makes it square; set "
+                             "data.expected_size to make this an error)"),
+    "ignored_column": ("note", "label-table column that is not a 0/1 tag column (ignored; data.tag_columns "
+                               "names the label columns)"),
+    "repeated_tag": ("note", "tag repeated within a row (counted once)"),
     "bom": ("note", "UTF-8 byte-order mark at the start of the label table (ignored)"),
     "crlf": ("note", "CRLF (Windows) line ends in the label table (handled)"),
     "whitespace": ("note", "stray whitespace around names or tags (stripped)"),
@@ -62,6 +69,10 @@ class Report:
         if kind not in KINDS:
             raise KeyError(f"unknown problem kind {kind!r}")
         self.problems.append(Problem(kind, str(file), row, detail))
+
+    def skipped_rows(self, usable: int) -> int:
+        """Rows left out of `usable` ones; the repeats of identical duplicate rows are merged, not skipped."""
+        return self.rows - usable - len(self.by_kind().get("duplicate_same", []))
 
     def of_severity(self, severity: str) -> list[Problem]:
         return [p for p in self.problems if KINDS[p.kind][0] == severity]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from chiptag.atomic import write_text
 from chiptag.errors import ChiptagError
+from chiptag.progress import console
 
 SPLITS = ("train", "val", "test")
 
@@ -52,3 +55,75 @@ def load_split(names: list[str], split_dir: Path) -> dict[str, np.ndarray]:
             raise ChiptagError(f"{path}: {len(missing)} image(s) not in the label table, e.g. {missing[0]!r}")
         out[name] = np.array([pos[s] for s in items], dtype=np.int64)
     return out
+
+
+def read_name_list(path: Path) -> list[str]:
+    """Image names from a text file (one a line; blank lines ignored) or a CSV (its first column, after the
+    header). Used for given splits and by `chiptag predict`."""
+    if not path.is_file():
+        raise ChiptagError(f"name list not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChiptagError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))[1:]  # after the header
+        lines = [r[0].strip() if r else "" for r in rows]
+    else:
+        lines = [s.strip() for s in text.splitlines()]
+    names = [s for s in lines if s]
+    if not names:
+        raise ChiptagError(f"{path}: no image names in it")
+    return names
+
+
+def _examples(missing: list[str]) -> str:
+    return "e.g. " + ", ".join(repr(m) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
+
+
+def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Path],
+                extension: str = "") -> dict[str, np.ndarray]:
+    """The dataset's own split (data.split.files): each list's names -> row indices, exactly as listed.
+
+    Names the label table lacks, and names in two lists, are errors; names validation left out (on_bad_image
+    skip) are dropped from their list and counted."""
+    pos = {n: i for i, n in enumerate(names)}
+    out, owner, dropped = {}, {}, 0
+    for split in SPLITS:
+        path = files[split]
+        idx, missing = [], []
+        for name in read_name_list(path):
+            if name not in pos and extension and name.endswith(extension):
+                name = name[: -len(extension)]  # a list of file names rather than ids
+            if name in owner and owner[name] != split:
+                raise ChiptagError(f"{path}: {name!r} is also in the {owner[name]} list; "
+                                   "the split lists must not overlap")
+            owner[name] = split
+            if name in left_out:
+                dropped += 1
+                continue
+            if name in pos:
+                idx.append(pos[name])
+            else:
+                missing.append(name)
+        if missing:
+            raise ChiptagError(f"{path}: {len(missing)} name(s) not in the label table "
+                               f"({_examples(missing)})")
+        if not idx:
+            raise ChiptagError(f"{path}: no usable image in the {split} list")
+        out[split] = np.array(sorted(set(idx)), dtype=np.int64)
+    unused = len(names) - sum(len(v) for v in out.values())
+    if dropped or unused:
+        console.print(f"given split: {dropped} listed image(s) left out by validation, {unused} labelled "
+                      "image(s) in no list (not used)")
+    return out
+
+
+def make_split(data, ds) -> dict[str, np.ndarray]:
+    """The run's split: data.split.files when given (paths relative to data.root), else a stratified draw.
+    `data` is a config.DataConfig, `ds` the validated data.dataset.Dataset."""
+    sp = data.split
+    if sp.files is None:
+        return split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
+    files = {s: Path(data.root) / getattr(sp.files, s) for s in SPLITS}
+    return given_split(ds.table.names, ds.left_out, files, data.extension)

@@ -29,11 +29,10 @@ def _file_notes(path: Path, report: Report) -> None:
         report.add("crlf", path, None, f"{crlf} line(s)")
 
 
-def _row_keys(path: Path, df: pd.DataFrame, fmt: str, id_col: str, tags_col: str,
+def _row_keys(path: Path, df: pd.DataFrame, fmt: str, id_col: str, tags_col: str, tag_cols: list[str],
               vocabulary: Sequence[str] | None, report: Report) -> tuple[list[str], list, set[int]]:
     """Per-row checks. Returns (stripped names, a hashable tag key per row, bad row positions)."""
     vocab = set(vocabulary) if vocabulary is not None else None
-    tag_cols = [c for c in df.columns if c != id_col]
     names, keys, bad = [], [], set()
     raw_names = df[id_col].tolist()
     cells = df[tags_col].tolist() if fmt == "tags" else df[tag_cols].to_numpy().tolist()
@@ -49,6 +48,9 @@ def _row_keys(path: Path, df: pd.DataFrame, fmt: str, id_col: str, tags_col: str
             stray = raw_name != name or (items and cell != " ".join(items))
             problems = _tags_row(items, vocab)
             keys.append(frozenset(items))
+            repeated = sorted({t for t in items if items.count(t) > 1})
+            if repeated:
+                report.add("repeated_tag", path, row, f"{name!r}: {' '.join(repeated)}")
         else:
             values = [v.strip() for v in cell]
             stray = raw_name != name or any(v != s for v, s in zip(cell, values))
@@ -79,34 +81,48 @@ def _onehot_row(values: list[str], cols: list[str], vocab: set[str] | None) -> l
     return out
 
 
-def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> set[int]:
+def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> tuple[set[int], set[int]]:
+    """-> (bad rows: every copy of a conflicting duplicate, repeated rows of identical duplicates: dropped,
+    the first copy is kept)."""
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         if n:
             groups.setdefault(n, []).append(i)
     bad: set[int] = set()
+    repeats: set[int] = set()
     for name, idx in groups.items():
         if len(idx) == 1:
             continue
         if len({keys[i] for i in idx}) == 1:  # same tags: keeping the first loses nothing
             for i in idx[1:]:
                 report.add("duplicate_same", path, i + 2, f"{name!r} first at row {idx[0] + 2}")
-                bad.add(i)
+                repeats.add(i)
         else:
             rows = ", ".join(str(i + 2) for i in idx)
             for i in idx:
                 report.add("duplicate_conflict", path, i + 2, f"{name!r} at rows {rows}")
                 bad.add(i)
-    return bad
+    return bad, repeats
 
 
-def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data,
+def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data, tag_cols: list[str],
                  vocabulary: Sequence[str] | None) -> labels_mod.LabelTable:
     sub = df.iloc[keep].reset_index(drop=True)
     if fmt == "onehot" and vocabulary is not None:  # rows with a 1 outside the vocabulary are gone
-        sub = sub[[c for c in sub.columns if c == data.id_column or c in set(vocabulary)]]
-    table = labels_mod.parse_table(path, sub, fmt, data.id_column, data.tags_column)
+        tag_cols = [c for c in tag_cols if c in set(vocabulary)]
+    table = labels_mod.parse_table(path, sub, fmt, data.id_column, data.tags_column,
+                                   tag_cols if fmt == "onehot" else None)
     return labels_mod.align(table, vocabulary) if vocabulary is not None else table
+
+
+def _label_columns(path: Path, df: pd.DataFrame, fmt: str, data, report: Report) -> list[str]:
+    """One-hot: the label columns (data.tag_columns, or the 0/1 ones); the others are named once in a note."""
+    if fmt != "onehot":
+        return []
+    cols, ignored = labels_mod.onehot_columns(path, df, data.id_column, data.tag_columns)
+    if ignored:
+        report.add("ignored_column", path, 1, ", ".join(map(repr, ignored)))
+    return cols
 
 
 def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset, Report]:
@@ -116,11 +132,13 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
         raise ChiptagError(f"data.root: directory not found: {root} (for the demo: chiptag demo-data {root})")
     path = root / data.labels if data.labels else labels_mod.find_label_file(root)
     df = labels_mod.read_table(path)  # missing, empty, unparsable: one clear error each
-    fmt = labels_mod.resolve_format(path, df, data.format, data.id_column, data.tags_column)
+    fmt = labels_mod.resolve_format(path, df, data.format, data.id_column, data.tags_column, data.tag_columns)
     report = Report(rows=len(df), policy=data.on_bad_image)
     _file_notes(path, report)
-    names, keys, bad = _row_keys(path, df, fmt, data.id_column, data.tags_column, vocabulary, report)
-    bad |= _duplicates(path, names, keys, report)
+    tag_cols = _label_columns(path, df, fmt, data, report)
+    names, keys, bad = _row_keys(path, df, fmt, data.id_column, data.tags_column, tag_cols, vocabulary, report)
+    conflicts, repeats = _duplicates(path, names, keys, report)
+    bad |= conflicts
     image_dir = root / data.images
     if not image_dir.is_dir():
         raise ChiptagError(f"data.images: image folder not found: {image_dir}")
@@ -128,16 +146,18 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
     seen: set[str] = set()
     check = [i for i, n in enumerate(names) if n and not (n in seen or seen.add(n))]  # each file once
     bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
-                           max_pixels=data.max_image_pixels, expected_size=data.expected_size)
+                           max_pixels=data.max_image_pixels, expected_size=data.expected_size,
+                           min_side=data.min_side, full=data.full_check)
     bad_img_names = {names[check[j]] for j in bad_img}
     bad |= {i for i, n in enumerate(names) if n in bad_img_names}
     if report.bad and data.on_bad_image == "error":
         raise ChiptagError(report.error_message())
-    keep = [i for i in range(len(df)) if i not in bad]
+    keep = [i for i in range(len(df)) if i not in bad and i not in repeats]
     if not keep:
         raise ChiptagError(f"no usable rows left in {path} after skipping:\n{report.format()}")
-    table = _build_table(path, df, keep, fmt, data, vocabulary)
-    return Dataset(table, [paths[i] for i in keep], path, image_dir), report
+    table = _build_table(path, df, keep, fmt, data, tag_cols, vocabulary)
+    left_out = frozenset(names[i] for i in bad) - set(table.names)
+    return Dataset(table, [paths[i] for i in keep], path, image_dir, left_out), report
 
 
 def load_dataset(data, vocabulary: Sequence[str] | None = None) -> Dataset:

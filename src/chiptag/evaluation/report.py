@@ -18,7 +18,7 @@ from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
 from chiptag.evaluation import sheets as error_sheets
 from chiptag.progress import console
-from chiptag.runs.layout import RunDir
+from chiptag.runs.layout import RunDir, model_label
 
 FIGURES = {"training_curves": "training_curves.png", "per_class_f2": "per_class_f2.png",
            "pr_curves": "pr_curves.png"}
@@ -148,7 +148,7 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
     m, b, tags = summary["metrics"], summary["baseline"], summary["tags"]
     n = summary.get("n_images", {})
     lines = [
-        f"# Run {summary.get('run_id', '?')}: {summary.get('model', '?')}",
+        f"# Run {summary.get('run_id', '?')}: {model_label(str(summary.get('model', '?')), summary.get('backbone'))}",
         "",
         f"{summary.get('backbone', '?')} (weights {summary.get('weights_id', '?')}, frozen "
         f"{summary.get('frozen', '?')}), {summary.get('image_size', '?')} px, head {summary.get('head', '?')}; "

@@ -1,4 +1,4 @@
-"""Frozen-backbone features: extracted once per image (and view), cached on disk as float16, reused.
+"""Frozen-backbone features: extracted once per image (and view), cached on disk (features.cache), reused.
 
 The cache key covers everything that changes the numbers: the backbone's actual parameters (a hash, so
 random-init and file weights are covered too), the preprocessing, the view, and each image's name, size and
@@ -23,11 +23,12 @@ from chiptag import distributed
 from chiptag.data.images import ImageDataset, Preprocessing, batches, normalize
 from chiptag.errors import ChiptagError
 from chiptag.features.backends import Forward
-from chiptag.features.cache import PartialCache, load_features, save_features
+from chiptag.features.cache import PartialCache, load_features, save_features, stored
 from chiptag.interrupt import Interrupted, stop_requested
 from chiptag.progress import console, progress_bar
 
-CACHE_VERSION = 2  # 2: files carry a sha256 of their features
+CACHE_VERSION = 3  # 2: files carry a sha256 of their features; 3: per-dimension scaled float16, data.resize
+TINY_FEATURES = 1e-6  # largest |feature| below this: a head's weights barely move, as if they were zero
 CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on SIGINT/SIGTERM)
 
 
@@ -60,6 +61,7 @@ class FeatureInfo:
     views: int = 1
     engine: str | None = None
     tta: bool | None = None
+    degenerate: str | None = None  # what is wrong with the features (features.extraction.degenerate)
     per_view: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -79,6 +81,32 @@ def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], v
     return h.hexdigest()
 
 
+def degenerate(feats: torch.Tensor) -> str | None:
+    """What is wrong with features no head can learn from (all zero, constant across images, vanishingly
+    small), or None. feats: (..., N, dim)."""
+    x = feats.float().reshape(-1, feats.shape[-1]) if feats.numel() else feats
+    if not x.numel():
+        return None
+    top = float(x.abs().max())
+    if top == 0:
+        return "all zero"
+    if len(x) > 1 and float((x.max(0).values - x.min(0).values).max()) == 0:
+        return "constant across images"
+    if top < TINY_FEATURES:
+        return f"vanishingly small (largest |value| {top:.1e})"
+    return None
+
+
+def feature_warning(feats: torch.Tensor, backbone: str, weights: str | None) -> str | None:
+    """A warning naming the backbone and what to do when its features are degenerate, else None."""
+    what = degenerate(feats)
+    if what is None:
+        return None
+    return (f"the frozen {backbone} (weights {weights}) gives features that are {what}: a head trained on them "
+            "can only learn tag frequencies (the constant baseline). Use pretrained weights (model.weights: "
+            "DEFAULT or a state-dict file), or train the backbone (model.freeze: false).")
+
+
 def default_workers(requested: int | str, device: str | torch.device | None = None) -> int:
     if requested != "auto":
         return int(requested)
@@ -94,7 +122,7 @@ def default_workers(requested: int | str, device: str | torch.device | None = No
 @torch.inference_mode()
 def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
             should_stop: Callable[[], object] | None = None) -> torch.Tensor:
-    """Backbone forward over images -> (N, dim) float16 on CPU, through the one input path (data.images).
+    """Backbone forward over images -> (N, dim) float32 on CPU, through the one input path (data.images).
 
     should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
     data = ImageDataset(paths, ex.pre, view=view)
@@ -103,11 +131,11 @@ def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
         for x, _, _ in batches(data, ex.batch_size, ex.num_workers, ex.device):
             # uint8 crosses to the device (a quarter of the bytes) and is normalised there
             x = x.to(ex.device, non_blocking=True)
-            chunks.append(ex.forward(normalize(x, ex.pre)).cpu().half())
+            chunks.append(ex.forward(normalize(x, ex.pre)).float().cpu())
             advance(len(x))
             if should_stop is not None and should_stop():
                 break
-    return torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
 def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Path, view: int,
@@ -130,7 +158,7 @@ def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Pat
         if signum and done < len(paths):
             raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
                                       f"saved in {partial.dir}")
-    feats = torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.float16)
+    feats = stored(torch.cat(chunks) if chunks else torch.empty(0, 0))  # exactly what a cache hit returns
     save_features(path, key, feats, [p.name for p in paths])
     partial.clear()
     return feats
@@ -158,7 +186,7 @@ def cached_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None
         path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     if distributed.active():  # each rank extracts its shard; gathered on every rank; rank 0 writes the cache
-        feats = distributed.shard_extract(sharded, paths)
+        feats = stored(distributed.shard_extract(sharded, paths))
         if distributed.is_main():
             save_features(path, key, feats, [p.name for p in paths])
     else:

@@ -34,7 +34,7 @@ def make_extractor(net: nn.Module, name: str, pre: Preprocessing, fcfg, device: 
 
 def view_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None,
                   views: int = 1) -> tuple[torch.Tensor, FeatureInfo]:
-    """-> (features (V, N, dim) float16, info). One cache file per view (the view is in the fingerprint)."""
+    """-> (features (V, N, dim) float32, info). One cache file per view (the view is in the fingerprint)."""
     feats, infos = [], []
     for v in range(views):
         f, info = cached_features(ex, paths, cache_dir, view=v)

@@ -3,7 +3,7 @@
 The exported function is ProbabilityModel (the same one `chiptag predict` runs): input `images`, float32
 N×3×S×S, RGB scaled to [0, 1] then normalised with the stored mean/std; output `probabilities`, N×n_tags
 after the sigmoid; the batch dimension is dynamic. The file carries what a user needs to preprocess and
-threshold: `tags` and `thresholds` (JSON lists, tag order), `image_size`, `mean`, `std` (JSON) — as ONNX
+threshold: `tags` and `thresholds` (JSON lists, tag order), `image_size`, `resize`, `mean`, `std` (JSON) — as ONNX
 metadata_props, or TorchScript extra files of the same names.
 """
 
@@ -37,7 +37,11 @@ def metadata(ckpt: dict) -> dict[str, str]:
         "image_size": str(int(pre["image_size"])),
         "mean": json.dumps([float(v) for v in pre["mean"]]),
         "std": json.dumps([float(v) for v in pre["std"]]),
-        "input": "images: float32 N x 3 x image_size x image_size, RGB / 255, then (x - mean) / std",
+        # how a non-square image became the square input in training (checkpoints before it: squash)
+        "resize": str(pre.get("resize", "squash")),
+        "input": "images: float32 N x 3 x image_size x image_size (made square as `resize` says: squash = "
+                 "stretch, pad = letterbox with the mean colour, crop = centred square), RGB / 255, then "
+                 "(x - mean) / std",
         "output": "probabilities: float32 N x len(tags), after sigmoid; tag i is on where prob >= thresholds[i]",
         "backbone": str(ckpt["backbone"]),
         "chiptag_version": __version__,

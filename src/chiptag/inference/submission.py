@@ -1,8 +1,9 @@
 """`chiptag predict RUN INPUT`: resolve the input chips, predict, write a Kaggle submission.
 
-INPUT is a folder of images (rows in natural name order) or a CSV whose first column is `image_name`
-(names without extension, e.g. Planet's sample_submission.csv; rows keep the CSV's order). A CSV's images
-are looked up in `--images` folders, in the order given (first match wins); without `--images`, in the
+INPUT is a folder of images (rows in natural name order), a CSV whose first column is `image_name`
+(names without extension, e.g. Planet's sample_submission.csv; rows keep the CSV's order), or a plain text
+file of names, one a line (a run's `split/test.txt`; any file that is not a .csv). A list's images are
+looked up in `--images` folders, in the order given (first match wins); without `--images`, in the
 CSV's own folder and, when present, its `test-jpg/` and `test-jpg-additional/` (Planet's layout).
 
 Failed images (missing or unreadable) keep their row with empty tags, so the submission still has every row
@@ -25,6 +26,7 @@ import pandas as pd
 from chiptag.atomic import replacing
 from chiptag.data.image_check import validate_images
 from chiptag.data.problems import KINDS
+from chiptag.data.split import read_name_list
 from chiptag.errors import ChiptagError
 from chiptag.inference.predictor import Predictor
 from chiptag.progress import console
@@ -95,7 +97,8 @@ def read_names(csv: Path) -> list[str]:
 
 
 def inputs_from_csv(csv: Path, image_dirs: Sequence[Path], ext: str | None) -> Inputs:
-    names = read_names(csv)
+    """A CSV of names (first column image_name) or a text file of names, one a line."""
+    names = read_names(csv) if csv.suffix.lower() == ".csv" else read_name_list(csv)
     if not image_dirs:
         image_dirs = [csv.parent] + [csv.parent / d for d in PLANET_TEST_DIRS if (csv.parent / d).is_dir()]
     for d in image_dirs:
@@ -121,7 +124,7 @@ def resolve_inputs(source: Path, image_dirs: Sequence[Path], ext: str | None) ->
         return inputs_from_folder(source, ext)
     if source.is_file():
         return inputs_from_csv(source, image_dirs, ext)
-    raise ChiptagError(f"input not found: {source} (give an image folder or a CSV of image names)")
+    raise ChiptagError(f"input not found: {source} (give an image folder, a CSV or a text file of image names)")
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

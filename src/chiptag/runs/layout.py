@@ -78,6 +78,15 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def model_label(model: str, backbone: str | None) -> str:
+    """A model entry's name as runs are named and listed: with the backbone actually trained appended when
+    the name does not already say it (an entry `resnet50` run with --set model.backbone=efficientnet_b0
+    reads `resnet50-efficientnet_b0`, not `resnet50`)."""
+    if not backbone or backbone.lower() in model.lower():
+        return model
+    return f"{model}-{backbone}"
+
+
 def new_run_dir(runs_dir: Path, base: str | None, model: str) -> RunDir:
     """A fresh run dir under `runs_dir`: `base` (default <timestamp>-<model>), suffixed -2, -3... if taken."""
     base = base or f"{datetime.now():%Y%m%d-%H%M%S}-{model}"

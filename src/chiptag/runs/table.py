@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from chiptag.errors import ChiptagError
+from chiptag.evaluation.metrics import BASELINE_TOLERANCE
 from chiptag.runs.layout import RunDir
 
 SORT_KEYS = ("run", "f2", "f2_05", "model", "duration")
@@ -25,8 +26,12 @@ class RunRow:
     status: str  # completed | failed | unfinished | broken
     index: int | None = None
     model: str = "?"
+    backbone: str = ""  # the backbone actually trained (model.backbone may override the entry's name)
+    image_size: str = ""
+    views: str = ""  # cached views, and whether evaluation averaged them (TTA)
     f2: float | None = None  # test split, tuned thresholds: the headline
     f2_05: float | None = None  # test split, every threshold at 0.5
+    baseline: float | None = None  # test F2 of the constant baseline
     pos_weight: str = ""
     optimizer: str = ""
     scheduler: str = ""
@@ -46,12 +51,21 @@ def _tracker_link(tracker: Any) -> str:
     return "local"
 
 
+def _views(s: dict) -> str:
+    views = s.get("views") or (s.get("features") or {}).get("views") or 1
+    tta = s.get("tta", (s.get("features") or {}).get("tta"))
+    return f"{views}" + (" / TTA" if tta else "")
+
+
 def row_from_summary(s: dict, run_id: str) -> RunRow:
     test = s["metrics"]["test"]
     best = s.get("best_epoch")
+    base = ((s.get("baseline") or {}).get("test") or {}).get("f2")
     return RunRow(
         run_id=run_id, status=str(s.get("status", "completed")), index=s.get("active_model_index"),
-        model=str(s["model"]), f2=float(test["f2"]), f2_05=float(test["f2_at_0.5"]),
+        model=str(s["model"]), backbone=str(s.get("backbone", "")), image_size=str(s.get("image_size", "")),
+        views=_views(s), f2=float(test["f2"]), f2_05=float(test["f2_at_0.5"]),
+        baseline=None if base is None else float(base),
         pos_weight="on" if s.get("pos_weight") else "off", optimizer=str(s.get("optimizer", "")),
         scheduler=str(s.get("scheduler", "")),
         epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else ""),
@@ -59,10 +73,11 @@ def row_from_summary(s: dict, run_id: str) -> RunRow:
         duration_s=(s.get("timings") or {}).get("total_s"), tracker=_tracker_link(s.get("tracker")))
 
 
-def _model_from_config(path: Path) -> tuple[int | None, str]:
+def _model_from_config(path: Path) -> tuple[int | None, str, str]:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     index = int(raw.get("active_model_index", 0))
-    return index, str(raw["models"][index]["name"])
+    entry = raw["models"][index]
+    return index, str(entry["name"]), str(entry.get("backbone", ""))
 
 
 def read_run(run_dir: Path) -> RunRow:
@@ -81,8 +96,9 @@ def read_run(run_dir: Path) -> RunRow:
             return RunRow(run_dir.name, "failed", f.get("active_model_index"), str(f.get("model", "?")),
                           note=str(f.get("error", "")))
         if config.is_file():
-            index, model = _model_from_config(config)
-            return RunRow(run_dir.name, "unfinished", index, model, note="no summary.json: still running, stopped or failed")
+            index, model, backbone = _model_from_config(config)
+            return RunRow(run_dir.name, "unfinished", index, model, backbone=backbone,
+                          note="no summary.json: still running, stopped or failed")
         return RunRow(run_dir.name, "broken", note="no summary.json or config.yaml")
     except Exception as exc:  # any damage to any file: the table still shows the others
         which = summary if summary.is_file() else failure if failure.is_file() else config
@@ -120,16 +136,25 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-COLUMNS = ("#", "run", "model", "F2 test (tuned)", "F2@0.5", "pos_weight", "optimizer", "scheduler", "epochs",
-           "head layers", "frozen", "duration", "tracker", "status")
+COLUMNS = ("#", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
+           "baseline F2", "Δ", "pos_weight", "optimizer", "scheduler", "epochs", "head layers", "frozen",
+           "duration", "tracker", "status")
+
+
+def delta_cell(r: RunRow) -> str:
+    """Test F2 minus the constant baseline's; a completed run within BASELINE_TOLERANCE is marked."""
+    if r.f2 is None or r.baseline is None:
+        return ""
+    gap = r.f2 - r.baseline
+    return f"{gap:+.4f}" + (" ≈ baseline" if abs(gap) < BASELINE_TOLERANCE else "")
 
 
 def _cells(r: RunRow) -> list[str]:
     f = (lambda v: "" if v is None else f"{v:.4f}")
     status = r.status if not r.note or r.status == "completed" else f"{r.status}: {r.note}"
-    return ["" if r.index is None else str(r.index), r.run_id, r.model, f(r.f2), f(r.f2_05), r.pos_weight,
-            r.optimizer, r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker,
-            status]
+    return ["" if r.index is None else str(r.index), r.run_id, r.model, r.backbone, r.image_size, r.views,
+            f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.pos_weight, r.optimizer, r.scheduler, r.epochs,
+            r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
 
 
 def to_markdown(rows: list[RunRow]) -> str:
@@ -149,12 +174,13 @@ def to_rich(rows: list[RunRow], title: str | None = None):
 
     table = Table(title=title, header_style="bold")
     for col in COLUMNS:
-        table.add_column(col, overflow="fold", justify="right" if col.startswith(("F2", "#")) else "left",
+        table.add_column(col, overflow="fold", justify="right" if col.startswith(("F2", "#", "baseline")) else "left",
                          no_wrap=col in ("run", "model", "epochs", "duration", "frozen", "pos_weight"))
     colour = {"completed": "", "failed": "red", "unfinished": "yellow", "broken": "red"}
     for r in rows:
         cells = _cells(r)
-        cells[7] = cells[7].replace("ReduceLROnPlateau", "Plateau")  # the terminal is narrower than a page
+        sched = COLUMNS.index("scheduler")
+        cells[sched] = cells[sched].replace("ReduceLROnPlateau", "Plateau")  # the terminal is narrower than a page
         table.add_row(*cells, style=colour.get(r.status, ""))
     return table
 

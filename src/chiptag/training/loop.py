@@ -1,9 +1,9 @@
 """The epoch loop: phases in order; per epoch train -> evaluate -> log -> checkpoint -> scheduler.
 
-The loop owns the optimizer and LR schedule of each phase, the best-state tracking (validation F2 at 0.5, the
-task's metric) and the checkpoint of the best epoch. Its state is a `LoopState` (training.resume); after every
-epoch, and when SIGINT/SIGTERM arrives mid-epoch, it goes to resume.pt, so `chiptag train --resume` continues
-exactly where it stopped.
+The loop owns the optimizer and LR schedule of each phase, the best-state tracking (`training.select`:
+validation loss, F2 at 0.5 or F2 at tuned thresholds; training.select) and the checkpoint of the best epoch.
+Its state is a `LoopState` (training.resume); after every epoch, and when SIGINT/SIGTERM arrives mid-epoch, it
+goes to resume.pt, so `chiptag train --resume` continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import Tagger
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
-from chiptag.training import resume as resume_mod
+from chiptag.training import resume as resume_mod, select
 from chiptag.training.epoch import EpochResult, Step, evaluate, train_one_epoch
 from chiptag.training.phases import HEAD, Inputs, Phase
 from chiptag.training.resume import LoopState
@@ -153,14 +153,16 @@ class Trainer:
         ev = evaluate(model, phase.inputs.val, self.step.loss_fn, self.step.device)
         f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
         row = {"train/loss": distributed.mean(tr.loss),  # each rank saw its shard
-               "val/loss": ev["loss"], "val/f2": f2, "lr": lr, "seconds": time.perf_counter() - t0}
+               "val/loss": ev["loss"], "val/f2": f2, "lr": lr}
+        best, extra = select.score(self.cfg.training.select, ev, f2)
+        row.update(extra, seconds=time.perf_counter() - t0)
         self.tracker.log_scalars(epoch, row)
         st.history.append({"epoch": epoch, "phase": phase.name, **row})
         out.print(f"epoch {epoch:>3}/{self.cfg.model.epochs}  train/loss {row['train/loss']:.4f}  "
                   f"val/loss {ev['loss']:.4f}  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)"
                   + (f"  ({phase.name})" if self.n_phases > 1 else ""))
-        if f2 > st.best_f2:  # the checkpoint follows validation F2, the task's metric
-            st.mark_best(epoch, f2, self.tagger, self.head_only)
+        if best > st.best_score:
+            st.mark_best(epoch, best, self.tagger, self.head_only)
             self.save_checkpoint(None, epoch)
         if optim.plateau:
             optim.scheduler.step(ev["loss"])

@@ -30,14 +30,14 @@ class LoopState:
     step: int = 0  # steps done in epoch+1 (0: at an epoch boundary)
     totals: tuple[float, int] = (0.0, 0)  # loss sum and sample count of the unfinished epoch
     history: list[dict] = field(default_factory=list)
-    best_f2: float = -1.0
+    best_score: float = float("-inf")  # of training.select, higher is better (val_loss: its negative)
     best_epoch: int | None = None
     best_state: dict | None = None
     epoch_gen_state: torch.Tensor | None = None  # shuffling generator at the start of the unfinished epoch
     phase: int = 0  # index of the training phase the saved optimizer and scheduler belong to
 
-    def mark_best(self, epoch: int, f2: float, tagger, head_only: bool) -> None:
-        self.best_f2, self.best_epoch = f2, epoch
+    def mark_best(self, epoch: int, score: float, tagger, head_only: bool) -> None:
+        self.best_score, self.best_epoch = score, epoch
         self.best_state = copy.deepcopy(trained_state(tagger, head_only))
 
 
@@ -102,6 +102,8 @@ def restore_model(obj: dict, tagger) -> LoopState:
     load_trained_state(tagger, obj["module"])
     state = dict(obj["state"])
     state["totals"] = tuple(state["totals"])
+    if "best_f2" in state:  # saved before training.select existed: the score was validation F2 at 0.5
+        state["best_score"] = state.pop("best_f2")
     return LoopState(**state)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,20 +19,20 @@ from chiptag.atomic import write_json, write_text
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
 from chiptag.data.problems import Report
-from chiptag.data.split import load_split, save_split, split_indices
+from chiptag.data.split import load_split, make_split, save_split
 from chiptag.data.validate import preflight
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
 from chiptag.evaluation.thresholds import tune_thresholds
-from chiptag.features.extraction import FeatureInfo, default_workers
+from chiptag.features.extraction import FeatureInfo, default_workers, degenerate, feature_warning
 from chiptag.features.views import make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
 from chiptag.models.backbones import Backbone, build_backbone
 from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
-from chiptag.runs.layout import RunDir, new_run_dir
+from chiptag.runs.layout import RunDir, model_label, new_run_dir
 from chiptag.tracking import MultiTracker, make_tracker
 from chiptag.training import phases as phases_mod, resume as resume_mod
 from chiptag.training.epoch import NonFiniteLoss, Step, evaluate, pos_weight
@@ -67,6 +67,7 @@ def build_model(cfg: Config, n_tags: int) -> Model:
                       "— fine for smoke tests and the demo, not for real results.")
     torch.manual_seed(cfg.training.seed)  # random-init backbones and the head start from the seed
     bb = build_backbone(entry.backbone, entry.weights, entry.image_size, progress=cfg.training.progress)
+    bb.preprocessing = replace(bb.preprocessing, resize=cfg.data.resize)  # travels in the checkpoint
     spec = HeadSpec(bb.dim, n_tags, entry.hidden_dim, entry.dropout)
     return Model(bb, spec, Tagger(bb.net, spec.build(), frozen=entry.freeze))
 
@@ -76,10 +77,10 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
     Under torchrun only rank 0 writes the run dir; the other ranks work in a scratch dir."""
     if resume is None:
         ds, vreport = preflight(cfg.data)
-        sp = cfg.data.split
-        splits = split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
+        splits = make_split(cfg.data, ds)
         if distributed.is_main():
-            run = new_run_dir(cfg.output.runs_dir, cfg.output.run_name, cfg.model.name)
+            label = model_label(cfg.model.name, cfg.model.backbone)  # the backbone actually trained
+            run = new_run_dir(cfg.output.runs_dir, cfg.output.run_name, label)
         else:
             run = RunDir(distributed.scratch_dir())
         write_text(run.config, config_mod.dump(cfg))  # --resume reads it back
@@ -98,7 +99,7 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
 
 
 def _record_validation(r: OpenRun) -> dict:
-    skipped = r.validation.rows - len(r.ds.table)
+    skipped = r.validation.skipped_rows(len(r.ds.table))
     if r.validation.problems or r.validation.converted:
         console.print(f"data validation: {r.validation.format()}")
     if skipped:
@@ -156,6 +157,10 @@ def extract_features(r: OpenRun, model: Model, device: torch.device) -> tuple[to
                         show_progress=cfg.training.progress, label=f"features {bb.name}")
     feats, info = view_features(ex, r.ds.paths, cfg.features.cache_dir, cfg.features.views)
     info.engine, info.tta = cfg.features.engine, feats.shape[0] > 1 and cfg.features.tta
+    warning = feature_warning(feats, bb.name, cfg.model.weights)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    info.degenerate = degenerate(feats)
     return feats, info
 
 

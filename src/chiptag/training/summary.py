@@ -11,8 +11,9 @@ import torch
 from chiptag import __version__
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
+from chiptag.evaluation.metrics import BASELINE_TOLERANCE
 from chiptag.features.extraction import FeatureInfo
-from chiptag.progress import out
+from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir
 from chiptag.training.loop import describe_optim
 from chiptag.training.resume import LoopState
@@ -35,6 +36,9 @@ def build_summary(cfg: Config, run: RunDir, ds: Dataset, splits: dict, model, ou
     entry, tags, bb = cfg.model, ds.table.tags, model.backbone
     optimizer, scheduler = describe_optim(cfg)
     pw, thresholds = outcome.pos_weight, outcome.scores["thresholds"]
+    scores = outcome.scores["metrics"]
+    scores["test"]["f2_minus_baseline"] = scores["test"]["f2"] - outcome.scores["baseline"]["test"]["f2"]
+    files = cfg.data.split.files
     return {
         "run_id": run.name, "run_dir": str(run.path), "status": "completed", "chiptag_version": __version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "active_model_index": cfg.active_model_index,
@@ -48,6 +52,10 @@ def build_summary(cfg: Config, run: RunDir, ds: Dataset, splits: dict, model, ou
         "metrics": outcome.scores["metrics"], "baseline": outcome.scores["baseline"],
         "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
         "timings": outcome.timings, "features": outcome.features.to_dict(), "history": outcome.state.history,
+        "split": {"given": files is not None,
+                  "files": None if files is None else {k: str(v) for k, v in files.model_dump().items()}},
+        "select": cfg.training.select, "resize": cfg.data.resize, "views": cfg.features.views,
+        "tta": cfg.features.views > 1 and cfg.features.tta,
     }
 
 
@@ -61,3 +69,9 @@ def print_result(s: dict) -> None:
         f"baseline {b['test']['f2']:.4f}  (constant {{{', '.join(b['tags'])}}})\n"
         f"  run dir {s['run_dir']}  ({s['timings']['total_s']:.1f}s)"
     )
+    gap = m["test"].get("f2_minus_baseline")
+    if gap is not None and abs(gap) < BASELINE_TOLERANCE:
+        console.print(f"[yellow]warning:[/] test F2 {m['test']['f2']:.4f} is within {BASELINE_TOLERANCE} of the "
+                      f"constant baseline {b['test']['f2']:.4f}: the model learned nothing beyond tag frequencies. "
+                      f"Check the features ({s.get('backbone')}, weights {s.get('weights_id')}: random-init "
+                      "backbones give near-useless features), the labels, the learning rate and epochs.")

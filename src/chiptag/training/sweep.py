@@ -18,7 +18,7 @@ from chiptag.config import Config
 from chiptag.errors import ChiptagError
 from chiptag.interrupt import Interrupted
 from chiptag.progress import console, out
-from chiptag.runs.layout import EXPERIMENTS, RunDir
+from chiptag.runs.layout import EXPERIMENTS, RunDir, model_label
 from chiptag.runs.table import RunRow, print_table, row_from_summary, to_markdown
 
 
@@ -34,7 +34,8 @@ def entry_config(cfg: Config, index: int) -> Config:
     raw = cfg.to_dict()
     raw["active_model_index"] = index
     if cfg.output.run_name:  # one fixed name for all entries would only differ by -2, -3 suffixes
-        raw["output"]["run_name"] = f"{cfg.output.run_name}-{cfg.models[index].name}"
+        entry = cfg.models[index]
+        raw["output"]["run_name"] = f"{cfg.output.run_name}-{model_label(entry.name, entry.backbone)}"
     return config_mod.from_dict(raw, "config")
 
 
