@@ -25,17 +25,18 @@ def _reference(path, pre, view):
     return torch.rot90(x, view % 4, dims=(-2, -1))
 
 
-@pytest.mark.parametrize("size", [48, 32])  # 48: the chips' own size (uint8 path); 32: resized in the worker
+@pytest.mark.parametrize("size", [48, 32])  # 48: the chips' own size; 32: resized (on uint8) in the worker
 @pytest.mark.parametrize("view", [0, 3, 6])
 def test_input_path_gives_the_reference_numbers(tiny_data, size, view):
     paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:5]
     pre = Preprocessing(size, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     raw, idx, errors = collate([ImageDataset(paths, pre, view=view)[i] for i in range(5)])
-    assert raw.dtype == (torch.uint8 if size == 48 else torch.float32)
+    assert raw.dtype == torch.uint8  # resized chips too: the resize runs on uint8
     assert idx.tolist() == list(range(5)) and errors == [""] * 5
     ref = torch.stack([_reference(p, pre, view) for p in paths])
-    # torchvision's libjpeg and Pillow's decode the same JPEG to within one grey level
-    assert torch.allclose(normalize(raw, pre), ref, atol=1.5 / 255 / 0.2)
+    # torchvision's libjpeg and Pillow's decode the same JPEG to within one grey level; the uint8 resize is
+    # within one more of the float reference
+    assert torch.allclose(normalize(raw, pre), ref, atol=(1.5 if size == 48 else 2.5) / 255 / 0.2)
     if view == 0:  # the single-image helper is the same path
         assert torch.equal(torch.stack([preprocess(read_rgb(p), pre) for p in paths]), normalize(raw, pre))
 
