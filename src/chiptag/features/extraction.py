@@ -62,6 +62,7 @@ class FeatureInfo:
     recomputed_because: str | None = None  # why an existing cache file was not used
     views: int = 1
     engine: str | None = None
+    decoder: str | None = None  # which decoder produced the features (cpu | nvjpeg): data.decoders
     tta: bool | None = None
     per_view: list[dict] = field(default_factory=list)
 
@@ -178,11 +179,11 @@ def cached_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None
         return feats, FeatureInfo("off", time.perf_counter() - t0)
     key = fingerprint(ex.backbone_hash, ex.pre, paths, view, ex.decoder)
     path = Path(cache_dir) / f"{ex.name}-{ex.pre.image_size}px-v{view}-{key[:20]}.pt"
-    info = FeatureInfo("miss", path=str(path))
+    info = FeatureInfo("miss", path=str(path), decoder=ex.decoder)
     if path.is_file():
         feats, problem = load_features(path, key, len(paths))
         if feats is not None:
-            return feats, FeatureInfo("hit", 0.0, path=str(path))
+            return feats, FeatureInfo("hit", 0.0, path=str(path), decoder=ex.decoder)
         console.print(f"[yellow]warning:[/] feature cache {path} is not usable: {problem}; recomputing it")
         info.recomputed_because = problem
         path.unlink(missing_ok=True)

@@ -193,7 +193,7 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     features, images, info = None, None, FeatureInfo("not used (freeze: false)")
     if phases_mod.uses_features(cfg):
         feats, info = extract_features(r, model, device)
-        features = phases_mod.feature_inputs(cfg, feats, ds.table.y, splits)
+        features = phases_mod.feature_inputs(cfg, feats, ds.table.y, splits, device)
     if not entry.freeze:
         images = phases_mod.image_inputs(cfg, ds, splits, model.backbone.preprocessing,
                                          default_workers(cfg.training.num_workers))
