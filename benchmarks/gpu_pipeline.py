@@ -8,6 +8,7 @@ weights):
                        the GPU
   finetune_img_s       a fine-tuning epoch through chiptag's image loaders (training.epoch.train_one_epoch)
   predict_img_s        chiptag.inference.predictor.Predictor.predict on the same chips (auto engine/decoder)
+  decoder_max_abs_feature_diff  nvJPEG vs libjpeg decodes of 512 chips, through the same backbone
 Each figure is the best of --rounds. On a machine without CUDA it prints one line and exits 0 (nothing written).
 
     python benchmarks/gpu_pipeline.py --out benchmarks/results/gpu_pipeline.json
@@ -21,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from chiptag.data.images import ImageDataset, WithTargets
 from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
 from chiptag.features.backends import torch_forward
-from chiptag.features.extraction import Extractor, cached_features, default_workers
+from chiptag.features.extraction import Extractor, cached_features, default_workers, extract
 from chiptag.inference.predictor import Predictor
 from chiptag.models.backbones import build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec, Tagger
@@ -111,6 +113,15 @@ def finetune_seconds(tagger: nn.Module, paths, y, bb, args, device: torch.device
     return timed(lambda: train_one_epoch(tagger, loader, opt, step), device)
 
 
+def decoder_difference(ex: Extractor, paths) -> dict:
+    """max |features(nvjpeg) - features(libjpeg)| on the same chips, absolute and over the features' scale."""
+    ours = extract(ex, paths).float()
+    cpu = extract(replace(ex, decoder="cpu"), paths).float()
+    diff = (ours - cpu).abs().max().item()
+    return {"decoder_max_abs_feature_diff": diff,
+            "decoder_max_feature_diff_over_scale": diff / max(cpu.abs().max().item(), 1e-12)}
+
+
 def measure(args, device: torch.device, paths, y) -> dict:
     torch.manual_seed(0)
     bb = build_backbone(args.backbone, None, args.image_size, progress=False)
@@ -127,6 +138,7 @@ def measure(args, device: torch.device, paths, y) -> dict:
                            decoder=resolve_decoder("auto", device))
             extracts.append(timed(lambda: cached_features(ex, paths, Path(cache) / f"r{r}"), device))
             predicts.append(timed(lambda: predictor.predict(paths, batch_size=args.batch_size), device))
+    decode_diff = decoder_difference(ex, paths[:512])
     tagger = trainable_tagger(bb, y.shape[1], device)
     t_limit = max(train_limit(tagger, y.shape[1], args, device) for _ in range(args.rounds))
     t_finetune = min(finetune_seconds(tagger, paths, y, bb, args, device, workers) for _ in range(args.rounds))
@@ -137,7 +149,7 @@ def measure(args, device: torch.device, paths, y) -> dict:
             "extract_efficiency": extract / limit, "train_limit_img_s": t_limit,
             "finetune_img_s": len(paths) / t_finetune, "finetune_efficiency": len(paths) / t_finetune / t_limit,
             "predict_img_s": len(paths) / min(predicts), "predict_vs_extract": min(extracts) / min(predicts),
-            "decoder": resolve_decoder("auto", device), "engine": predictor.engine, "decode_workers": workers}
+            "decoder": resolve_decoder("auto", device), **decode_diff, "engine": predictor.engine, "decode_workers": workers}
 
 
 def main() -> None:
@@ -153,7 +165,7 @@ def main() -> None:
         paths = [data / "train-jpg" / f"{n}.jpg" for n in table.names]
         res = measure(args, device, paths, table.y.astype("float32"))
     for key, value in res.items():
-        print(f"{key:<22}{value:.3f}" if isinstance(value, float) else f"{key:<22}{value}")
+        print(f"{key:<36}{value:.4g}" if isinstance(value, float) else f"{key:<36}{value}")
     print(f"targets: extract_efficiency >= 0.6 -> {'met' if res['extract_efficiency'] >= 0.6 else 'MISSED'}; "
           f"finetune_efficiency >= 0.7 -> {'met' if res['finetune_efficiency'] >= 0.7 else 'MISSED'}; "
           f"predict >= 0.85 x extract -> {'met' if res['predict_vs_extract'] >= 0.85 else 'MISSED'}")
