@@ -34,3 +34,23 @@ def test_tensor_batches_move_the_epoch_order_to_the_features_device():
     batches = TensorBatches(x, y, 4, order=lambda: torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]))
     got = torch.cat([b for b, _ in batches]).view(-1).tolist()
     assert got == list(range(9, -1, -1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (features kept on the device)")
+def test_head_epoch_on_cuda_keeps_features_on_the_device(tiny_config):
+    import numpy as np
+    from torch import nn
+
+    from chiptag.training.epoch import Step, train_one_epoch
+    from chiptag.training.phases import feature_inputs
+
+    cfg = tiny_config()
+    feats, y = torch.randn(1, 40, 8).half(), np.random.default_rng(0).integers(0, 2, (40, 3)).astype(np.float32)
+    inputs = feature_inputs(cfg, feats, y, {"train": np.arange(30), "val": np.arange(30, 35),
+                                            "test": np.arange(35, 40)}, "cuda")
+    x, t = next(iter(inputs.train))
+    assert x.is_cuda and t.is_cuda
+    head = nn.Linear(8, 3).cuda()
+    r = train_one_epoch(head, inputs.train, torch.optim.SGD(head.parameters(), lr=0.1),
+                        Step(nn.BCEWithLogitsLoss(), torch.device("cuda")))
+    assert r.totals[1] == 30 and np.isfinite(r.loss)
