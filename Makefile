@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := data/demo
 
-.PHONY: venv demo test bench bench-scale clean
+.PHONY: venv demo test bench bench-gpu bench-scale clean
 
 $(BIN)/chiptag: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: venv
 bench: venv
 	$(BIN)/python benchmarks/frozen_training.py --n 400 --size 128 --image-size 128 --epochs 5 \
 		--out benchmarks/results/frozen_training.json
+
+# The GPU pipeline (nvJPEG extraction, fine-tuning, prediction) against the bare forward/train step, ResNet50 @224
+# from 256 px chips. Without CUDA it prints one line and exits 0.
+bench-gpu: venv
+	$(BIN)/python benchmarks/gpu_pipeline.py --n 4000 --size 256 --image-size 224 --backbone resnet50 \
+		--out benchmarks/results/gpu_pipeline.json
 
 # 40,479 generated chips (the real dataset's size) at 64 px; frozen resnet18, resnet50, efficientnet_b0/b1,
 # each trained twice (the second run reuses the feature cache). Prints a table and the total time.

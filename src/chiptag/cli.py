@@ -164,7 +164,9 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
             ext: Optional[str] = typer.Option(None, help="image extension, e.g. .jpg (default: common ones)"),
             batch_size: int = typer.Option(64, help="images per forward pass"),
             device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
-            workers: str = typer.Option("auto", help="decoding worker processes (auto: spare cores)"),
+            workers: str = typer.Option("auto", help="decoding worker processes (auto: as feature extraction)"),
+            engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, eager bf16 on CUDA), torch, "
+                                       "onnxruntime"),
             ) -> None:
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
@@ -173,9 +175,10 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
     from chiptag.features.extraction import default_workers
     from chiptag.inference.submission import PredictOptions, run_predict
 
+    dev = resolve_device(device, "--device")
     opts = PredictOptions(probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
-                          batch_size=batch_size, device=str(resolve_device(device, "--device")),
-                          num_workers=default_workers(workers))
+                          batch_size=batch_size, device=str(dev), engine=engine,
+                          num_workers=default_workers(workers, dev))
     r = run_predict(run, input_, out, opts)
     extra = f", probabilities in {probabilities}" if probabilities else ""
     print(f"wrote {r['rows']} rows to {out}{extra} ({'TTA x8, ' if tta else ''}{r['seconds']:.1f}s)")

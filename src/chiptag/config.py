@@ -148,6 +148,9 @@ class FeaturesConfig(_Strict):
     # auto: ONNX Runtime on CPU when installed (faster there, see benchmarks/), eager torch otherwise.
     engine: Literal["auto", "torch", "onnxruntime"] = "auto"
     channels_last: bool = True  # torch engine: faster convolutions on CPU (oneDNN) and CUDA
+    # auto: nvJPEG on CUDA (file bytes read by workers, JPEG batches decoded on the GPU, anything else per
+    # image on the CPU), libjpeg in workers on CPU. The cache records the decoder (their pixels differ slightly).
+    decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
 
 
 class OutputConfig(_Strict):

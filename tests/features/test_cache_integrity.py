@@ -110,6 +110,7 @@ def test_fingerprint_covers_images_and_preprocessing(tiny_data, tmp_path):
     assert fingerprint("other", pre, paths, 0) != base
     assert fingerprint("h", pre, paths, 1) != base
     assert fingerprint("h", pre, paths[:2], 0) != base
+    assert fingerprint("h", pre, paths, 0, decoder="nvjpeg") != base  # nvJPEG's pixels are not libjpeg's
 
 
 def test_damaged_partial_chunk_is_dropped_and_recomputed(tmp_path):

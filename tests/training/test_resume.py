@@ -112,30 +112,44 @@ def test_cli_exits_143_on_sigterm_and_resumes(tiny_config_file, tmp_path, monkey
 
 @pytest.mark.slow
 def test_interrupted_extraction_resumes_from_saved_chunks(tiny_data, tmp_path, monkeypatch):
+    import chiptag.data.images as images
+
     raw = make_config_dict(tiny_data, tmp_path, epochs=1)
     raw["features"]["batch_size"] = 16
     cfg = config_mod.from_dict(raw)
     monkeypatch.setattr(features, "CHUNK_IMAGES", 40)
-    real, calls, armed = features.extract, [], {"on": True}
+    real_save, real_batches, real_read = features.PartialCache.save, features.image_batches, images.read_rgb
+    loaders, decoded, armed = [], [], {"on": True}
 
-    def extract(ex, paths, *args, **kwargs):
-        calls.append(len(paths))
-        if len(calls) == 2 and armed["on"]:  # signal as the second chunk starts: it stops after one batch
+    def save(self, start, feats):  # signal while the first chunk is saved (after 3 batches: 48 images)
+        real_save(self, start, feats)
+        if armed["on"]:
             armed["on"] = False
             os.kill(os.getpid(), signal.SIGINT)
-        return real(ex, paths, *args, **kwargs)
 
-    monkeypatch.setattr(features, "extract", extract)
-    with pytest.raises(Interrupted, match="feature extraction stopped at image 56/120") as stopped:
+    def image_batches(data, *args, **kwargs):
+        loaders.append(len(data))
+        return real_batches(data, *args, **kwargs)
+
+    def read_rgb(path):
+        decoded.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(features.PartialCache, "save", save)
+    monkeypatch.setattr(features, "image_batches", image_batches)
+    monkeypatch.setattr(images, "read_rgb", read_rgb)
+    with pytest.raises(Interrupted, match="feature extraction stopped at image 48/120") as stopped:
         run_train(cfg)
     assert stopped.value.exit_code == 130
+    assert loaders == [120]  # one loader for the whole extraction, not one per saved chunk
     cache = tmp_path / "cache"
     assert not list(cache.glob("*.pt"))  # never looks complete
     (partial,) = cache.glob("*.partial")
-    assert len(list(partial.glob("*.pt"))) == 2
-    calls.clear()
+    assert sorted(f.name for f in partial.glob("*.pt")) == ["000000000.pt", "000000040.pt"]  # 40 + the rest (8)
+    loaders.clear()
+    decoded.clear()
     s = run_train(resume=run_dir_of(tmp_path))
-    assert s["features"]["resumed_from"] == 56 and calls == [40, 24]  # only the rest was extracted
+    assert s["features"]["resumed_from"] == 48 and loaders == [72] and len(decoded) == 72  # only the rest
     assert not partial.exists() and len(list(cache.glob("*.pt"))) == 1
     stored = torch.load(next(cache.glob("*.pt")), weights_only=True)
     resumed_feats = decode(stored["features"], stored["scale"])

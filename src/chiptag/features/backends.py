@@ -32,18 +32,18 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def resolve_engine(engine: str, device: torch.device) -> str:
+def resolve_engine(engine: str, device: torch.device, what: str = "features.engine") -> str:
     """auto -> onnxruntime on CPU when it is installed (it won in benchmarks/frozen_training.py), else torch."""
     if engine not in ENGINES:
-        raise ChiptagError(f"features.engine: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
+        raise ChiptagError(f"{what}: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
     if engine == "auto":
         return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
     if engine == "onnxruntime":
         if device.type != "cpu":
-            raise ChiptagError("features.engine: onnxruntime runs on CPU here; use engine: torch on "
+            raise ChiptagError(f"{what}: onnxruntime runs on CPU here; use engine: torch on "
                                f"{device.type} (or engine: auto)")
         if not onnxruntime_available():
-            raise ChiptagError("features.engine is onnxruntime but it is not installed: "
+            raise ChiptagError(f"{what} is onnxruntime but it is not installed: "
                                "pip install 'chiptag[export]' (or use engine: torch)")
     return engine
 
@@ -70,7 +70,7 @@ def onnx_file(cache_dir: Path, backbone_name: str, backbone_hash: str, image_siz
     return Path(cache_dir) / "onnx" / f"{backbone_name}-{image_size}px-{backbone_hash}.onnx"
 
 
-def export_onnx(net: torch.nn.Module, path: Path, image_size: int) -> Path:
+def export_onnx(net: torch.nn.Module, path: Path, image_size: int, output_name: str = "features") -> Path:
     """Export once (atomic rename); a file already there for this backbone hash is reused."""
     if path.is_file():
         return path
@@ -80,8 +80,8 @@ def export_onnx(net: torch.nn.Module, path: Path, image_size: int) -> Path:
     try:
         with replacing(path) as tmp, warnings.catch_warnings():  # the TorchScript-based exporter warns it is
             warnings.simplefilter("ignore")  # legacy; it is fast and exact
-            torch.onnx.export(net, (dummy,), str(tmp), input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False)
+            torch.onnx.export(net, (dummy,), str(tmp), input_names=["images"], output_names=[output_name],
+                              dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, dynamo=False)
     except Exception as exc:
         raise ChiptagError(f"cannot export the backbone to ONNX ({exc.__class__.__name__}: {exc}); "
                            "use features.engine: torch") from None

@@ -13,21 +13,24 @@ import hashlib
 import json
 import os
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from chiptag import distributed
-from chiptag.data.images import ImageDataset, Preprocessing, batches, normalize
+from chiptag.data.decoders import image_batches
+from chiptag.data.images import ImageDataset, Preprocessing, normalize
 from chiptag.errors import ChiptagError
 from chiptag.features.backends import Forward
 from chiptag.features.cache import PartialCache, load_features, save_features, stored
 from chiptag.interrupt import Interrupted, stop_requested
 from chiptag.progress import console, progress_bar
 
-CACHE_VERSION = 3  # 2: files carry a sha256 of their features; 3: per-dimension scaled float16, data.resize
+CACHE_VERSION = 4  # 2: sha256 of the features; 3: per-dimension scaled float16, data.resize;
+#                   4: resize on uint8, the decoder in the fingerprint
 TINY_FEATURES = 1e-6  # largest |feature| below this: a head's weights barely move, as if they were zero
 CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on SIGINT/SIGTERM)
 
@@ -46,6 +49,7 @@ class Extractor:
     num_workers: int = 0
     show_progress: bool = True
     label: str = "extract"
+    decoder: str = "cpu"  # cpu (libjpeg in workers) or nvjpeg (batches decoded on the GPU): data.decoders
 
 
 @dataclass
@@ -60,6 +64,7 @@ class FeatureInfo:
     recomputed_because: str | None = None  # why an existing cache file was not used
     views: int = 1
     engine: str | None = None
+    decoder: str | None = None  # which decoder produced the features (cpu | nvjpeg): data.decoders
     tta: bool | None = None
     degenerate: str | None = None  # what is wrong with the features (features.extraction.degenerate)
     per_view: list[dict] = field(default_factory=list)
@@ -68,10 +73,13 @@ class FeatureInfo:
         return {k: v for k, v in asdict(self).items() if v is not None and v != []}
 
 
-def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], view: int) -> str:
+def fingerprint(backbone_hash: str, pre: Preprocessing, paths: Sequence[Path], view: int,
+                decoder: str = "cpu") -> str:
+    """The decoder is part of the key: nvJPEG and libjpeg decodes differ slightly (data.decoders), so features
+    of one are never served as the other's."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": CACHE_VERSION, "backbone": backbone_hash, "pre": pre.to_dict(),
-                         "view": view}, sort_keys=True).encode())
+                         "view": view, "decoder": decoder}, sort_keys=True).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -119,20 +127,30 @@ def default_workers(requested: int | str, device: str | torch.device | None = No
     return max(0, min(8, cores - 1))
 
 
-@torch.inference_mode()
+def _feature_batches(ex: Extractor, paths: Sequence[Path], view: int) -> Iterator[torch.Tensor]:
+    """Backbone forward over images, batch by batch -> (B, dim) float32 on CPU, through the one input path.
+    One loader for all of `paths`: its workers live as long as the extraction (no restart per saved chunk)."""
+    data = ImageDataset(paths, ex.pre, view=view)
+    with progress_bar(len(paths), ex.label, enabled=ex.show_progress) as advance, \
+            closing(image_batches(data, ex.batch_size, ex.num_workers, ex.device, decoder=ex.decoder)) as stream:
+        for x, _, _ in stream:
+            with torch.inference_mode():  # not around the yield: the consumer's mode is its own
+                # uint8 crosses to the device (a quarter of the bytes) and is normalised there
+                # float32 here: the cache's scaled float16 keeps what plain float16 would flush to 0
+                f = ex.forward(normalize(x.to(ex.device, non_blocking=True), ex.pre)).float().cpu()
+            yield f
+            advance(len(f))
+
+
 def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
             should_stop: Callable[[], object] | None = None) -> torch.Tensor:
     """Backbone forward over images -> (N, dim) float32 on CPU, through the one input path (data.images).
 
     should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
-    data = ImageDataset(paths, ex.pre, view=view)
     chunks = []
-    with progress_bar(len(paths), ex.label, enabled=ex.show_progress) as advance:
-        for x, _, _ in batches(data, ex.batch_size, ex.num_workers, ex.device):
-            # uint8 crosses to the device (a quarter of the bytes) and is normalised there
-            x = x.to(ex.device, non_blocking=True)
-            chunks.append(ex.forward(normalize(x, ex.pre)).float().cpu())
-            advance(len(x))
+    with closing(_feature_batches(ex, paths, view)) as stream:
+        for f in stream:
+            chunks.append(f)
             if should_stop is not None and should_stop():
                 break
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
@@ -140,7 +158,8 @@ def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
 
 def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Path, view: int,
                        info: FeatureInfo) -> torch.Tensor:
-    """Extract in chunks saved next to `path`, continuing from a previous interrupted extraction."""
+    """Extract in CHUNK_IMAGES chunks saved next to `path`, continuing from a previous interrupted extraction.
+    A stop request (SIGINT/SIGTERM) saves the rows done so far as a last, shorter chunk."""
     partial = PartialCache(path, key)
     chunks, dropped = partial.load()
     for note in dropped:
@@ -149,15 +168,29 @@ def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Pat
     if done:
         info.resumed_from = done
         console.print(f"resuming feature extraction at image {done}/{len(paths)} ({partial.dir})")
-    while done < len(paths):
-        part = extract(ex, paths[done:done + CHUNK_IMAGES], view=view, should_stop=stop_requested)
+    pending: list[torch.Tensor] = []
+
+    def flush(rows: int) -> None:
+        nonlocal done, pending
+        buf = torch.cat(pending)
+        part, pending = buf[:rows], ([buf[rows:]] if rows < len(buf) else [])
         partial.save(done, part)
         chunks.append(part)
         done += len(part)
-        signum = stop_requested()
-        if signum and done < len(paths):
-            raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
-                                      f"saved in {partial.dir}")
+
+    with closing(_feature_batches(ex, paths[done:], view)) as stream:
+        for f in stream:
+            pending.append(f)
+            while sum(len(t) for t in pending) >= CHUNK_IMAGES:
+                flush(CHUNK_IMAGES)
+            signum = stop_requested()
+            if signum and pending:
+                flush(sum(len(t) for t in pending))
+            if signum and done < len(paths):
+                raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
+                                          f"saved in {partial.dir}")
+    if pending:
+        flush(sum(len(t) for t in pending))
     feats = stored(torch.cat(chunks) if chunks else torch.empty(0, 0))  # exactly what a cache hit returns
     save_features(path, key, feats, [p.name for p in paths])
     partial.clear()
@@ -174,13 +207,13 @@ def cached_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None
         t0 = time.perf_counter()
         feats = distributed.shard_extract(sharded, paths)
         return feats, FeatureInfo("off", time.perf_counter() - t0)
-    key = fingerprint(ex.backbone_hash, ex.pre, paths, view)
+    key = fingerprint(ex.backbone_hash, ex.pre, paths, view, ex.decoder)
     path = Path(cache_dir) / f"{ex.name}-{ex.pre.image_size}px-v{view}-{key[:20]}.pt"
-    info = FeatureInfo("miss", path=str(path))
+    info = FeatureInfo("miss", path=str(path), decoder=ex.decoder)
     if path.is_file():
         feats, problem = load_features(path, key, len(paths))
         if feats is not None:
-            return feats, FeatureInfo("hit", 0.0, path=str(path))
+            return feats, FeatureInfo("hit", 0.0, path=str(path), decoder=ex.decoder)
         console.print(f"[yellow]warning:[/] feature cache {path} is not usable: {problem}; recomputing it")
         info.recomputed_because = problem
         path.unlink(missing_ok=True)

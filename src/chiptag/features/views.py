@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
+from chiptag.data.decoders import resolve_decoder
 from chiptag.data.images import Preprocessing
 from chiptag.features.backends import LazyForward, make_forward
 from chiptag.features.extraction import Extractor, FeatureInfo, cached_features
@@ -29,7 +30,8 @@ def make_extractor(net: nn.Module, name: str, pre: Preprocessing, fcfg, device: 
     forward = LazyForward(lambda: make_forward(
         net, fcfg.engine, device, cache_dir=fcfg.cache_dir, backbone_name=name, backbone_hash=bhash,
         image_size=pre.image_size, channels_last=fcfg.channels_last))
-    return Extractor(name, bhash, pre, forward, device, batch_size=fcfg.batch_size, **options)
+    return Extractor(name, bhash, pre, forward, device, batch_size=fcfg.batch_size,
+                     decoder=resolve_decoder(fcfg.decoder, torch.device(device)), **options)
 
 
 def view_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None,
@@ -82,6 +84,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.order() if self.order is not None else None
+        if idx is not None and idx.device != self.x.device:
+            idx = idx.to(self.x.device)  # once per epoch, not a host index per batch
         for i in range(0, len(self.dataset), self.batch_size):
             j = slice(i, i + self.batch_size) if idx is None else idx[i:i + self.batch_size]
             yield self.x[j], self.y[j]

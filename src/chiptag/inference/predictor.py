@@ -4,12 +4,15 @@
     probs = p.predict(paths, tta=True)        # (N, n_tags) float32 probabilities
     tags = p.tag_strings(probs)               # "clear primary ..." at the run's tuned thresholds
 
-Images go through the same input path as training (data.images: ImageDataset, normalize), and TTA is the
-same rule as on cached features (features.views.mean_probabilities), so a chip is seen identically.
+Images go through the same input path and engines as feature extraction (data.images + data.decoders,
+features.backends), and TTA is the same rule as on cached features (features.views.mean_probabilities), so a
+chip is seen identically and predicted as fast as its features are extracted.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import closing
 from pathlib import Path
 from typing import Sequence
 
@@ -17,12 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from chiptag.data.images import ImageDataset, Preprocessing, batches, d4, normalize
+from chiptag.data.decoders import image_batches, resolve_decoder
+from chiptag.data.images import ImageDataset, Preprocessing, d4, normalize
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
+from chiptag.features.backends import Forward, export_onnx, onnx_file, onnx_forward, resolve_engine, torch_forward
+from chiptag.features.extraction import default_workers
 from chiptag.features.views import mean_probabilities
 from chiptag.models import checkpoint
-from chiptag.progress import progress_bar
+from chiptag.models.backbones import state_fingerprint
+from chiptag.progress import console, progress_bar
 from chiptag.runs.layout import checkpoint_file
 
 
@@ -38,46 +45,83 @@ class ProbabilityModel(nn.Module):
         return torch.sigmoid(self.tagger(images))
 
 
+def default_cache_dir() -> Path:
+    """Where exported prediction graphs live: $XDG_CACHE_HOME/chiptag (default ~/.cache/chiptag)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chiptag"
+
+
 class Predictor:
+    """engine: as feature extraction (features.backends): auto = ONNX Runtime on CPU (the whole tagger exported
+    once, cached under `cache_dir` by the hash of its weights), eager torch elsewhere (bf16 autocast on CUDA).
+    The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes)."""
+
     def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
-                 device: str | torch.device = "auto"):
+                 device: str | torch.device = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
         if len(thresholds) != len(tags):
             raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
         self.device = resolve_device(device)  # auto: CUDA when available, as `chiptag predict`
-        self.model = ProbabilityModel(tagger).eval().to(self.device)
+        self.model = ProbabilityModel(tagger).eval()
+        self.engine = resolve_engine(engine, self.device, what="engine")
+        self._fallback = engine == "auto"  # an auto ONNX export that fails falls back to eager torch
+        self.decoder = resolve_decoder("auto", self.device)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.tags = list(tags)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.preprocessing = pre
+        self._forward: Forward | None = None
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str | torch.device = "auto") -> Predictor:
+    def from_run(cls, path: str | Path, device: str | torch.device = "auto", engine: str = "auto",
+                 cache_dir: str | Path | None = None) -> Predictor:
         """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
         ckpt = checkpoint.load(checkpoint_file(path))
         return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
-                   device)
+                   device, engine, cache_dir)
+
+    def logits(self) -> Forward:
+        """normalised images (N, 3, S, S) -> logits (N, n_tags), on the engine; built on first use."""
+        if self._forward is None:
+            self._forward = self._build_forward()
+        return self._forward
+
+    def _build_forward(self) -> Forward:
+        tagger, size = self.model.tagger, self.preprocessing.image_size
+        if self.engine == "onnxruntime":
+            path = onnx_file(self.cache_dir / "predict", "tagger", state_fingerprint(tagger), size)
+            try:
+                return onnx_forward(export_onnx(tagger, path, size, output_name="logits"))
+            except ChiptagError as exc:
+                if not self._fallback:
+                    raise
+                console.print(f"[yellow]warning:[/] {exc}; predicting with eager torch instead")
+                self.engine = "torch"
+        return torch_forward(tagger, self.device)
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """A normalised batch (N, 3, S, S) -> probabilities (N, n_tags) on CPU. TTA averages the
         probabilities of the 8 flips/rotations (D4): tags do not depend on orientation."""
-        x = images.to(self.device).float()
+        x, forward = images.to(self.device).float(), self.logits()
         if not tta:
-            return self.model(x).float().cpu()
-        return mean_probabilities(self.model.tagger(d4(x, v)) for v in range(8)).float().cpu()
+            return torch.sigmoid(forward(x).float()).cpu()
+        return mean_probabilities(forward(d4(x, v)) for v in range(8)).float().cpu()
 
     def predict(self, paths: Sequence[str | Path], *, tta: bool = False, batch_size: int = 64,
-                num_workers: int = 0, errors: dict[int, str] | None = None,
+                num_workers: int | str = "auto", errors: dict[int, str] | None = None,
                 show_progress: bool = False) -> np.ndarray:
-        """Image files -> (N, n_tags) float32 probabilities, in the order of `paths`.
+        """Image files -> (N, n_tags) float32 probabilities, in the order of `paths`, through the same input
+        path as feature extraction (decoder, loader, normalisation). num_workers auto: as extraction.
 
         An image that cannot be read raises ChiptagError naming it, unless `errors` (a dict) is given: then its
         row is NaN and errors[index] holds the message, and the other images are still predicted."""
         paths = [Path(p) for p in paths]
         probs = np.full((len(paths), len(self.tags)), np.nan, dtype=np.float32)
         data = ImageDataset(paths, self.preprocessing, keep_errors=True)  # never raises: errors come back
+        workers = default_workers(num_workers, self.device)
         label = "predict (TTA x8)" if tta else "predict"
-        with progress_bar(len(paths), label, enabled=show_progress) as advance:
-            for x, idx, msgs in batches(data, batch_size, num_workers, self.device):
+        with progress_bar(len(paths), label, enabled=show_progress) as advance, closing(image_batches(
+                data, batch_size, workers, self.device, decoder=self.decoder)) as stream:
+            for x, idx, msgs in stream:
                 ok = torch.tensor([not m for m in msgs], dtype=torch.bool)
                 for i, m in zip(idx.tolist(), msgs):
                     if m and errors is None:
@@ -85,7 +129,7 @@ class Predictor:
                     if m:
                         errors[i] = m
                 if ok.any():
-                    x = normalize(x[ok].to(self.device, non_blocking=True), self.preprocessing)
+                    x = normalize(x[ok.to(x.device)].to(self.device, non_blocking=True), self.preprocessing)
                     probs[idx[ok].numpy()] = self.predict_tensor(x, tta).numpy()
                 advance(len(idx))
         return probs

@@ -44,7 +44,8 @@ class PredictOptions:
     ext: str | None = None  # image extension (default: common ones)
     batch_size: int = 64
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # decode workers (auto: as feature extraction on this device)
+    engine: str = "auto"  # features.backends engines: auto = ONNX Runtime on CPU, eager torch (bf16) on CUDA
     show_progress: bool = True
 
 
@@ -152,7 +153,7 @@ def run_predict(run: Path, source: Path, out: Path, opts: PredictOptions | None 
     """Predict every input chip and write the submission (and optionally the probabilities). Returns counts."""
     opts = opts or PredictOptions()
     t0 = time.perf_counter()
-    predictor = Predictor.from_run(run, device=opts.device)
+    predictor = Predictor.from_run(run, device=opts.device, engine=opts.engine)
     inputs = resolve_inputs(Path(source), [Path(d) for d in opts.image_dirs], opts.ext)
     found, checked = _prevalidate([i for i, p in enumerate(inputs.paths) if p is not None], inputs.paths)
     errors: dict[int, str] = {}

@@ -46,40 +46,71 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     resume: EpochResult | None = None, should_stop=None) -> EpochResult:
     """One pass over `loader`. To continue an interrupted epoch: the same loader order (its generator reset to
     the epoch's start) and `resume` = the stopped epoch's result (its steps are skipped, its totals kept).
-    `should_stop` is polled after each optimiser step; when it fires, the result has `stopped_at`."""
+    `should_stop` is polled after each optimiser step; when it fires, the result has `stopped_at`.
+    On CUDA the step losses stay on the device until the epoch ends (no host sync per batch)."""
     model.train()
     start_step = (resume.stopped_at or 0) if resume is not None else 0
-    total, count = resume.totals if resume is not None else (0.0, 0)
-    device = step.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=step.amp and device.type == "cuda")
+    losses = StepLosses(epoch, start_step, resume.totals if resume is not None else (0.0, 0),
+                        deferred=step.device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=step.amp and step.device.type == "cuda")
     fmt = torch.channels_last if step.channels_last else torch.preserve_format
     optimizer.zero_grad(set_to_none=True)
     with progress_bar(len(loader.dataset), f"epoch {epoch}", enabled=step.show_progress) as advance:
         for i, (x, y) in enumerate(loader):
             if i < start_step:  # done before the interruption (the batches still come in the same order)
                 continue
-            x = x.to(device, non_blocking=True).float()
+            x = x.to(step.device, non_blocking=True).float()
             if x.dim() == 4:
                 x = x.contiguous(memory_format=fmt)
-            y = y.to(device, non_blocking=True).float()
+            y = y.to(step.device, non_blocking=True).float()
             with autocast:
                 loss = step.loss_fn(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at epoch {epoch}, step {i}; the last good checkpoint is kept. "
-                    "Try a lower learning rate (model.learning_rate), and check the inputs (chiptag validate).")
+            losses.add(loss.detach(), len(x))
             (loss / step.accum_steps).backward()
             stepped = (i + 1) % step.accum_steps == 0 or i + 1 == len(loader)
             if stepped:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            total += loss.item() * len(x)
-            count += len(x)
             advance(len(x))
             # stop only on an optimiser-step boundary, so no accumulated gradient is lost
             if stepped and should_stop is not None and should_stop() and i + 1 < len(loader):
-                return EpochResult(total / max(count, 1), (total, count), stopped_at=i + 1)
-    return EpochResult(total / max(count, 1), (total, count))
+                return losses.result(stopped_at=i + 1)
+    return losses.result()
+
+
+class StepLosses:
+    """The losses of an epoch's steps: checked for NaN/Inf and summed at once per step (CPU) or per epoch
+    (deferred: CUDA, where each check would be a host round trip)."""
+
+    def __init__(self, epoch: int, first_step: int, totals: tuple[float, int], deferred: bool):
+        self.epoch, self.first_step, self.deferred = epoch, first_step, deferred
+        self.total, self.count = totals
+        self.pending: list[tuple[torch.Tensor, int]] = []
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.pending.append((loss, n))
+        if not self.deferred:
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([v for v, _ in self.pending]).float().cpu()  # the one sync
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            raise NonFiniteLoss(
+                f"loss is {values[k].item()} at epoch {self.epoch}, step {self.first_step + k}; the last good "
+                "checkpoint is kept. Try a lower learning rate (model.learning_rate), and check the inputs "
+                "(chiptag validate).")
+        self.total += float(sum(v.item() * n for v, (_, n) in zip(values, self.pending)))
+        self.count += sum(n for _, n in self.pending)
+        self.first_step += len(self.pending)
+        self.pending.clear()
+
+    def result(self, stopped_at: int | None = None) -> EpochResult:
+        self._drain()
+        return EpochResult(self.total / max(self.count, 1), (self.total, self.count), stopped_at=stopped_at)
 
 
 @torch.inference_mode()
@@ -87,10 +118,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     """-> (logits (N, C), targets (N, C) or the loader's second item)."""
     model.eval()
     logits, targets = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device).float()).float().cpu())
+    for x, y in loader:  # results stay on the device until the end: one copy, not one per batch
+        logits.append(model(x.to(device).float()).float())
         targets.append(torch.as_tensor(y))
-    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+    return torch.cat(logits).cpu().numpy(), torch.cat([t.to(device) for t in targets]).cpu().numpy()
 
 
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> dict:

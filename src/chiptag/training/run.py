@@ -21,6 +21,7 @@ from chiptag.data.dataset import Dataset
 from chiptag.data.problems import Report
 from chiptag.data.split import load_split, make_split, save_split
 from chiptag.data.validate import preflight
+from chiptag.data.decoders import resolve_decoder
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
@@ -198,10 +199,11 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     features, images, info = None, None, FeatureInfo("not used (freeze: false)")
     if phases_mod.uses_features(cfg):
         feats, info = extract_features(r, model, device)
-        features = phases_mod.feature_inputs(cfg, feats, ds.table.y, splits)
+        features = phases_mod.feature_inputs(cfg, feats, ds.table.y, splits, device)
     if not entry.freeze:
         images = phases_mod.image_inputs(cfg, ds, splits, model.backbone.preprocessing,
-                                         default_workers(cfg.training.num_workers))
+                                         default_workers(cfg.training.num_workers),
+                                         resolve_decoder(cfg.features.decoder, device), device)
     t_extract = time.perf_counter() - t_extract
     phases = phases_mod.plan(cfg, features, images)
 

@@ -1,0 +1,82 @@
+"""The nvjpeg decoder path (bytes in workers, batched decode on the device, per-image CPU fallback) run on the
+CPU: the same batches as the cpu decoder, the same per-image errors. Only nvJPEG's kernel needs CUDA."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chiptag.data.decoders import device_batches, image_batches, nvjpeg_can_take, resolve_decoder
+from chiptag.data.images import ImageDataset, Preprocessing
+from chiptag.errors import ChiptagError
+
+
+def _jpeg(mode: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert(mode).save(
+        buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_header_check_sends_only_plain_jpegs_to_nvjpeg(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    assert nvjpeg_can_take(_jpeg("RGB")) and nvjpeg_can_take(_jpeg("L"))
+    assert nvjpeg_can_take(_jpeg("RGB", progressive=True))
+    assert not nvjpeg_can_take(_jpeg("CMYK"))  # 4 components
+    assert not nvjpeg_can_take(png.getvalue()) and not nvjpeg_can_take(b"") and not nvjpeg_can_take(b"\xff\xd8")
+
+
+def _mixed_inputs(tiny_data, tmp_path):
+    good = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:5]
+    png_named_jpg = tmp_path / "png.jpg"
+    Image.open(good[0]).save(png_named_jpg, "PNG")
+    cmyk = tmp_path / "cmyk.jpg"
+    cmyk.write_bytes(_jpeg("CMYK"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good[1].read_bytes()[:200])  # a JPEG header, then nothing: nvJPEG and libjpeg fail
+    return good[:2] + [png_named_jpg, cmyk, broken, tmp_path / "missing.jpg"] + good[2:]
+
+
+@pytest.mark.parametrize("view", [0, 5])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_device_path_gives_the_cpu_batches_with_the_same_errors(tiny_data, tmp_path, view, workers):
+    paths = _mixed_inputs(tiny_data, tmp_path)
+    data = ImageDataset(paths, Preprocessing(32), view=view, keep_errors=True)
+    cpu = list(image_batches(data, 4, 0, "cpu", decoder="cpu"))
+    dev = list(device_batches(data, 4, workers, "cpu"))  # the nvjpeg path, decoding with the CPU kernel
+    assert [b[1].tolist() for b in dev] == [b[1].tolist() for b in cpu]
+    assert [b[2] for b in dev] == [b[2] for b in cpu]
+    errors = [e for b in dev for e in b[2]]
+    assert "broken.jpg" in errors[4] and "missing.jpg" in errors[5] and errors[2] == errors[3] == ""
+    for (xd, _, _), (xc, _, _) in zip(dev, cpu):
+        assert xd.dtype == torch.uint8 and xd.shape == xc.shape
+        assert (xd.int() - xc.int()).abs().max() <= 1  # float resize rounded vs the uint8 kernel
+
+
+def test_device_path_raises_naming_the_file_when_errors_are_not_kept(tiny_data, tmp_path):
+    data = ImageDataset(_mixed_inputs(tiny_data, tmp_path), Preprocessing(32))
+    with pytest.raises(ChiptagError, match="broken.jpg"):
+        list(device_batches(data, 8, 0, "cpu"))
+
+
+def test_decoder_choice():
+    assert resolve_decoder("auto", torch.device("cpu")) == "cpu"
+    assert resolve_decoder("auto", torch.device("cuda")) == "nvjpeg"
+    with pytest.raises(ChiptagError, match="nvjpeg"):
+        resolve_decoder("nvjpeg", torch.device("cpu"))
+    with pytest.raises(ChiptagError, match="unknown decoder"):
+        resolve_decoder("pillow", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_nvjpeg_on_cuda_is_within_a_few_levels_of_libjpeg(tiny_data, tmp_path):
+    paths = _mixed_inputs(tiny_data, tmp_path)
+    data = ImageDataset(paths, Preprocessing(32), keep_errors=True)
+    cpu = torch.cat([b[0] for b in image_batches(data, 4, 0, "cpu", decoder="cpu")])
+    gpu = torch.cat([b[0].cpu() for b in device_batches(data, 4, 0, "cuda")])
+    assert (gpu.int() - cpu.int()).abs().max() <= 8  # IDCT differences (not yet measured on a GPU)
