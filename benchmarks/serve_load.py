@@ -78,7 +78,7 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
 def hammer(url: str, requests_of, clients: int, seconds: float | None, total: int | None) -> dict:
     """`clients` threads send requests_of(i) until `seconds` pass or `total` requests were sent."""
     lat, statuses, errors, lock = [], {}, [], threading.Lock()
-    counter = iter(range(total)) if total else None
+    counter = iter(range(total)) if total is not None else None
     stop = time.monotonic() + seconds if seconds else None
 
     def client() -> None:

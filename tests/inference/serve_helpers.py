@@ -55,6 +55,18 @@ def chromium_missing() -> str | None:
     return None
 
 
+def require_browser() -> None:
+    """Skip with the reason when the browser test cannot run here; in CI (CI=true) fail instead, so a CI image
+    without Chromium is noticed rather than silently skipped."""
+    import pytest
+
+    missing = chromium_missing()
+    if missing and os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(f"browser test cannot run in CI: {missing}")
+    if missing:
+        pytest.skip(missing)
+
+
 def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path) -> dict[str, list[str]]:
     """Load the page in headless Chromium, upload `files` through its file input, wait for every card, save
     a screenshot, and return {file name: the tags the page rendered} (the error text as ["error: ..."])."""

@@ -128,6 +128,17 @@ def test_whole_request_problems_are_json_4xx(server, chips, case, status, words)
         assert "big.jpg" in r.json()["error"]
 
 
+def test_streamed_body_over_the_limit_is_stopped(server, chips):
+    """No Content-Length (chunked upload): the limit is enforced as the bytes arrive."""
+    url, _ = server
+    req = httpx.Request("POST", f"{url}/v1/predict", files=[("files", ("a.jpg", chips[0].read_bytes() * 200))])
+    body = req.read()
+    assert len(body) > LIMITS["max_request_bytes"]
+    r = httpx.post(f"{url}/v1/predict", content=(body[i:i + 16384] for i in range(0, len(body), 16384)),
+                   headers={"content-type": req.headers["content-type"]}, timeout=60)
+    assert r.status_code == 413 and "request body over" in r.json()["error"]
+
+
 def test_model_health_page(server, predictor, trained_run):
     url, _ = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}

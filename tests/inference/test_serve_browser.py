@@ -5,20 +5,16 @@ Outside CI a missing browser skips with the reason; with CI=true it fails (.ci/r
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import chromium_missing, page_tags, running
+import serve_helpers
+from serve_helpers import page_tags, require_browser, running
 
 
 def test_page_renders_the_api_tags(trained_run, tiny_data, tmp_path):
-    missing = chromium_missing()
-    if missing:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"browser test cannot run in CI: {missing}")
-        pytest.skip(missing)
+    require_browser()
     chips = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:2]
     junk = tmp_path / "notes.jpg"
     junk.write_text("not an image")
@@ -30,3 +26,11 @@ def test_page_renders_the_api_tags(trained_run, tiny_data, tmp_path):
     assert {p.name: e["tags"] for p, e in zip(chips, api)} == {p.name: shown[p.name] for p in chips}
     assert shown["notes.jpg"][0].startswith("error: ") and "not an image" in shown["notes.jpg"][0]
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci, outcome):
+    monkeypatch.setattr(serve_helpers, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="no-chromium is missing"):
+        require_browser()
