@@ -164,6 +164,19 @@ def test_stays_up_under_bad_uploads(server, chips):
     assert not any(service.workdir.glob("*.upload"))  # every temporary upload was removed
 
 
+def test_engine_failure_is_a_json_500_and_the_server_recovers(server, chips, monkeypatch):
+    url, service = server
+
+    def broken(x, tta):
+        raise RuntimeError("engine broke")
+
+    monkeypatch.setattr(service, "_probs", broken)
+    r = post(url, [("a.jpg", chips[0].read_bytes())])
+    assert r.status_code == 500 and "engine broke" in r.json()["error"]
+    monkeypatch.undo()
+    assert post(url, [("a.jpg", chips[0].read_bytes())]).status_code == 200
+
+
 def test_timeout_is_408(run_dir, chips):
     with running(run_dir, engine="torch", timeout_s=1e-4) as (url, _):
         r = post(url, [("a.jpg", chips[0].read_bytes())])

@@ -148,6 +148,10 @@ def create_app(service: Service) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         return _error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # still JSON, so the page shows it on the card
+        return _error(500, f"internal error: {exc.__class__.__name__}: {exc}")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return (resources.files("chiptag.inference") / "static" / "index.html").read_text(encoding="utf-8")
