@@ -9,13 +9,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from serve_helpers import running
 from typer.testing import CliRunner
 
 from chiptag.cli import app
 from chiptag.inference.predictor import Predictor
-from chiptag.inference.service import Service, ServeOptions
+from chiptag.inference.service import ServeOptions, Service, resolve_engine
 
 LIMITS = dict(engine="torch", max_images=4, max_file_bytes=60_000, max_request_bytes=150_000,
               max_pixels=1_000_000, max_wait_ms=5)
@@ -185,7 +186,8 @@ def test_timeout_is_408(run_dir, chips):
 
 def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
     pytest.importorskip("onnxruntime")
-    service = Service(run_dir, ServeOptions(device="cpu", engine="auto"))
+    assert resolve_engine("auto", torch.device("cpu")) == "torch"  # exact, and faster served (serve_load*.json)
+    service = Service(run_dir, ServeOptions(device="cpu", engine="onnxruntime"))
     try:
         service.warm()
         assert service.ready and service.engine == "onnxruntime", service.error

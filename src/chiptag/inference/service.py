@@ -8,7 +8,9 @@ probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py check
 
 Engines: `torch` (Predictor.predict_tensor, float32), `onnxruntime` (CPU: the run's tagger exported once at
 start-up into the server's temporary folder; about 1e-6 from torch), `bf16` (CUDA: predict_tensor under bf16
-autocast). `auto` picks onnxruntime on CPU when it is installed, bf16 on CUDA.
+autocast). `auto` picks bf16 on CUDA and torch on CPU: it is exact, and served through this server it handled
+more images/s than ONNX Runtime in each of three paired runs on the shared 2-core machine (the recorded pair:
+benchmarks/results/serve_load.json and serve_load-onnxruntime.json).
 """
 
 from __future__ import annotations
@@ -73,9 +75,7 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine not in ENGINES:
         raise ChiptagError(f"--engine: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
     if engine == "auto":
-        if device.type == "cuda":
-            return "bf16"
-        return "onnxruntime" if onnxruntime_available() else "torch"
+        return "bf16" if device.type == "cuda" else "torch"
     if engine == "onnxruntime" and (device.type != "cpu" or not onnxruntime_available()):
         raise ChiptagError("--engine onnxruntime needs --device cpu and onnxruntime installed "
                            "(pip install 'chiptag[export]'); or use --engine torch")
