@@ -4,6 +4,7 @@ probabilities as Predictor.predict, per-entry errors for bad images, JSON 4xx fo
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -176,6 +177,14 @@ def test_engine_failure_is_a_json_500_and_the_server_recovers(server, chips, mon
     assert r.status_code == 500 and "engine broke" in r.json()["error"]
     monkeypatch.undo()
     assert post(url, [("a.jpg", chips[0].read_bytes())]).status_code == 200
+
+
+def test_decode_streams_a_spooled_upload_rolled_to_disk(server, chips):
+    _, service = server
+    spooled = tempfile.SpooledTemporaryFile(max_size=100)  # what the multipart parser hands over past 1 MiB
+    spooled.write(chips[4].read_bytes())
+    spooled.seek(0)
+    assert torch.equal(service.decode("x.jpg", spooled), service.decode("x.jpg", chips[4].read_bytes()))
 
 
 def test_timeout_is_408(run_dir, chips):

@@ -101,11 +101,10 @@ async def _predict(service: Service, request: Request) -> dict:
         tta = _flag(request.query_params.get("tta", form.get("tta") if isinstance(form.get("tta"), str) else None))
         files = _uploads(form, opts.max_images, opts.max_file_bytes)
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
-        blobs = [await f.read() for f in files]
+        # Each spooled upload is streamed to the decoder's own file: never all of a request's bytes in memory.
+        decoded = await asyncio.gather(*(run_in_threadpool(_decode, service, n, f.file) for n, f in zip(names, files)))
     finally:
         await form.close()
-    decoded = await asyncio.gather(*(run_in_threadpool(_decode, service, n, b) for n, b in zip(names, blobs)))
-    del blobs
     good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     probs = await asyncio.wrap_future(service.batcher.submit([decoded[i] for i in good], tta)) if good else []
     row = dict(zip(good, probs))
@@ -113,7 +112,7 @@ async def _predict(service: Service, request: Request) -> dict:
     return {"run_id": service.model_info()["run_id"], "tta": tta, "results": results}
 
 
-def _decode(service: Service, name: str, data: bytes):
+def _decode(service: Service, name: str, data):
     """-> the chip, or the error message (a string) for its entry."""
     try:
         return service.decode(name, data)

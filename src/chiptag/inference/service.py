@@ -22,7 +22,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -151,11 +151,16 @@ class Service:
         x = normalize(x.to(self.predictor.device), self.predictor.preprocessing)
         return self._probs(x, tta).numpy()
 
-    def decode(self, name: str, data: bytes) -> torch.Tensor:
-        """Upload bytes -> the chip as ImageDataset yields it; UploadError naming `name` when unusable."""
+    def decode(self, name: str, data: bytes | BinaryIO) -> torch.Tensor:
+        """Upload bytes (or a file object at its start) -> the chip as ImageDataset yields it; UploadError
+        naming `name` when unusable."""
         path = self.workdir / f"{uuid.uuid4().hex}.upload"
         try:
-            path.write_bytes(data)
+            with open(path, "wb") as out:
+                if isinstance(data, bytes):
+                    out.write(data)
+                else:
+                    shutil.copyfileobj(data, out)
             info = check_image(path, self.opts.max_pixels)
             if info.kind is not None:
                 raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
