@@ -105,7 +105,7 @@ class Service:
 
     def __init__(self, run: str | Path, opts: ServeOptions):
         self.run, self.opts = Path(run), opts
-        self.ckpt = checkpoint.load(checkpoint_file(self.run))
+        self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
         self.predictor = Predictor.from_run(self.run, device=opts.device)
         self.engine = resolve_engine(opts.engine, self.predictor.device)
         self.summary = _summary(self.run)
@@ -124,7 +124,8 @@ class Service:
                     return self.predictor.predict_tensor(x, tta)
             return bf16
         size = self.predictor.preprocessing.image_size
-        logits = onnx_forward(export_onnx(checkpoint.load_tagger(self.ckpt), self.workdir / "tagger.onnx", size))
+        tagger = checkpoint.load_tagger(checkpoint.load(checkpoint_file(self.run)))
+        logits = onnx_forward(export_onnx(tagger, self.workdir / "tagger.onnx", size))
 
         def ort(x: torch.Tensor, tta: bool) -> torch.Tensor:  # the rule of Predictor.predict_tensor
             if not tta:
@@ -183,7 +184,7 @@ class Service:
         metrics, baseline = s.get("metrics", {}), s.get("baseline", {})
         return {
             "run_id": s.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name),
-            "backbone": self.ckpt.get("backbone"), "image_size": pre.image_size, "resize": RESIZE_MODE,
+            "backbone": self.backbone, "image_size": pre.image_size, "resize": RESIZE_MODE,
             "tags": self.predictor.tags,
             "thresholds": {t: float(v) for t, v in zip(self.predictor.tags, self.predictor.thresholds)},
             "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
