@@ -201,3 +201,31 @@ def export(run: Path = typer.Argument(..., help="run directory (or its checkpoin
     r = export_run(run, format_, out)
     print(f"wrote {r['path']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, {r['image_size']} px, {r['n_tags']} tags); "
           f"max |exported - PyTorch| on a random batch: {r['max_abs_diff']:.1e}")
+
+
+@app.command()
+@friendly
+def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint.pt)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
+          device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
+          engine: str = typer.Option("auto", help="auto (torch on CPU, bf16 on CUDA), torch, onnxruntime, bf16"),
+          max_batch: int = typer.Option(64, min=1, help="images per forward: concurrent requests are merged"),
+          max_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
+          max_images: int = typer.Option(64, min=1, help="images per request"),
+          max_file_mb: float = typer.Option(20.0, min=0.001, help="bytes per uploaded file, in MiB"),
+          max_request_mb: float = typer.Option(100.0, min=0.001, help="bytes per request, in MiB"),
+          max_pixels: int = typer.Option(40_000_000, min=1, help="pixel cap per image (decompression bombs)"),
+          timeout: float = typer.Option(60.0, min=0.1, help="seconds a request may take"),
+          ) -> None:
+    """Serve RUN over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, and a web page at /."""
+    from chiptag.inference.service import MB, ServeOptions, require_serve_deps
+    from chiptag.training.run import resolve_device
+
+    require_serve_deps()  # before importing the app: a missing FastAPI is a one-line error, not a traceback
+    from chiptag.inference.serve import serve as start
+
+    start(run, ServeOptions(host=host, port=port, device=str(resolve_device(device)), engine=engine,
+                            max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
+                            max_file_bytes=int(max_file_mb * MB), max_request_bytes=int(max_request_mb * MB),
+                            max_pixels=max_pixels, timeout_s=timeout))

@@ -1,0 +1,200 @@
+"""`chiptag serve` under load, against offline `predict` on the same chips, in one run.
+
+    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 --seconds 20 --soak 1000
+
+1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, before
+   and after the server phases (the reference is their mean: other jobs' load on a shared machine drifts);
+2. load: `chiptag serve RUN` in a subprocess on a free 127.0.0.1 port; --clients threads each POST one image
+   per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors;
+3. soak: --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
+   files, wrong field, not multipart) from the same clients; then /readyz must answer 200 and the server's RSS
+   must have grown by less than 100 MB.
+Target: img_s >= 0.8 x offline_predict_img_s at 8 clients x 1 image, 0 errors. Writes JSON with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from itertools import cycle
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from chiptag.inference.predictor import Predictor
+
+
+def offline_img_s(run: Path, chips: list[Path], device: str, rounds: int) -> float:
+    predictor = Predictor.from_run(run, device=device)
+    predictor.predict(chips[:64], batch_size=64)  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        predictor.predict(chips, batch_size=64)
+        best = max(best, len(chips) / (time.perf_counter() - t0))
+    return best
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(run: Path, port: int, args) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from chiptag.cli import app; app()", "serve", str(run), "--port", str(port),
+           "--device", args.device, "--engine", args.engine, "--max-batch", str(args.max_batch),
+           "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready after 300 s")
+
+
+def hammer(url: str, requests_of, clients: int, seconds: float | None, total: int | None) -> dict:
+    """`clients` threads send requests_of(i) until `seconds` pass or `total` requests were sent."""
+    lat, statuses, errors, lock = [], {}, [], threading.Lock()
+    counter = iter(range(total)) if total is not None else None
+    stop = time.monotonic() + seconds if seconds else None
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while True:
+                if stop is not None and time.monotonic() >= stop:
+                    return
+                i = next(counter, None) if counter is not None else 0
+                if i is None:
+                    return
+                kwargs = requests_of(i)
+                t0 = time.perf_counter()
+                try:
+                    r = http.post(f"{url}/v1/predict", **kwargs)
+                    ok = r.status_code == 200 and all(e["error"] is None for e in r.json()["results"])
+                    code = r.status_code
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, code = False, type(exc).__name__
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    statuses[str(code)] = statuses.get(str(code), 0) + 1
+                    if not ok:
+                        errors.append(code)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"requests": len(lat), "seconds": time.perf_counter() - t0, "latency_s": lat, "statuses": statuses,
+            "errors": len(errors)}
+
+
+def bad_requests(chip: bytes):
+    bomb = io.BytesIO()
+    Image.new("RGB", (12000, 12000)).save(bomb, format="PNG")  # 144 Mpx > the 40 Mpx default cap, ~0.4 MB
+    kinds = [
+        {"files": [("files", ("notes.jpg", b"not an image at all"))]},
+        {"files": [("files", ("cut.jpg", chip[: len(chip) // 3]))]},
+        {"files": [("files", ("empty.jpg", b""))]},
+        {"files": [("files", ("bomb.png", bomb.getvalue()))]},
+        {"files": [("files", ("big.jpg", chip + b"\0" * (1024 * 1024 + 1)))]},
+        {"files": [("files", (f"{i}.jpg", b"x")) for i in range(65)]},
+        {"files": [("file", ("a.jpg", chip))]},
+        {"json": {"path": "/etc/passwd"}},
+    ]
+    return lambda i: kinds[i % len(kinds)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
+    p.add_argument("--offline-images", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--soak", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    args = p.parse_args()
+    chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
+    # Offline before and after the server phase: other jobs' load drifts, the mean of the two is the reference.
+    offline_before = offline_img_s(args.run, chips, args.device, args.rounds)
+    print(f"offline predict: {offline_before:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})")
+    blobs = cycle([(c.name, c.read_bytes()) for c in chips])
+    lock = threading.Lock()
+
+    def good(_):
+        with lock:
+            batch = [next(blobs) for _ in range(args.images_per_request)]
+        return {"files": [("files", nb) for nb in batch]}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args.run, port, args)
+    try:
+        engine = httpx.get(f"{url}/readyz").json()["engine"]
+        load = hammer(url, good, args.clients, args.seconds, None)
+        lat = np.array(load.pop("latency_s")) * 1000
+        img_s = load["requests"] * args.images_per_request / load["seconds"]
+        rss_before = rss_mb(server.pid)
+        soak = hammer(url, bad_requests(chips[0].read_bytes()), args.clients, None, args.soak)
+        soak.pop("latency_s")
+        ready = httpx.get(f"{url}/readyz", timeout=30).status_code
+        rss_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    offline_after = offline_img_s(args.run, chips, args.device, args.rounds)
+    offline = (offline_before + offline_after) / 2
+    print(f"offline predict again: {offline_after:.1f} img/s")
+    result = {
+        "command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
+        "note": "measured on a machine shared with other jobs",
+        "clients": args.clients, "images_per_request": args.images_per_request, "seconds": round(load["seconds"], 2),
+        "img_s": round(img_s, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"], "statuses": load["statuses"],
+        "offline_predict_img_s": round(offline, 1),
+        "offline_before_after_img_s": [round(offline_before, 1), round(offline_after, 1)], "ratio": round(img_s / offline, 3),
+        "target_met": bool(img_s >= 0.8 * offline and load["errors"] == 0),
+        "soak": {"requests": soak["requests"], "statuses": soak["statuses"], "readyz_after": ready,
+                 "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+                 "rss_growth_mb": round(rss_after - rss_before, 1),
+                 "ok": bool(ready == 200 and rss_after - rss_before < 100)},
+    }
+    print(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

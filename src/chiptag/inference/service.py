@@ -1,0 +1,202 @@
+"""What `chiptag serve` serves, without the HTTP: a run's Predictor, its engine, upload checks and decoding.
+
+Uploads take exactly the path `chiptag predict` takes: the bytes are written to a private temporary file
+(never a path a client named), checked by data.image_check (header checks, the pixel cap against
+decompression bombs, truncated JPEGs) and decoded by data.images.ImageDataset (read_rgb + resize); batches
+are normalised by data.images.normalize and run through Predictor.predict_tensor. So a chip gets the same
+probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
+
+Engines: `torch` (Predictor.predict_tensor, float32), `onnxruntime` (CPU: the run's tagger exported once at
+start-up into the server's temporary folder; about 1e-6 from torch), `bf16` (CUDA: predict_tensor under bf16
+autocast). `auto` picks bf16 on CUDA and torch on CPU: it is exact, and served through this server it handled
+more images/s than ONNX Runtime in each of three paired runs on the shared 2-core machine (the recorded pair:
+benchmarks/results/serve_load.json and serve_load-onnxruntime.json).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+import torch
+
+from chiptag.data.image_check import check_image
+from chiptag.data.images import ImageDataset, collate, d4, normalize
+from chiptag.data.problems import KINDS
+from chiptag.errors import ChiptagError
+from chiptag.features.backends import export_onnx, onnx_forward, onnxruntime_available
+from chiptag.features.views import mean_probabilities
+from chiptag.inference.batcher import MicroBatcher
+from chiptag.inference.predictor import Predictor
+from chiptag.models import checkpoint
+from chiptag.runs.layout import RunDir, checkpoint_file
+
+ENGINES = ("auto", "torch", "onnxruntime", "bf16")
+MB = 1024 * 1024
+RESIZE_MODE = "whole chip resized to image_size x image_size (bilinear, antialiased, no crop)"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"  # resolved already ("cpu", "cuda", "cuda:0"); the CLI turns "auto" into one of these
+    engine: str = "auto"
+    max_batch: int = 64  # images per forward
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_images: int = 64  # per request
+    max_file_bytes: int = 20 * MB
+    max_request_bytes: int = 100 * MB
+    max_pixels: int = 40_000_000  # decompression-bomb guard, checked on the header before any decode
+    timeout_s: float = 60.0  # a request (upload + decode + forward) that takes longer gets a 408
+    max_connections: int = 128  # uvicorn answers 503 beyond this many concurrent connections
+
+
+class UploadError(Exception):
+    """One upload that cannot be used; the message names it. Fails only its own entry of a batch."""
+
+
+def require_serve_deps() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ChiptagError(f"chiptag serve needs {', '.join(missing)}: pip install 'chiptag[serve]'")
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    if engine not in ENGINES:
+        raise ChiptagError(f"--engine: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
+    if engine == "auto":
+        return "bf16" if device.type == "cuda" else "torch"
+    if engine == "onnxruntime" and (device.type != "cpu" or not onnxruntime_available()):
+        raise ChiptagError("--engine onnxruntime needs --device cpu and onnxruntime installed "
+                           "(pip install 'chiptag[export]'); or use --engine torch")
+    if engine == "bf16" and device.type != "cuda":
+        raise ChiptagError("--engine bf16 runs on CUDA only; use --engine torch or onnxruntime on CPU")
+    return engine
+
+
+def _summary(run: Path) -> dict:
+    """The run's summary.json (scores for the model panel); {} when serving a bare checkpoint file."""
+    path = RunDir(run if run.is_dir() else run.parent).summary
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _upload_problem(kind: str, detail: str) -> str:
+    if kind == "bomb":
+        return f"image over the pixel cap ({detail}; --max-pixels): refused before decoding"
+    return KINDS[kind][1] + (f" ({detail})" if detail else "")
+
+
+class Service:
+    """The loaded model and its micro-batcher. `warm()` (run in a thread) builds the engine and runs one
+    forward; `ready` turns True after it."""
+
+    def __init__(self, run: str | Path, opts: ServeOptions):
+        self.run, self.opts = Path(run), opts
+        self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
+        self.predictor = Predictor.from_run(self.run, device=opts.device)
+        self.engine = resolve_engine(opts.engine, self.predictor.device)
+        self.summary = _summary(self.run)
+        self.workdir = Path(tempfile.mkdtemp(prefix="chiptag-serve-"))
+        self.batcher: MicroBatcher | None = None
+        self.ready, self.error = False, None
+        self._warm_lock = threading.Lock()
+
+    def _probabilities(self) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+        """normalised batch, tta -> probabilities (N, n_tags) float32 on CPU, for the chosen engine."""
+        if self.engine == "torch":
+            return self.predictor.predict_tensor
+        if self.engine == "bf16":
+            def bf16(x: torch.Tensor, tta: bool) -> torch.Tensor:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return self.predictor.predict_tensor(x, tta)
+            return bf16
+        size = self.predictor.preprocessing.image_size
+        tagger = checkpoint.load_tagger(checkpoint.load(checkpoint_file(self.run)))
+        logits = onnx_forward(export_onnx(tagger, self.workdir / "tagger.onnx", size))
+
+        def ort(x: torch.Tensor, tta: bool) -> torch.Tensor:  # the rule of Predictor.predict_tensor
+            if not tta:
+                return torch.sigmoid(logits(x)).float()
+            return mean_probabilities(logits(d4(x, v).contiguous()) for v in range(8)).float()
+        return ort
+
+    def warm(self) -> None:
+        with self._warm_lock:
+            if self.ready or self.error:
+                return
+            try:
+                self._probs = self._probabilities()
+                self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000)
+                size = self.predictor.preprocessing.image_size
+                self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
+                self.ready = True
+            except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
+                self.error = f"{exc.__class__.__name__}: {exc}"
+
+    def forward(self, chips: Sequence[torch.Tensor], tta: bool) -> np.ndarray:
+        """Decoded chips (ImageDataset items) -> probabilities, the way Predictor.predict batches them."""
+        x, _, _ = collate([(c, i, "") for i, c in enumerate(chips)])
+        x = normalize(x.to(self.predictor.device), self.predictor.preprocessing)
+        return self._probs(x, tta).numpy()
+
+    def decode(self, name: str, data: bytes | BinaryIO) -> torch.Tensor:
+        """Upload bytes (or a file object at its start) -> the chip as ImageDataset yields it; UploadError
+        naming `name` when unusable."""
+        path = self.workdir / f"{uuid.uuid4().hex}.upload"
+        try:
+            with open(path, "wb") as out:
+                if isinstance(data, bytes):
+                    out.write(data)
+                else:
+                    shutil.copyfileobj(data, out)
+            info = check_image(path, self.opts.max_pixels)
+            if info.kind is not None:
+                raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
+            chip, _, err = ImageDataset([path], self.predictor.preprocessing, keep_errors=True)[0]
+            if err:
+                raise UploadError(err.replace(str(path), name))
+            return chip
+        finally:
+            path.unlink(missing_ok=True)
+
+    def entry(self, name: str, probs: np.ndarray | None, error: str | None) -> dict:
+        if probs is None:
+            return {"name": name, "tags": [], "probabilities": None, "error": error}
+        on = self.predictor.binarize(probs[None])[0]
+        return {"name": name, "tags": [t for t, b in zip(self.predictor.tags, on) if b],
+                "probabilities": {t: float(p) for t, p in zip(self.predictor.tags, probs)}, "error": None}
+
+    def model_info(self) -> dict:
+        s, pre = self.summary, self.predictor.preprocessing
+        metrics, baseline = s.get("metrics", {}), s.get("baseline", {})
+        return {
+            "run_id": s.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name),
+            "backbone": self.backbone, "image_size": pre.image_size, "resize": RESIZE_MODE,
+            "tags": self.predictor.tags,
+            "thresholds": {t: float(v) for t, v in zip(self.predictor.tags, self.predictor.thresholds)},
+            "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
+            "baseline": {"val_f2": baseline.get("val", {}).get("f2"), "test_f2": baseline.get("test", {}).get("f2"),
+                         "tags": baseline.get("tags")},
+            "engine": self.engine, "device": str(self.predictor.device), "ready": self.ready,
+            "limits": {"max_images": self.opts.max_images, "max_file_bytes": self.opts.max_file_bytes,
+                       "max_request_bytes": self.opts.max_request_bytes, "max_pixels": self.opts.max_pixels,
+                       "timeout_s": self.opts.timeout_s, "max_batch": self.opts.max_batch},
+        }
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,217 @@
+"""`chiptag serve` over real HTTP (uvicorn in a thread on 127.0.0.1, httpx as the client): the same
+probabilities as Predictor.predict, per-entry errors for bad images, JSON 4xx for whole-request limits."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import running
+from typer.testing import CliRunner
+
+from chiptag.cli import app
+from chiptag.inference.predictor import Predictor
+from chiptag.inference.service import ServeOptions, Service, resolve_engine
+
+LIMITS = dict(engine="torch", max_images=4, max_file_bytes=60_000, max_request_bytes=150_000,
+              max_pixels=1_000_000, max_wait_ms=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_run) -> Path:
+    return Path(trained_run["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def chips(tiny_data) -> list[Path]:
+    return sorted((tiny_data / "train-jpg").glob("*.jpg"))[:6]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with running(run_dir, **LIMITS) as (url, service):
+        yield url, service
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir) -> Predictor:
+    return Predictor.from_run(run_dir, device="cpu")
+
+
+def post(url: str, files: list[tuple[str, bytes]], field: str = "files", **params) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", files=[(field, (n, b)) for n, b in files], params=params, timeout=60)
+
+
+def as_probs(entry: dict, tags: list[str]) -> np.ndarray:
+    return np.array([entry["probabilities"][t] for t in tags])
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_batch_matches_predictor(server, chips, predictor, tta):
+    url, _ = server
+    r = post(url, [(p.name, p.read_bytes()) for p in chips[:4]], tta=str(tta).lower())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tta"] is tta and [e["name"] for e in body["results"]] == [p.name for p in chips[:4]]
+    expected = predictor.predict(chips[:4], tta=tta)
+    for entry, want, tags in zip(body["results"], expected, predictor.tag_strings(expected)):
+        assert entry["error"] is None
+        np.testing.assert_allclose(as_probs(entry, predictor.tags), want, atol=1e-6, rtol=0)
+        assert " ".join(entry["tags"]) == tags
+
+
+def test_mixed_batch_fails_only_the_bad_entries(server, chips, predictor, tmp_path):
+    url, _ = server
+    png = tmp_path / "chip.png"
+    Image.open(chips[1]).save(png)
+    jpeg = chips[2].read_bytes()
+    files = [("good.jpg", chips[0].read_bytes()), ("notes.jpg", b"these are not pixels"),
+             ("cut.jpg", jpeg[: len(jpeg) // 2]), ("png_inside.jpg", png.read_bytes())]
+    r = post(url, files)
+    assert r.status_code == 200, r.text
+    good, text, cut, png_entry = r.json()["results"]
+    np.testing.assert_allclose(as_probs(good, predictor.tags), predictor.predict([chips[0]])[0], atol=1e-6)
+    assert "notes.jpg" in text["error"] and "not an image" in text["error"] and text["probabilities"] is None
+    assert "cut.jpg" in cut["error"] and "truncated" in cut["error"]
+    assert png_entry["error"] is None  # decoded by content, like `chiptag predict`
+    np.testing.assert_allclose(as_probs(png_entry, predictor.tags), predictor.predict([png])[0], atol=1e-6)
+
+
+def test_bomb_and_empty_file_are_entry_errors(server, chips, tmp_path):
+    url, _ = server
+    bomb = io.BytesIO()
+    Image.new("RGB", (1500, 1500)).save(bomb, format="PNG")  # 2.25 Mpx > the 1 Mpx cap, a few KB on the wire
+    r = post(url, [("bomb.png", bomb.getvalue()), ("empty.jpg", b""), ("ok.jpg", chips[0].read_bytes())])
+    assert r.status_code == 200, r.text
+    bomb_e, empty_e, ok_e = r.json()["results"]
+    assert "pixel cap" in bomb_e["error"] and "1500x1500" in bomb_e["error"]
+    assert "empty" in empty_e["error"] and ok_e["error"] is None
+
+
+def test_client_file_name_is_never_read_as_a_path(server, chips, predictor):
+    url, _ = server
+    r = post(url, [("/etc/hostname", chips[3].read_bytes())])
+    entry = r.json()["results"][0]
+    assert entry["name"] == "/etc/hostname"
+    np.testing.assert_allclose(as_probs(entry, predictor.tags), predictor.predict([chips[3]])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("empty", 422, "no images"),
+    ("wrong_field", 422, "'file'"),
+    ("not_multipart", 415, "multipart/form-data"),
+    ("file_too_big", 413, "per file"),
+    ("request_too_big", 413, "request body"),
+    ("too_many", 413, "too many images"),
+    ("bad_tta", 422, "tta"),
+])
+def test_whole_request_problems_are_json_4xx(server, chips, case, status, words):
+    url, _ = server
+    chip = chips[0].read_bytes()
+    big = chip + b"\0" * 70_000
+    r = {
+        "empty": lambda: httpx.post(f"{url}/v1/predict", files={"note": (None, "x")}),
+        "wrong_field": lambda: post(url, [("a.jpg", chip)], field="file"),
+        "not_multipart": lambda: httpx.post(f"{url}/v1/predict", json={"path": "/etc/passwd"}),
+        "file_too_big": lambda: post(url, [("ok.jpg", chip), ("big.jpg", big)]),
+        "request_too_big": lambda: post(url, [(f"{i}.jpg", chip + b"\0" * 50_000) for i in range(4)]),
+        "too_many": lambda: post(url, [(f"{i}.jpg", chip) for i in range(5)]),
+        "bad_tta": lambda: post(url, [("a.jpg", chip)], tta="maybe"),
+    }[case]()
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    if case == "file_too_big":
+        assert "big.jpg" in r.json()["error"]
+
+
+def test_streamed_body_over_the_limit_is_stopped(server, chips):
+    """No Content-Length (chunked upload): the limit is enforced as the bytes arrive."""
+    url, _ = server
+    req = httpx.Request("POST", f"{url}/v1/predict", files=[("files", ("a.jpg", chips[0].read_bytes() * 200))])
+    body = req.read()
+    assert len(body) > LIMITS["max_request_bytes"]
+    r = httpx.post(f"{url}/v1/predict", content=(body[i:i + 16384] for i in range(0, len(body), 16384)),
+                   headers={"content-type": req.headers["content-type"]}, timeout=60)
+    assert r.status_code == 413 and "request body over" in r.json()["error"]
+
+
+def test_model_health_page(server, predictor, trained_run):
+    url, _ = server
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    m = httpx.get(f"{url}/v1/model").json()
+    assert m["run_id"] == trained_run["run_id"] and m["backbone"] == "resnet18" and m["image_size"] == 48
+    assert m["tags"] == predictor.tags
+    assert list(m["thresholds"].values()) == pytest.approx(list(predictor.thresholds))
+    assert m["test_f2"] == trained_run["metrics"]["test"]["f2"]
+    assert m["baseline"]["test_f2"] == trained_run["baseline"]["test"]["f2"]
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "<title>chiptag</title>" in page.text and "http" not in page.text.split(
+        "<script>")[1].split("fetch(")[0]  # no CDN script: everything the page runs is inline
+
+
+def test_stays_up_under_bad_uploads(server, chips):
+    url, service = server
+    for i in range(40):
+        junk = [(f"{i}.jpg", bytes([i]) * (i * 97)), ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * i)]
+        assert post(url, junk).status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    assert post(url, [("ok.jpg", chips[0].read_bytes())]).json()["results"][0]["error"] is None
+    assert not any(service.workdir.glob("*.upload"))  # every temporary upload was removed
+
+
+def test_engine_failure_is_a_json_500_and_the_server_recovers(server, chips, monkeypatch):
+    url, service = server
+
+    def broken(x, tta):
+        raise RuntimeError("engine broke")
+
+    monkeypatch.setattr(service, "_probs", broken)
+    r = post(url, [("a.jpg", chips[0].read_bytes())])
+    assert r.status_code == 500 and "engine broke" in r.json()["error"]
+    monkeypatch.undo()
+    assert post(url, [("a.jpg", chips[0].read_bytes())]).status_code == 200
+
+
+def test_decode_streams_a_spooled_upload_rolled_to_disk(server, chips):
+    _, service = server
+    spooled = tempfile.SpooledTemporaryFile(max_size=100)  # what the multipart parser hands over past 1 MiB
+    spooled.write(chips[4].read_bytes())
+    spooled.seek(0)
+    assert torch.equal(service.decode("x.jpg", spooled), service.decode("x.jpg", chips[4].read_bytes()))
+
+
+def test_timeout_is_408(run_dir, chips):
+    with running(run_dir, engine="torch", timeout_s=1e-4) as (url, _):
+        r = post(url, [("a.jpg", chips[0].read_bytes())])
+    assert r.status_code == 408 and "--timeout" in r.json()["error"]
+
+
+def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
+    pytest.importorskip("onnxruntime")
+    assert resolve_engine("auto", torch.device("cpu")) == "torch"  # exact, and faster served (serve_load*.json)
+    service = Service(run_dir, ServeOptions(device="cpu", engine="onnxruntime"))
+    try:
+        service.warm()
+        assert service.ready and service.engine == "onnxruntime", service.error
+        for tta in (False, True):
+            got = service.forward([service.decode(p.name, p.read_bytes()) for p in chips], tta)
+            np.testing.assert_allclose(got, predictor.predict(chips, tta=tta), atol=1e-5, rtol=0)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "no/such/run"], "no checkpoint"),
+    (["serve", "RUN", "--engine", "tpu"], "unknown engine"),
+    (["serve", "RUN", "--device", "cpu", "--engine", "bf16"], "CUDA only"),
+])
+def test_cli_errors_are_one_line(run_dir, args, words):
+    r = CliRunner().invoke(app, [str(run_dir) if a == "RUN" else a for a in args])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
