@@ -148,6 +148,7 @@ def test_model_health_page(server, predictor, trained_run):
     m = httpx.get(f"{url}/v1/model").json()
     assert m["run_id"] == trained_run["run_id"] and m["backbone"] == "resnet18" and m["image_size"] == 48
     assert m["tags"] == predictor.tags
+    assert m["resize"] == predictor.preprocessing.resize == "squash"  # the run's data.resize mode
     assert list(m["thresholds"].values()) == pytest.approx(list(predictor.thresholds))
     assert m["test_f2"] == trained_run["metrics"]["test"]["f2"]
     assert m["baseline"]["test_f2"] == trained_run["baseline"]["test"]["f2"]

@@ -2,13 +2,13 @@
 
 Uploads take exactly the path `chiptag predict` takes: the bytes are written to a private temporary file
 (never a path a client named), checked by data.image_check (header checks, the pixel cap against
-decompression bombs, truncated JPEGs) and decoded by data.images.ImageDataset (read_rgb + resize); batches
+decompression bombs, truncated JPEGs) and decoded by data.images.ImageDataset (read_rgb + the run's resize
+mode); batches
 are normalised by data.images.normalize and run through Predictor.predict_tensor. So a chip gets the same
 probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
 
-Engines: `torch` (Predictor.predict_tensor, float32), `onnxruntime` (CPU: the run's tagger exported once at
-start-up into the server's temporary folder; about 1e-6 from torch), `bf16` (CUDA: predict_tensor under bf16
-autocast). `auto` picks bf16 on CUDA and torch on CPU: it is exact, and served through this server it handled
+Engines are the Predictor's: `torch` (eager float32 on CPU), `onnxruntime` (CPU: the tagger exported once,
+cached by its weights' hash; about 1e-6 from torch), `bf16` (CUDA: eager under bf16 autocast). `auto` picks bf16 on CUDA and torch on CPU: it is exact, and served through this server it handled
 more images/s than ONNX Runtime in each of three paired runs on the shared 2-core machine (the recorded pair:
 benchmarks/results/serve_load.json and serve_load-onnxruntime.json).
 """
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from chiptag.data.image_check import check_image
-from chiptag.data.images import ImageDataset, collate, d4, normalize
+from chiptag.data.images import ImageDataset, collate, normalize
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
-from chiptag.features.backends import export_onnx, onnx_forward, onnxruntime_available
-from chiptag.features.views import mean_probabilities
+from chiptag.device import resolve_device
+from chiptag.features.backends import onnxruntime_available
 from chiptag.inference.batcher import MicroBatcher
 from chiptag.inference.predictor import Predictor
 from chiptag.models import checkpoint
@@ -40,7 +40,9 @@ from chiptag.runs.layout import RunDir, checkpoint_file
 
 ENGINES = ("auto", "torch", "onnxruntime", "bf16")
 MB = 1024 * 1024
-RESIZE_MODE = "whole chip resized to image_size x image_size (bilinear, antialiased, no crop)"
+RESIZE_MODES = {"squash": "whole image resized to image_size x image_size (aspect not kept, no crop)",
+                "pad": "letterboxed to a square in the mean colour (aspect kept), then resized",
+                "crop": "centred square cropped, then resized"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,11 @@ class Service:
     def __init__(self, run: str | Path, opts: ServeOptions):
         self.run, self.opts = Path(run), opts
         self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
-        self.predictor = Predictor.from_run(self.run, device=opts.device)
-        self.engine = resolve_engine(opts.engine, self.predictor.device)
+        device = resolve_device(opts.device, "--device")
+        self.engine = resolve_engine(opts.engine, device)
+        # torch and bf16 are the Predictor's eager engine (bf16 autocast on CUDA), onnxruntime its ORT engine
+        self.predictor = Predictor.from_run(self.run, device=device,
+                                            engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
         self.summary = _summary(self.run)
         self.workdir = Path(tempfile.mkdtemp(prefix="chiptag-serve-"))
         self.batcher: MicroBatcher | None = None
@@ -115,23 +120,10 @@ class Service:
         self._warm_lock = threading.Lock()
 
     def _probabilities(self) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-        """normalised batch, tta -> probabilities (N, n_tags) float32 on CPU, for the chosen engine."""
-        if self.engine == "torch":
-            return self.predictor.predict_tensor
-        if self.engine == "bf16":
-            def bf16(x: torch.Tensor, tta: bool) -> torch.Tensor:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return self.predictor.predict_tensor(x, tta)
-            return bf16
-        size = self.predictor.preprocessing.image_size
-        tagger = checkpoint.load_tagger(checkpoint.load(checkpoint_file(self.run)))
-        logits = onnx_forward(export_onnx(tagger, self.workdir / "tagger.onnx", size))
-
-        def ort(x: torch.Tensor, tta: bool) -> torch.Tensor:  # the rule of Predictor.predict_tensor
-            if not tta:
-                return torch.sigmoid(logits(x)).float()
-            return mean_probabilities(logits(d4(x, v).contiguous()) for v in range(8)).float()
-        return ort
+        """normalised batch, tta -> probabilities (N, n_tags) float32 on CPU: the Predictor's own engine (torch
+        float32 on CPU, bf16 autocast on CUDA, or ONNX Runtime), built now so /readyz means ready."""
+        self.predictor.logits()
+        return self.predictor.predict_tensor
 
     def warm(self) -> None:
         with self._warm_lock:
@@ -184,7 +176,8 @@ class Service:
         metrics, baseline = s.get("metrics", {}), s.get("baseline", {})
         return {
             "run_id": s.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name),
-            "backbone": self.backbone, "image_size": pre.image_size, "resize": RESIZE_MODE,
+            "backbone": self.backbone, "image_size": pre.image_size, "resize": pre.resize,
+            "resize_means": RESIZE_MODES.get(pre.resize, pre.resize),
             "tags": self.predictor.tags,
             "thresholds": {t: float(v) for t, v in zip(self.predictor.tags, self.predictor.thresholds)},
             "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
