@@ -114,6 +114,18 @@ class TrainingConfig(_Strict):
     grad_accum_steps: int = Field(1, ge=1)  # end-to-end training: optimiser step every N batches
     channels_last: bool = True  # end-to-end training: faster convolutions on CPU (oneDNN) and CUDA
     amp: bool = True  # bf16 autocast for end-to-end training on CUDA; ignored on CPU
+    # k-fold (frozen backbones): 0 = one train/val split. K >= 2: test is held out as usual, train + val are cut
+    # into K iterative-stratified folds, K heads train on the same cached features, thresholds are tuned on the
+    # out-of-fold predictions (every non-test chip, not 15%: rare tags get enough positives) and the mean
+    # probability of the K heads is scored once on test.
+    folds: int = Field(0, ge=0, le=50)
+
+    @field_validator("folds")
+    @classmethod
+    def _not_one(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 fold is no cross-validation: use 0 (one train/val split) or K >= 2")
+        return v
 
 
 class FeaturesConfig(_Strict):
@@ -144,8 +156,33 @@ class TrackingConfig(_Strict):
     fallback_offline: bool = False  # server unreachable online: track offline (with a warning) instead of failing
 
 
+class LabelsConfig(_Strict):
+    """Label structure applied when probabilities become tags (predict, evaluation, threshold tuning).
+
+    exclusive: groups of which exactly one tag holds (Planet's weather: clear, partly_cloudy, haze, cloudy): the
+    most probable tag of the group is kept, the others dropped, whatever the thresholds. implies_none: a tag
+    that, when it holds, rules the listed tags out (Planet: cloudy chips carry no land tags). A trigger inside an
+    exclusive group holds when it is its group's pick; any other trigger when its probability is >= 0.5."""
+
+    exclusive: list[list[str]] = []
+    implies_none: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _groups_disjoint(self) -> LabelsConfig:
+        seen: set[str] = set()
+        for group in self.exclusive:
+            if len(group) < 2:
+                raise ValueError(f"exclusive group {group} needs at least 2 tags")
+            dup = seen.intersection(group) or {t for t in group if group.count(t) > 1}
+            if dup:
+                raise ValueError(f"exclusive groups must not share tags: {sorted(dup)[0]!r} appears twice")
+            seen.update(group)
+        return self
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
+    labels: LabelsConfig = LabelsConfig()
     models: list[ModelEntry]
     active_model_index: int = 0
     training: TrainingConfig = TrainingConfig()
@@ -161,6 +198,14 @@ class Config(_Strict):
         if not -n <= self.active_model_index < n:
             raise ValueError(f"active_model_index {self.active_model_index} is out of range: models has {n} "
                              f"entries (valid: 0..{n - 1})")
+        return self
+
+    @model_validator(mode="after")
+    def _folds_need_frozen(self) -> Config:
+        if self.training.folds and not self.model.freeze:
+            raise ValueError(f"training.folds ({self.training.folds}) needs a frozen backbone (the K heads share "
+                             f"one feature pass); models.{self.active_model_index} ({self.model.name}) has "
+                             "freeze: false. K-fold fine-tuning is not supported: set freeze: true or folds: 0")
         return self
 
     @property

@@ -19,6 +19,7 @@ from torch import nn
 
 from chiptag.data.images import ImageDataset, Preprocessing, batches, d4, normalize
 from chiptag.errors import ChiptagError
+from chiptag.evaluation.decoding import LabelRules
 from chiptag.features.views import mean_probabilities
 from chiptag.models import checkpoint
 from chiptag.progress import progress_bar
@@ -39,7 +40,7 @@ class ProbabilityModel(nn.Module):
 
 class Predictor:
     def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", rules: LabelRules | None = None):
         if len(thresholds) != len(tags):
             raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
         self.device = torch.device(device)
@@ -47,13 +48,16 @@ class Predictor:
         self.tags = list(tags)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.preprocessing = pre
+        self.rules = rules or LabelRules()  # the run's label structure (config `labels`), applied in binarize
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-        """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
+        """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint. A k-fold run
+        or an ensemble predicts the mean probability of its members."""
         ckpt = checkpoint.load(checkpoint_file(path))
+        rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"], f"{path}: labels")
         return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
-                   device)
+                   device, rules)
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -90,8 +94,9 @@ class Predictor:
         return probs
 
     def binarize(self, probs: np.ndarray) -> np.ndarray:
-        """(N, n_tags) probabilities -> 0/1 at the stored thresholds; a NaN row (failed image) -> all 0."""
-        p = np.asarray(probs, dtype=np.float64)
+        """(N, n_tags) probabilities -> 0/1 under the run's label rules at the stored thresholds; a NaN row
+        (failed image) -> all 0."""
+        p = self.rules.condition(np.asarray(probs, dtype=np.float64))
         return (np.nan_to_num(p, nan=-1.0) >= self.thresholds).astype(np.uint8)
 
     def tag_strings(self, probs: np.ndarray) -> list[str]:

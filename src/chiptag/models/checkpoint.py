@@ -13,7 +13,7 @@ from chiptag.atomic import torch_save
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.models.backbones import get_spec
-from chiptag.models.head import HeadSpec, Tagger
+from chiptag.models.head import HeadSpec, MeanProbability, Tagger
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "backbone", "weights_id", "head", "tags", "thresholds", "preprocessing",
@@ -43,6 +43,8 @@ def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float
         "thresholds": [float(t) for t in thresholds], "preprocessing": card.preprocessing.to_dict(),
         "frozen": tagger.frozen, "config": card.config, "state_dict": tagger.state_dict(), "epoch": epoch,
     }
+    if isinstance(tagger.head, MeanProbability):  # a k-fold ensemble: one backbone, the mean of K heads
+        obj["members"] = len(tagger.head.members)
     torch_save(obj, path)
 
 
@@ -72,6 +74,8 @@ def load_tagger(ckpt: dict) -> Tagger:
     net = spec.builder(weights=None)
     setattr(net, spec.head_attr, torch.nn.Identity())
     head = HeadSpec(**ckpt["head"]).build()
+    if ckpt.get("members"):
+        head = MeanProbability([HeadSpec(**ckpt["head"]).build() for _ in range(int(ckpt["members"]))])
     tagger = Tagger(net, head, frozen=bool(ckpt["frozen"]))
     try:
         tagger.load_state_dict(ckpt["state_dict"])
@@ -82,3 +86,8 @@ def load_tagger(ckpt: dict) -> Tagger:
 
 def preprocessing(ckpt: dict) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def label_rules(ckpt: dict) -> dict:
+    """The `labels` rules a checkpoint decodes with (its config's section; {} before there were rules)."""
+    return (ckpt.get("config") or {}).get("labels") or {}
