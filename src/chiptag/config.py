@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chiptag.data.label_structure import LabelsConfig
 from chiptag.errors import ChiptagError
 
 
@@ -114,10 +115,8 @@ class TrainingConfig(_Strict):
     grad_accum_steps: int = Field(1, ge=1)  # end-to-end training: optimiser step every N batches
     channels_last: bool = True  # end-to-end training: faster convolutions on CPU (oneDNN) and CUDA
     amp: bool = True  # bf16 autocast for end-to-end training on CUDA; ignored on CPU
-    # k-fold (frozen backbones): 0 = one train/val split. K >= 2: test is held out as usual, train + val are cut
-    # into K iterative-stratified folds, K heads train on the same cached features, thresholds are tuned on the
-    # out-of-fold predictions (every non-test chip, not 15%: rare tags get enough positives) and the mean
-    # probability of the K heads is scored once on test.
+    # k-fold, frozen backbones (training.folds): 0 = one train/val split; K >= 2: K heads on one feature pass,
+    # thresholds tuned on out-of-fold predictions (all non-test chips: rare tags get positives), mean on test.
     folds: int = Field(0, ge=0, le=50)
 
     @field_validator("folds")
@@ -154,30 +153,6 @@ class TrackingConfig(_Strict):
     # letting ClearML retry for minutes.
     connect_timeout_s: float = Field(5.0, gt=0, le=120)
     fallback_offline: bool = False  # server unreachable online: track offline (with a warning) instead of failing
-
-
-class LabelsConfig(_Strict):
-    """Label structure applied when probabilities become tags (predict, evaluation, threshold tuning).
-
-    exclusive: groups of which exactly one tag holds (Planet's weather: clear, partly_cloudy, haze, cloudy): the
-    most probable tag of the group is kept, the others dropped, whatever the thresholds. implies_none: a tag
-    that, when it holds, rules the listed tags out (Planet: cloudy chips carry no land tags). A trigger inside an
-    exclusive group holds when it is its group's pick; any other trigger when its probability is >= 0.5."""
-
-    exclusive: list[list[str]] = []
-    implies_none: dict[str, list[str]] = {}
-
-    @model_validator(mode="after")
-    def _groups_disjoint(self) -> LabelsConfig:
-        seen: set[str] = set()
-        for group in self.exclusive:
-            if len(group) < 2:
-                raise ValueError(f"exclusive group {group} needs at least 2 tags")
-            dup = seen.intersection(group) or {t for t in group if group.count(t) > 1}
-            if dup:
-                raise ValueError(f"exclusive groups must not share tags: {sorted(dup)[0]!r} appears twice")
-            seen.update(group)
-        return self
 
 
 class Config(_Strict):
