@@ -130,6 +130,18 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
 
 @app.command()
 @friendly
+def ensemble(runs_: List[Path] = typer.Argument(..., metavar="RUN...", help="finished run directories"),
+             out: Path = typer.Option(..., "--out", "-o", help="the ensemble's run directory (new or empty)"),
+             ) -> None:
+    """Average the probabilities of RUNs (same tags, test split, validation images); tune thresholds on their
+    shared validation (or out-of-fold) predictions, score test once, write a run dir predict/evaluate accept."""
+    from chiptag.evaluation.ensemble import make_ensemble
+
+    make_ensemble(runs_, out)
+
+
+@app.command()
+@friendly
 def report(run: Path = typer.Argument(..., help="run directory")) -> None:
     """(Re)write RUN/report/: report.md with headline numbers and per-class table, and the PNG plots."""
     from chiptag.evaluation.report import write_report

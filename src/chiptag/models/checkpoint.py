@@ -68,15 +68,25 @@ def load(path: Path) -> dict:
     return obj
 
 
-def load_tagger(ckpt: dict) -> Tagger:
-    """Rebuild the exact model (no weights download: the backbone's parameters are in the checkpoint)."""
+def build_tagger(ckpt: dict) -> Tagger:
+    """The model a checkpoint describes, untrained: one backbone + head, one backbone + K heads averaged
+    (`members`, a k-fold run), or several whole models averaged (`ensemble`: member checkpoints without
+    weights, `chiptag ensemble`; their weights are in the ensemble's state_dict)."""
+    if ckpt.get("ensemble"):
+        return Tagger(torch.nn.Identity(), MeanProbability([build_tagger(m) for m in ckpt["ensemble"]]),
+                      frozen=False)
     spec = get_spec(ckpt["backbone"])
     net = spec.builder(weights=None)
     setattr(net, spec.head_attr, torch.nn.Identity())
     head = HeadSpec(**ckpt["head"]).build()
     if ckpt.get("members"):
         head = MeanProbability([HeadSpec(**ckpt["head"]).build() for _ in range(int(ckpt["members"]))])
-    tagger = Tagger(net, head, frozen=bool(ckpt["frozen"]))
+    return Tagger(net, head, frozen=bool(ckpt["frozen"]))
+
+
+def load_tagger(ckpt: dict) -> Tagger:
+    """Rebuild the exact model (no weights download: the backbone's parameters are in the checkpoint)."""
+    tagger = build_tagger(ckpt)
     try:
         tagger.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
