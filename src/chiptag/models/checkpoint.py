@@ -12,7 +12,7 @@ from chiptag import __version__
 from chiptag.atomic import torch_save
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
-from chiptag.models.backbones import get_spec
+from chiptag.models.backbones import get_spec, replace_head
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger
 
 FORMAT_VERSION = 1
@@ -76,8 +76,7 @@ def build_tagger(ckpt: dict) -> Tagger:
         return Tagger(torch.nn.Identity(), MeanProbability([build_tagger(m) for m in ckpt["ensemble"]]),
                       frozen=False)
     spec = get_spec(ckpt["backbone"])
-    net = spec.builder(weights=None)
-    setattr(net, spec.head_attr, torch.nn.Identity())
+    net = replace_head(spec.builder(weights=None, image_size=ckpt["preprocessing"]["image_size"]), spec)
     head = HeadSpec(**ckpt["head"]).build()
     if ckpt.get("members"):
         head = MeanProbability([HeadSpec(**ckpt["head"]).build() for _ in range(int(ckpt["members"]))])
