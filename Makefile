@@ -10,7 +10,7 @@ DEMO_DATA := data/demo
 $(BIN)/chiptag: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,clearml,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,clearml,timm,test]"
 	touch $(BIN)/chiptag
 
 venv: $(BIN)/chiptag

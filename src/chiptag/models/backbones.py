@@ -22,6 +22,7 @@ from torchvision.models import WeightsEnum
 
 from chiptag.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from chiptag.errors import ChiptagError
+from chiptag.models import timm_backbones
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ def get_module(net: nn.Module, path: str) -> nn.Module:
 
 def replace_head(net: nn.Module, spec: BackboneSpec) -> nn.Module:
     """Put Identity (or, for a convolutional classifier, global pooling) where the classifier's last layer was."""
+    if spec.family == "timm":  # built with num_classes=0: no classifier to replace
+        return net
     parent_path, _, last = spec.head_attr.rpartition(".")
     parent = get_module(net, parent_path) if parent_path else net
     new = nn.AdaptiveAvgPool2d(1) if FAMILIES[spec.family].pooled else nn.Identity()
@@ -122,10 +125,15 @@ for _n in tvm.list_models(module=tvm):  # every classification model torchvision
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(timm_backbones.PREFIX):  # timm's own registry (optional extra)
+        model = timm_backbones.model_name(name)
+        return BackboneSpec(name, lambda weights=None, image_size=None: timm_backbones.create(model, image_size),
+                            None, "", "timm")
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ChiptagError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)}") from None
+        raise ChiptagError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)}, "
+                           "or timm:<model name> (with the timm extra)") from None
 
 
 def _head_in_features(head: nn.Module) -> int:
@@ -191,6 +199,9 @@ def build_backbone(name: str, weights: str | None, image_size: int | None = None
                    progress: bool = True) -> Backbone:
     """Build a feature extractor. weights: None, 'DEFAULT', an enum member name, or a state-dict path."""
     spec = get_spec(name)
+    if spec.family == "timm":
+        net, dim, pre, weights_id = timm_backbones.build(name, weights, image_size)
+        return Backbone(name, net, dim, pre, weights_id, "")
     net = spec.builder(weights=None, image_size=image_size)
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
     if weights is None or str(weights).lower() in ("none", "null"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from chiptag.errors import ChiptagError
+from chiptag.models import timm_backbones
 from chiptag.models.head import Tagger
 
 
@@ -31,13 +32,15 @@ STAGES = {
     # ViT: patch projection, each encoder block, final norm (class token and position embedding train with 'all')
     "vit": lambda n: [n.conv_proj, *n.encoder.layers, n.encoder.ln],
     "googlenet": _children, "inception": _children, "shufflenet": _children,
+    "timm": lambda n: timm_backbones.stages(n),
 }
 
 
 def backbone_stages(net: nn.Module, family: str | None = None) -> list[nn.Module]:
     """The backbone's stages, input to output (what unfreeze_stages counts from the end)."""
-    if family is None:  # a bare network: its family from the class torchvision builds it with
-        family = "resnet" if hasattr(net, "layer4") else _family_of_class(net)
+    if family is None:  # a bare network: its family from the class torchvision (or timm) builds it with
+        family = ("timm" if hasattr(net, "pretrained_cfg") else "resnet" if hasattr(net, "layer4")
+                  else _family_of_class(net))
     stages = STAGES.get(family)
     if stages is None:
         raise ChiptagError(f"unfreeze_stages: do not know the stages of {type(net).__name__}; use 'all'")
