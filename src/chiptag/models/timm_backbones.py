@@ -107,6 +107,4 @@ def build(name: str, weights: str | None, image_size: int | None) -> tuple[nn.Mo
 
 def stages(net: nn.Module) -> list[nn.Module]:
     """timm's feature_info: the modules each feature level comes from, input to output."""
-    from chiptag.models.backbones import get_module
-
-    return [get_module(net, info["module"]) for info in getattr(net, "feature_info", [])]
+    return [net.get_submodule(info["module"]) for info in getattr(net, "feature_info", [])]
