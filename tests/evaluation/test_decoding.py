@@ -59,3 +59,18 @@ def test_tuning_under_the_rules_beats_tuning_without_on_structured_labels():
     assert m["test"]["f2"] > plain
     assert m["test"]["f2"] == pytest.approx(f2_samples(y[held], decode(p[held], thr, rules)))
     assert "f2_without_rules" in m["test"]
+
+
+def test_onnx_example_applies_the_same_rules():
+    """examples/onnx_predict.py (numpy only, reads the rules from the ONNX metadata) decodes as chiptag does."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    path = Path(__file__).resolve().parents[2] / "examples" / "onnx_predict.py"
+    spec = importlib.util.spec_from_file_location("onnx_predict", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    p = np.random.default_rng(1).random((50, 5))
+    ours = LabelRules.from_config(RULES, TAGS).condition(p)
+    assert np.array_equal(example.apply_rules(p, TAGS, RULES), ours)
