@@ -20,6 +20,7 @@ from chiptag.inference.predictor import Predictor
 from chiptag.interrupt import Interrupted
 from chiptag.models import checkpoint
 from chiptag.runs.layout import RunDir
+from chiptag.runs.table import list_runs
 from chiptag.training.run import run_train
 from conftest import make_config_dict
 
@@ -93,6 +94,8 @@ def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert np.abs(ens - np.mean(members, axis=0)).max() < 1e-5
     again = evaluate_run(run.path)  # test recomputed from the ensemble checkpoint
     assert again["test"]["f2"] == pytest.approx(s["metrics"]["test"]["f2"], abs=1e-6)
+    row = list_runs(run.path.parent)[0]
+    assert row.status == "completed" and row.epochs.endswith("x 3 folds")
 
 
 @pytest.mark.slow
