@@ -16,6 +16,7 @@ from chiptag.errors import ChiptagError
 from chiptag.evaluation.evaluate import evaluate_run
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.features import views
+from chiptag.inference.export import export_run
 from chiptag.inference.predictor import Predictor
 from chiptag.interrupt import Interrupted
 from chiptag.models import checkpoint
@@ -94,6 +95,13 @@ def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert np.abs(ens - np.mean(members, axis=0)).max() < 1e-5
     again = evaluate_run(run.path)  # test recomputed from the ensemble checkpoint
     assert again["test"]["f2"] == pytest.approx(s["metrics"]["test"]["f2"], abs=1e-6)
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    exported = export_run(run.path, "onnx", tmp_path / "folds.onnx")  # one graph averaging the three heads
+    assert exported["max_abs_diff"] < 1e-4
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "folds.onnx").metadata_props}
+    assert meta["members"] == "3"
     row = list_runs(run.path.parent)[0]
     assert row.status == "completed" and row.epochs.endswith("x 3 folds")
 

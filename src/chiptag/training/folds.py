@@ -177,8 +177,12 @@ def fold_summary(ctx: FoldContext, results: list[FoldResult], m: dict, threshold
     scores = {"metrics": m, "baseline": metrics.baseline_summary(r.ds.table.y, r.splits, r.ds.table.tags),
               "thresholds": thresholds}
     params = count_parameters(Tagger(ctx.model.backbone.net, ctx.model.head.build(), frozen=True))
+    # Each head's pos_weight comes from its own training folds; the summary shows the whole pool's (within a
+    # few percent of every fold's), so the runs table says whether it was on.
+    pool = np.concatenate(ctx.folds)
+    pw = pos_weight(r.ds.table.y[pool], cfg.training.pos_weight_max) if cfg.model.pos_weight else None
     summary = build_summary(cfg, r.run, r.ds, r.splits, ctx.model,
-                            Outcome(state, scores, timings, ctx.info, None, params))
+                            Outcome(state, scores, timings, ctx.info, pw, params))
     val_f2 = [f["val_f2_tuned"] for f in per_fold]
     summary["folds"] = {"k": len(results), "per_fold": [{k: v for k, v in f.items() if k != "history"}
                                                         for f in per_fold],
