@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from chiptag import __version__, config as config_mod
 from chiptag.atomic import torch_save, write_json
@@ -22,6 +23,7 @@ from chiptag.errors import ChiptagError
 from chiptag.evaluation import report
 from chiptag.evaluation.decoding import LabelRules, tune_and_score
 from chiptag.models import checkpoint
+from chiptag.models.head import MeanProbability, Tagger
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
 
@@ -63,9 +65,6 @@ def _mean_probs(members: list[dict], split: str) -> tuple[np.ndarray, np.ndarray
 
 
 def _checkpoint(members: list[dict], thresholds: np.ndarray, config: dict) -> dict:
-    from chiptag.models.head import MeanProbability, Tagger  # torch only when an ensemble is made
-    import torch
-
     taggers = [checkpoint.load_tagger(m["ckpt"]) for m in members]
     model = Tagger(torch.nn.Identity(), MeanProbability(taggers), frozen=False)
     first = members[0]["ckpt"]
