@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chiptag.errors import ChiptagError
-from chiptag.evaluation.decoding import LabelRules, decode, tune_and_score
+from chiptag.evaluation.decoding import LabelRules, decode, tune_and_score, unknown_tags
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.evaluation.thresholds import tune_thresholds
 
@@ -33,11 +32,14 @@ def test_trigger_outside_a_group_holds_at_one_half():
     assert c[:, 3].tolist() == [0.0, 0.9]
 
 
-def test_no_rules_change_nothing_and_unknown_tags_are_named():
+def test_no_rules_change_nothing_and_unknown_tags_are_named_and_left_out():
     p = np.random.default_rng(0).random((4, 5))
     assert np.array_equal(LabelRules.from_config({}, TAGS).condition(p), p)
-    with pytest.raises(ChiptagError, match=r"labels.implies_none.cloudy: tag 'land' is not one of the run's tags"):
-        LabelRules.from_config({"implies_none": {"cloudy": ["land"]}}, TAGS)
+    rules = {"exclusive": [["clear", "haze", "fog"], ["road", "mist"]], "implies_none": {"cloudy": ["land", "road"]}}
+    assert unknown_tags(rules, TAGS) == ["labels.exclusive: fog", "labels.exclusive: mist",
+                                         "labels.implies_none.cloudy: land"]
+    r = LabelRules.from_config(rules, TAGS)  # fog and land left out; a group of one is no group
+    assert [g.tolist() for g in r.exclusive] == [[0, 1]] and r.implies_none[0][1].tolist() == [4]
 
 
 def test_tuning_under_the_rules_beats_tuning_without_on_structured_labels():

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 
-from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
 from chiptag.evaluation.thresholds import tune_thresholds
 
@@ -24,22 +23,16 @@ class LabelRules:
     implies_none: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (trigger, ruled-out columns)
 
     @classmethod
-    def from_config(cls, labels: dict | None, tags: Sequence[str], where: str = "labels") -> LabelRules:
+    def from_config(cls, labels: dict | None, tags: Sequence[str]) -> LabelRules:
         """labels: config's `labels` section as a dict (a checkpoint stores it so); tags: the run's vocabulary.
-        A tag outside the vocabulary is a one-line error naming the key."""
+        A tag the run does not have is left out of the rules (a rare tag absent from a small data set);
+        `unknown_tags` names them, so a typo is reported rather than silently ignored."""
         labels = labels or {}
         col = {t: i for i, t in enumerate(tags)}
-
-        def index(tag: str, key: str) -> int:
-            if tag not in col:
-                raise ChiptagError(f"{where}.{key}: tag {tag!r} is not one of the run's tags "
-                                   f"({', '.join(tags)})")
-            return col[tag]
-
-        groups = [np.array([index(t, "exclusive") for t in g]) for g in labels.get("exclusive") or []]
-        implies = [(index(trigger, "implies_none"), np.array([index(t, f"implies_none.{trigger}") for t in ruled]))
-                   for trigger, ruled in (labels.get("implies_none") or {}).items()]
-        return cls(groups, implies)
+        groups = [np.array([col[t] for t in g if t in col]) for g in labels.get("exclusive") or []]
+        implies = [(col[trigger], np.array([col[t] for t in ruled if t in col], dtype=np.int64))
+                   for trigger, ruled in (labels.get("implies_none") or {}).items() if trigger in col]
+        return cls([g for g in groups if len(g) >= 2], implies)
 
     def __bool__(self) -> bool:
         return bool(self.exclusive or self.implies_none)
@@ -63,6 +56,15 @@ class LabelRules:
     def to_dict(self, tags: Sequence[str]) -> dict:
         return {"exclusive": [[tags[i] for i in g] for g in self.exclusive],
                 "implies_none": {tags[t]: [tags[i] for i in r] for t, r in self.implies_none}}
+
+
+def unknown_tags(labels: dict | None, tags: Sequence[str]) -> list[str]:
+    """'key: tag' for every tag the rules name that the run's vocabulary lacks."""
+    labels, known = labels or {}, set(tags)
+    named = [("labels.exclusive", t) for g in labels.get("exclusive") or [] for t in g]
+    for trigger, ruled in (labels.get("implies_none") or {}).items():
+        named += [("labels.implies_none", trigger)] + [(f"labels.implies_none.{trigger}", t) for t in ruled]
+    return [f"{key}: {t}" for key, t in named if t not in known]
 
 
 def decode(probs: np.ndarray, thresholds, rules: LabelRules) -> np.ndarray:

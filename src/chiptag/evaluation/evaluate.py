@@ -56,7 +56,7 @@ def evaluate_run(run_dir: Path) -> dict:
     else:
         probs_of = _feature_probabilities(cfg, ckpt, tagger, ds.paths)
     thresholds = np.asarray(ckpt["thresholds"])
-    rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"], f"{run.checkpoint}: labels")
+    rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"])
     result = {}
     # A k-fold ensemble saw every non-test chip in training (each head all but one fold): its val figure is the
     # out-of-fold F2 of the separate heads in summary.json, which the ensemble cannot reproduce; test it is.

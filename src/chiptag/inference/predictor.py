@@ -55,7 +55,7 @@ class Predictor:
         """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint. A k-fold run
         or an ensemble predicts the mean probability of its members."""
         ckpt = checkpoint.load(checkpoint_file(path))
-        rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"], f"{path}: labels")
+        rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"])
         return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
                    device, rules)
 

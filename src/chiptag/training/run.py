@@ -23,7 +23,7 @@ from chiptag.data.split import load_split, save_split, split_indices
 from chiptag.data.validate import preflight
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
-from chiptag.evaluation.decoding import LabelRules, tune_and_score
+from chiptag.evaluation.decoding import LabelRules, tune_and_score, unknown_tags
 from chiptag.features.extraction import FeatureInfo, default_workers
 from chiptag.features.views import make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
@@ -199,7 +199,10 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     t_start = time.perf_counter()
     cfg, ds, splits, entry = r.cfg, r.ds, r.splits, r.cfg.model
     validation = _record_validation(r)
-    LabelRules.from_config(cfg.labels.model_dump(), ds.table.tags)  # a tag outside the vocabulary: fail now
+    missing = unknown_tags(cfg.labels.model_dump(), ds.table.tags)  # a typo, or a tag absent from this data
+    if missing:
+        console.print(f"[yellow]warning:[/] label rules name tags this data does not have, left out: "
+                      f"{'; '.join(missing)}")
     tracker = make_tracker(cfg, r.run.path) if distributed.is_main() else MultiTracker([])
     tracker.start(r.run.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
     device = dist_device or resolve_device(cfg.training.device)
