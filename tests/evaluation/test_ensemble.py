@@ -25,12 +25,12 @@ def train(tiny_data, work, **model):
 
 def test_ensemble_of_two_backbones_is_a_run(tiny_data, tmp_path):
     a = train(tiny_data, tmp_path, name="r18")
-    b = train(tiny_data, tmp_path, name="r34", backbone="resnet34")
+    b = train(tiny_data, tmp_path, name="mnv3", backbone="mobilenet_v3_small")
     out = tmp_path / "runs" / "ens"
     result = CliRunner().invoke(app, ["ensemble", a["run_dir"], b["run_dir"], "--out", str(out)])
     assert result.exit_code == 0, result.output
     s = json.loads((out / "summary.json").read_text())
-    assert [m["backbone"] for m in s["members"]] == ["resnet18", "resnet34"]
+    assert [m["backbone"] for m in s["members"]] == ["resnet18", "mobilenet_v3_small"]
     # The stored figures are the mean of the members' stored probabilities at the stored thresholds.
     probs = [np.load(f"{r['run_dir']}/eval_probs.npz") for r in (a, b)]
     mean = (probs[0]["test_probs"] + probs[1]["test_probs"]) / 2
