@@ -204,6 +204,8 @@ def train_folds(ctx: FoldContext, validation: dict, t_start: float, t_extract: f
     """The rest of a k-fold run once its features are there: K heads, OOF thresholds, the ensemble on test,
     checkpoint.pt (backbone + K heads), summary.json (per-fold, OOF and ensemble figures) and the report."""
     r = ctx.r
+    out.print(f"{len(ctx.folds)} folds of {sum(map(len, ctx.folds))} non-test images (train + val, iterative "
+              f"stratification; split/folds.csv); test {len(r.splits['test'])} images, scored once by the ensemble")
     t_train = time.perf_counter()
     results = [train_fold(ctx, k, val_idx) for k, val_idx in enumerate(ctx.folds, start=1)]
     t_train = time.perf_counter() - t_train

@@ -103,7 +103,8 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
     ds, vreport = preflight(cfg.data)
     splits = load_split(ds.table.names, run.split)
     saved = resume_mod.load(run.resume)
-    where = f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved else "at epoch 1"
+    where = (f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved
+             else "in the fold it stopped in" if cfg.training.folds else "at epoch 1")
     out.print(f"resuming run [bold]{run.name}[/] {where}")
     return OpenRun(cfg, ds, vreport, splits, run, saved)
 
