@@ -13,6 +13,7 @@ import torch
 from chiptag import config as config_mod
 from chiptag.data.split import fold_indices, load_folds, save_folds, split_indices
 from chiptag.errors import ChiptagError
+from chiptag.evaluation.ensemble import make_ensemble
 from chiptag.evaluation.evaluate import evaluate_run
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.features import views
@@ -104,6 +105,11 @@ def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert meta["members"] == "3"
     row = list_runs(run.path.parent)[0]
     assert row.status == "completed" and row.epochs.endswith("x 3 folds")
+    # A single run on the same split and the k-fold run: thresholds on the single run's val (inside the OOF set).
+    single = run_train(config_mod.from_dict(make_config_dict(tiny_data, tmp_path, epochs=2)))
+    ens = make_ensemble([single["run_dir"], run.path], tmp_path / "ens")
+    assert ens["n_images"]["val"] == single["n_images"]["val"]
+    assert list(evaluate_run(tmp_path / "ens")) == ["test"]  # its val was in the k-fold run's training folds
 
 
 @pytest.mark.slow

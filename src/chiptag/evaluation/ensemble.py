@@ -1,7 +1,7 @@
 """`chiptag ensemble RUN RUN... --out DIR`: the mean probability of finished runs, as a run of its own.
 
-The members must share tags, test split, validation images (a split's val, or a k-fold run's out-of-fold set)
-and preprocessing. Nothing is recomputed: each run's stored validation and test probabilities (eval_probs.npz)
+The members must share tags, test split, preprocessing and label rules; thresholds are tuned on the validation
+images they all have predictions for (a split's val; a k-fold run's out-of-fold set holds it). Nothing is recomputed: each run's stored validation and test probabilities (eval_probs.npz)
 are averaged, thresholds are tuned on the averaged validation under the label rules, and test is scored once.
 The run dir holds one checkpoint with every member's weights (models.checkpoint: `ensemble`), so `predict`,
 `evaluate`, `export` and `runs` take it like any run.
@@ -44,24 +44,33 @@ def _check_same(members: list[dict]) -> None:
     first = members[0]
     checks = [("tags", lambda m: list(m["ckpt"]["tags"])),
               ("test split", lambda m: m["probs"]["test_names"].tolist()),
-              ("validation images", lambda m: sorted(m["probs"]["val_names"].tolist())),
               ("preprocessing", lambda m: m["ckpt"]["preprocessing"]),
               ("label rules", lambda m: checkpoint.label_rules(m["ckpt"]))]
     for m in members[1:]:
         for what, get in checks:
             if get(m) != get(first):
                 raise ChiptagError(f"ensemble: {m['run'].path} and {first['run'].path} differ in {what}; members "
-                                   f"must share tags, test split, validation images, preprocessing and label rules")
+                                   f"must share tags, test split, preprocessing and label rules")
 
 
-def _mean_probs(members: list[dict], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(names, targets, mean probabilities) of a split, rows in the first member's order."""
-    names = members[0]["probs"][f"{split}_names"]
-    total = np.zeros(members[0]["probs"][f"{split}_probs"].shape)
+def shared_validation(members: list[dict]) -> list[str]:
+    """The validation images every member has predictions for, in the first member's order: a split's val
+    and a k-fold run's out-of-fold set (train + val, which holds that val) share the split's val."""
+    common = set.intersection(*(set(m["probs"]["val_names"].tolist()) for m in members))
+    names = [n for n in members[0]["probs"]["val_names"].tolist() if n in common]
+    if not names:
+        raise ChiptagError("ensemble: the runs share no validation image to tune thresholds on")
+    return names
+
+
+def _mean_probs(members: list[dict], split: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, mean probabilities) of `names` in a split, in that order."""
+    total = np.zeros((len(names), members[0]["probs"][f"{split}_probs"].shape[1]))
     for m in members:
         order = {n: i for i, n in enumerate(m["probs"][f"{split}_names"].tolist())}
-        total += m["probs"][f"{split}_probs"][[order[n] for n in names.tolist()]]
-    return names, members[0]["probs"][f"{split}_targets"], total / len(members)
+        total += m["probs"][f"{split}_probs"][[order[n] for n in names]]
+    first = {n: i for i, n in enumerate(members[0]["probs"][f"{split}_names"].tolist())}
+    return members[0]["probs"][f"{split}_targets"][[first[n] for n in names]], total / len(members)
 
 
 def _checkpoint(members: list[dict], thresholds: np.ndarray, config: dict) -> dict:
@@ -86,8 +95,9 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
     _check_same(members)
     first, tags = members[0], list(members[0]["ckpt"]["tags"])
     rules = LabelRules.from_config(checkpoint.label_rules(first["ckpt"]), tags)
-    val_names, y_val, p_val = _mean_probs(members, "val")
-    test_names, y_test, p_test = _mean_probs(members, "test")
+    val_names, test_names = shared_validation(members), first["probs"]["test_names"].tolist()
+    y_val, p_val = _mean_probs(members, "val", val_names)
+    y_test, p_test = _mean_probs(members, "test", test_names)
     thresholds, m = tune_and_score((y_val, p_val), {"val": (y_val, p_val), "test": (y_test, p_test)}, tags, rules)
     run = RunDir(out_dir)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -95,7 +105,7 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
     shutil.copyfile(first["run"].config, run.config)
     shutil.copytree(first["run"].split, run.split, dirs_exist_ok=True)
     torch_save(_checkpoint(members, thresholds, config), run.checkpoint)
-    index = {n: i for i, n in enumerate(first["probs"]["val_names"].tolist() + test_names.tolist())}
+    index = {n: i for i, n in enumerate(val_names + test_names)}
     report.save_eval_probs(run.eval_probs, {"val": {"probs": p_val, "targets": y_val},
                                             "test": {"probs": p_test, "targets": y_test}},
                            list(index), {"val": np.arange(len(val_names)),
