@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := data/demo
 
-.PHONY: venv demo test bench bench-gpu bench-scale clean
+.PHONY: venv demo test test-all bench bench-gpu bench-scale clean
 
 $(BIN)/chiptag: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,clearml,serve,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,clearml,serve,timm,test]"
 	touch $(BIN)/chiptag
 
 venv: $(BIN)/chiptag
@@ -25,6 +25,11 @@ demo: venv $(DEMO_DATA)/train_classes.csv
 test: venv
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# Everything, including every registered torchvision backbone (pyproject's all_backbones marker; minutes, and
+# several GB of memory for the largest: vit_h_14, regnet_y_128gf).
+test-all: venv
+	$(BIN)/python -m pytest -q -m "all_backbones or not all_backbones"
 
 # Naive frozen loop vs chiptag's feature cache (cold and warm), one process; prints a table, writes the JSON.
 bench: venv

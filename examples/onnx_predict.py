@@ -35,8 +35,24 @@ def load_model(path: str):
         "size": int(meta["image_size"]),
         "mean": np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
         "std": np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
+        "rules": json.loads(meta.get("label_rules", "{}")),
     }
     return sess, info
+
+
+def apply_rules(probs: np.ndarray, tags: list[str], rules: dict) -> np.ndarray:
+    """chiptag's label rules (chiptag.evaluation.decoding), before the thresholds: an exclusive group's most
+    probable tag gets 1 and the others 0; a trigger that holds (>= 0.5 after that) sets its ruled-out tags to 0."""
+    p, col = probs.astype(np.float64).copy(), {t: i for i, t in enumerate(tags)}
+    for group in rules.get("exclusive", []):
+        idx = [col[t] for t in group]
+        pick = np.zeros((len(p), len(idx)))
+        pick[np.arange(len(p)), p[:, idx].argmax(axis=1)] = 1.0
+        p[:, idx] = pick
+    for trigger, ruled in rules.get("implies_none", {}).items():
+        holds = p[:, col[trigger]] >= 0.5
+        p[np.ix_(holds, [col[t] for t in ruled])] = 0.0
+    return p
 
 
 def preprocess(path: Path, info: dict) -> np.ndarray:
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("inputs", nargs="+", help="image files or folders")
     ap.add_argument("--out", default="probabilities.csv", help="image_name + one probability column per tag")
-    ap.add_argument("--submission", help="also write image_name,tags at the stored thresholds")
+    ap.add_argument("--submission", help="also write image_name,tags (label rules, then the stored thresholds)")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args(argv)
 
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.writer(f)
             w.writerow(["image_name", "tags"])
             for name, probs in rows:
+                probs = apply_rules(probs[None, :], info["tags"], info["rules"])[0]
                 w.writerow([name, " ".join(t for t, p, th in zip(info["tags"], probs, info["thresholds"]) if p >= th)])
     print(f"wrote {len(rows)} rows to {args.out}" + (f"; {failed} image(s) failed" if failed else ""))
     return 1 if failed else 0

@@ -53,19 +53,21 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override, e.g. model.epochs=3"),
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run dir"),
           all_: bool = typer.Option(False, "--all", help="train every models entry, then write EXPERIMENTS.md"),
+          folds: Optional[int] = typer.Option(None, "--folds", help="k-fold: K heads on one feature pass, "
+                                              "thresholds on out-of-fold predictions (= --set training.folds=K)"),
           ) -> None:
     """Train the active model entry of CONFIG; --all trains every entry in turn; --resume RUN continues."""
     from chiptag import config as config_mod
     from chiptag.training.run import run_train
 
     if resume is not None:
-        if config is not None or set_:
-            raise ChiptagError("--resume continues a run with its own config.yaml; drop -c/--set")
+        if config is not None or set_ or folds is not None:
+            raise ChiptagError("--resume continues a run with its own config.yaml; drop -c/--set/--folds")
         run_train(resume=resume)
         return
     if config is None:
         raise ChiptagError("missing --config/-c (or --resume RUN)")
-    cfg = config_mod.load(config, set_ or [])
+    cfg = config_mod.load(config, (set_ or []) + ([f"training.folds={folds}"] if folds is not None else []))
     if all_:
         from chiptag.training.sweep import run_sweep
 
@@ -127,6 +129,18 @@ def evaluate(run: Path = typer.Argument(..., help="run directory")) -> None:
     from chiptag.evaluation.evaluate import evaluate_run
 
     evaluate_run(run)
+
+
+@app.command()
+@friendly
+def ensemble(runs_: List[Path] = typer.Argument(..., metavar="RUN...", help="finished run directories"),
+             out: Path = typer.Option(..., "--out", "-o", help="the ensemble's run directory (new or empty)"),
+             ) -> None:
+    """Average the probabilities of RUNs (same tags, test split, validation images); tune thresholds on their
+    shared validation (or out-of-fold) predictions, score test once, write a run dir predict/evaluate accept."""
+    from chiptag.evaluation.ensemble import make_ensemble
+
+    make_ensemble(runs_, out)
 
 
 @app.command()

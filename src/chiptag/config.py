@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chiptag.data.label_structure import LabelsConfig
 from chiptag.errors import ChiptagError
 
 
@@ -136,6 +137,16 @@ class TrainingConfig(_Strict):
     # Which epoch's weights the checkpoint keeps: lowest validation loss, highest validation F2 at 0.5, or
     # highest validation F2 at thresholds tuned on validation (benchmarks/checkpoint_select.py).
     select: Literal["val_loss", "val_f2", "val_f2_tuned"] = "val_loss"
+    # k-fold, frozen backbones (training.folds): 0 = one train/val split; K >= 2: K heads on one feature pass,
+    # thresholds tuned on out-of-fold predictions (all non-test chips: rare tags get positives), mean on test.
+    folds: int = Field(0, ge=0, le=50)
+
+    @field_validator("folds")
+    @classmethod
+    def _not_one(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 fold is no cross-validation: use 0 (one train/val split) or K >= 2")
+        return v
 
 
 class FeaturesConfig(_Strict):
@@ -180,6 +191,7 @@ class ReportConfig(_Strict):
 
 class Config(_Strict):
     data: DataConfig = DataConfig()
+    labels: LabelsConfig = LabelsConfig()
     models: list[ModelEntry]
     active_model_index: int = 0
     training: TrainingConfig = TrainingConfig()
@@ -196,6 +208,14 @@ class Config(_Strict):
         if not -n <= self.active_model_index < n:
             raise ValueError(f"active_model_index {self.active_model_index} is out of range: models has {n} "
                              f"entries (valid: 0..{n - 1})")
+        return self
+
+    @model_validator(mode="after")
+    def _folds_need_frozen(self) -> Config:
+        if self.training.folds and not self.model.freeze:
+            raise ValueError(f"training.folds ({self.training.folds}) needs a frozen backbone (the K heads share "
+                             f"one feature pass); models.{self.active_model_index} ({self.model.name}) has "
+                             "freeze: false. K-fold fine-tuning is not supported: set freeze: true or folds: 0")
         return self
 
     @property

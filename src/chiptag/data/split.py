@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 
 from chiptag.atomic import write_text
 from chiptag.errors import ChiptagError
@@ -127,3 +127,38 @@ def make_split(data, ds) -> dict[str, np.ndarray]:
         return split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)
     files = {s: Path(data.root) / getattr(sp.files, s) for s in SPLITS}
     return given_split(ds.table.names, ds.left_out, files, data.extension)
+
+
+def fold_indices(y: np.ndarray, pool: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """`pool` (indices into y: every non-test image) cut into k iterative-stratified folds -> k sorted index
+    arrays into y, disjoint, covering pool. Fold i validates model i; the other folds train it."""
+    pool = np.sort(np.asarray(pool, dtype=np.int64))
+    if k < 2:
+        raise ChiptagError(f"k-fold needs at least 2 folds (got {k})")
+    if len(pool) < k:
+        raise ChiptagError(f"cannot cut {len(pool)} non-test images into {k} folds; use fewer folds")
+    kf = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = [np.sort(pool[va]) for _, va in kf.split(np.zeros((len(pool), 1)), y[pool])]
+    for i, f in enumerate(folds):
+        if len(f) == 0:
+            raise ChiptagError(f"fold {i + 1} of {k} is empty with {len(pool)} non-test images; use fewer folds")
+    return folds
+
+
+def save_folds(names: list[str], folds: list[np.ndarray], path: Path) -> None:
+    """One line per non-test image: `name,fold` (fold 1..K), what --resume reads back."""
+    rows = sorted((int(i), k + 1) for k, f in enumerate(folds) for i in f)
+    write_text(path, "image_name,fold\n" + "".join(f"{names[i]},{k}\n" for i, k in rows))
+
+
+def load_folds(names: list[str], path: Path) -> list[np.ndarray]:
+    if not path.is_file():
+        raise ChiptagError(f"fold list missing: {path}")
+    pos = {n: i for i, n in enumerate(names)}
+    by_fold: dict[int, list[int]] = {}
+    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        name, _, fold = line.rpartition(",")
+        if name not in pos or not fold.isdigit():
+            raise ChiptagError(f"{path} row {row}: {line!r} is not an image of the label table with a fold number")
+        by_fold.setdefault(int(fold), []).append(pos[name])
+    return [np.sort(np.array(by_fold[k], dtype=np.int64)) for k in sorted(by_fold)]

@@ -24,6 +24,7 @@ from chiptag.data.decoders import image_batches, resolve_decoder
 from chiptag.data.images import ImageDataset, Preprocessing, d4, normalize
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
+from chiptag.evaluation.decoding import LabelRules
 from chiptag.features.backends import Forward, export_onnx, onnx_file, onnx_forward, resolve_engine, torch_forward
 from chiptag.features.extraction import default_workers
 from chiptag.features.views import mean_probabilities
@@ -56,7 +57,8 @@ class Predictor:
     The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes)."""
 
     def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
-                 device: str | torch.device = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
+                 device: str | torch.device = "auto", engine: str = "auto", cache_dir: str | Path | None = None,
+                 rules: LabelRules | None = None):
         if len(thresholds) != len(tags):
             raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
         self.device = resolve_device(device)  # auto: CUDA when available, as `chiptag predict`
@@ -68,15 +70,18 @@ class Predictor:
         self.tags = list(tags)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.preprocessing = pre
+        self.rules = rules or LabelRules()  # the run's label structure (config `labels`), applied in binarize
         self._forward: Forward | None = None
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device = "auto", engine: str = "auto",
                  cache_dir: str | Path | None = None) -> Predictor:
-        """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint."""
+        """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint. A k-fold run
+        or an ensemble predicts the mean probability of its members."""
         ckpt = checkpoint.load(checkpoint_file(path))
+        rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"])
         return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
-                   device, engine, cache_dir)
+                   device, engine, cache_dir, rules)
 
     def logits(self) -> Forward:
         """normalised images (N, 3, S, S) -> logits (N, n_tags), on the engine; built on first use."""
@@ -135,8 +140,9 @@ class Predictor:
         return probs
 
     def binarize(self, probs: np.ndarray) -> np.ndarray:
-        """(N, n_tags) probabilities -> 0/1 at the stored thresholds; a NaN row (failed image) -> all 0."""
-        p = np.asarray(probs, dtype=np.float64)
+        """(N, n_tags) probabilities -> 0/1 under the run's label rules at the stored thresholds; a NaN row
+        (failed image) -> all 0."""
+        p = self.rules.condition(np.asarray(probs, dtype=np.float64))
         return (np.nan_to_num(p, nan=-1.0) >= self.thresholds).astype(np.uint8)
 
     def tag_strings(self, probs: np.ndarray) -> list[str]:

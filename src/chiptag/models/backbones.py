@@ -1,8 +1,11 @@
 """Backbone registry: name -> builder(weights) -> (feature extractor, feature dim, preprocessing).
 
-One table maps names to torchvision builders and the attribute that holds each architecture's classifier
-(ResNet: `fc`, EfficientNet: `classifier`). Building replaces that attribute with Identity, so the module
-returns pooled features; models.head puts the custom head on top.
+One table (FAMILIES) covers every classification family of torchvision.models: per family, the module that
+holds the classifier's last layer (ResNet `fc`, EfficientNet `classifier`, ConvNeXt `classifier.2` so its
+LayerNorm stays, ViT `heads` ...), what replaces it (Identity: the module returns pooled features; SqueezeNet's
+convolutional classifier becomes the global pooling it ended with), builder arguments, and the stage list
+fine-tuning unfreezes (models.stages.STAGES, by family). REGISTRY holds every name torchvision lists.
+models.head puts the custom head on top.
 """
 
 from __future__ import annotations
@@ -19,6 +22,31 @@ from torchvision.models import WeightsEnum
 
 from chiptag.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from chiptag.errors import ChiptagError
+from chiptag.models import timm_backbones
+
+
+@dataclass(frozen=True)
+class Family:
+    head_attr: str  # dotted path of the module the custom head replaces
+    sized: str | None = None  # builder argument that fixes the input size (ViT's position embedding, MaxViT)
+    kwargs: tuple = ()  # extra builder arguments: (name, value) pairs
+    drop_keys: tuple[str, ...] = ()  # weight-file keys of parts not built (auxiliary classifiers)
+    pooled: bool = False  # the classifier is convolutional: replace it by global average pooling
+
+
+# name prefix -> family; the longest matching prefix wins (resnext before resnet, efficientnet_v2 is its own).
+_AUX = (("aux_logits", False), ("init_weights", False))  # no auxiliary heads: features come from the main path
+FAMILIES: dict[str, Family] = {
+    "resnet": Family("fc"), "regnet": Family("fc"),
+    "shufflenet": Family("fc"), "googlenet": Family("fc", kwargs=_AUX, drop_keys=("aux1.", "aux2.")),
+    "inception": Family("fc", kwargs=_AUX, drop_keys=("AuxLogits.",)),
+    "efficientnet": Family("classifier"), "efficientnet_v2": Family("classifier"),
+    "mobilenet": Family("classifier"), "mnasnet": Family("classifier"), "densenet": Family("classifier"),
+    "alexnet": Family("classifier.6"), "vgg": Family("classifier.6"),  # keep the two 4096-wide layers
+    "convnext": Family("classifier.2"), "maxvit": Family("classifier.5", sized="input_size"),
+    "squeezenet": Family("classifier", pooled=True), "swin": Family("head"),
+    "vit": Family("heads", sized="image_size"),
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +55,7 @@ class BackboneSpec:
     builder: Callable[..., nn.Module]
     weights_enum: type[WeightsEnum]
     head_attr: str  # the attribute the custom head replaces
+    family: str = "resnet"
 
 
 @dataclass
@@ -42,28 +71,76 @@ class Backbone:
 REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register(name: str, head_attr: str) -> None:
-    REGISTRY[name] = BackboneSpec(name, getattr(tvm, name), tvm.get_model_weights(name), head_attr)
+_ALIASES = {"resnext": "resnet", "wide_resnet": "resnet"}  # the same architecture with wider/grouped blocks
 
 
-for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-    register(_n, "fc")
-for _n in (f"efficientnet_b{i}" for i in range(8)):
-    register(_n, "classifier")
+def family_of(name: str) -> str:
+    for prefix, fam in _ALIASES.items():
+        if name.startswith(prefix):
+            return fam
+    matches = [f for f in FAMILIES if name.startswith(f)]
+    if not matches:
+        raise ValueError(f"torchvision model {name!r} belongs to no family of chiptag.models.backbones.FAMILIES")
+    return max(matches, key=len)
+
+
+def register(name: str) -> None:
+    fam = family_of(name)
+    REGISTRY[name] = BackboneSpec(name, _builder(name, FAMILIES[fam]), tvm.get_model_weights(name),
+                                  FAMILIES[fam].head_attr, fam)
+
+
+def _builder(name: str, fam: Family) -> Callable[..., nn.Module]:
+    """torchvision's builder with the family's arguments; `image_size` goes to a size-fixed architecture."""
+    def build(weights=None, image_size: int | None = None) -> nn.Module:
+        kwargs = dict(fam.kwargs)
+        if fam.sized and image_size:
+            kwargs[fam.sized] = image_size if fam.sized == "image_size" else (image_size, image_size)
+        return getattr(tvm, name)(weights=weights, **kwargs)
+    return build
+
+
+def get_module(net: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        net = net[int(part)] if part.isdigit() else getattr(net, part)
+    return net
+
+
+def replace_head(net: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """Put Identity (or, for a convolutional classifier, global pooling) where the classifier's last layer was."""
+    if spec.family == "timm":  # built with num_classes=0: no classifier to replace
+        return net
+    parent_path, _, last = spec.head_attr.rpartition(".")
+    parent = get_module(net, parent_path) if parent_path else net
+    new = nn.AdaptiveAvgPool2d(1) if FAMILIES[spec.family].pooled else nn.Identity()
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+    return net
+
+
+for _n in tvm.list_models(module=tvm):  # every classification model torchvision has
+    register(_n)
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(timm_backbones.PREFIX):  # timm's own registry (optional extra)
+        model = timm_backbones.model_name(name)
+        return BackboneSpec(name, lambda weights=None, image_size=None: timm_backbones.create(model, image_size),
+                            None, "", "timm")
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ChiptagError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)}") from None
+        raise ChiptagError(f"unknown backbone {name!r}; valid: {', '.join(REGISTRY)}, "
+                           "or timm:<model name> (with the timm extra)") from None
 
 
 def _head_in_features(head: nn.Module) -> int:
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
         raise ChiptagError(f"cannot find the input size of classifier {head}")
-    return linears[0].in_features
+    return layers[0].in_features if isinstance(layers[0], nn.Linear) else layers[0].in_channels
 
 
 def _weights_member(spec: BackboneSpec, weights: str) -> WeightsEnum:
@@ -111,17 +188,21 @@ def _apply_state(spec: BackboneSpec, net: nn.Module, state: dict, source: str) -
         raise ChiptagError(f"{source} does not fit {spec.name}: {first}") from None
     # A backbone-only file (no classifier) is fine: the classifier is replaced anyway.
     missing = [k for k in result.missing_keys if not k.startswith(spec.head_attr + ".")]
-    if missing or result.unexpected_keys:
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(FAMILIES[spec.family].drop_keys or "\0")]
+    if missing or unexpected:
         raise ChiptagError(
             f"{source} does not fit {spec.name}: {len(missing)} missing key(s) {missing[:3]}, "
-            f"{len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:3]}")
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}")
 
 
 def build_backbone(name: str, weights: str | None, image_size: int | None = None,
                    progress: bool = True) -> Backbone:
     """Build a feature extractor. weights: None, 'DEFAULT', an enum member name, or a state-dict path."""
     spec = get_spec(name)
-    net = spec.builder(weights=None)
+    if spec.family == "timm":
+        net, dim, pre, weights_id = timm_backbones.build(name, weights, image_size)
+        return Backbone(name, net, dim, pre, weights_id, "")
+    net = spec.builder(weights=None, image_size=image_size)
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
     if weights is None or str(weights).lower() in ("none", "null"):
         weights_id = "none"
@@ -136,8 +217,8 @@ def build_backbone(name: str, weights: str | None, image_size: int | None = None
         tf = member.transforms()
         mean, std, size = tuple(tf.mean), tuple(tf.std), int(tf.crop_size[0])
         weights_id = str(member)
-    dim = _head_in_features(getattr(net, spec.head_attr))
-    setattr(net, spec.head_attr, nn.Identity())
+    dim = _head_in_features(get_module(net, spec.head_attr))
+    replace_head(net, spec)
     pre = Preprocessing(image_size or size, tuple(map(float, mean)), tuple(map(float, std)))
     return Backbone(name, net, dim, pre, weights_id, spec.head_attr)
 

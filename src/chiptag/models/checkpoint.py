@@ -12,8 +12,8 @@ from chiptag import __version__
 from chiptag.atomic import torch_save
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
-from chiptag.models.backbones import get_spec
-from chiptag.models.head import HeadSpec, Tagger
+from chiptag.models.backbones import get_spec, replace_head
+from chiptag.models.head import HeadSpec, MeanProbability, Tagger
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "backbone", "weights_id", "head", "tags", "thresholds", "preprocessing",
@@ -43,6 +43,8 @@ def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float
         "thresholds": [float(t) for t in thresholds], "preprocessing": card.preprocessing.to_dict(),
         "frozen": tagger.frozen, "config": card.config, "state_dict": tagger.state_dict(), "epoch": epoch,
     }
+    if isinstance(tagger.head, MeanProbability):  # a k-fold ensemble: one backbone, the mean of K heads
+        obj["members"] = len(tagger.head.members)
     torch_save(obj, path)
 
 
@@ -66,13 +68,24 @@ def load(path: Path) -> dict:
     return obj
 
 
+def build_tagger(ckpt: dict) -> Tagger:
+    """The model a checkpoint describes, untrained: one backbone + head, one backbone + K heads averaged
+    (`members`, a k-fold run), or several whole models averaged (`ensemble`: member checkpoints without
+    weights, `chiptag ensemble`; their weights are in the ensemble's state_dict)."""
+    if ckpt.get("ensemble"):
+        return Tagger(torch.nn.Identity(), MeanProbability([build_tagger(m) for m in ckpt["ensemble"]]),
+                      frozen=False)
+    spec = get_spec(ckpt["backbone"])
+    net = replace_head(spec.builder(weights=None, image_size=ckpt["preprocessing"]["image_size"]), spec)
+    head = HeadSpec(**ckpt["head"]).build()
+    if ckpt.get("members"):
+        head = MeanProbability([HeadSpec(**ckpt["head"]).build() for _ in range(int(ckpt["members"]))])
+    return Tagger(net, head, frozen=bool(ckpt["frozen"]))
+
+
 def load_tagger(ckpt: dict) -> Tagger:
     """Rebuild the exact model (no weights download: the backbone's parameters are in the checkpoint)."""
-    spec = get_spec(ckpt["backbone"])
-    net = spec.builder(weights=None)
-    setattr(net, spec.head_attr, torch.nn.Identity())
-    head = HeadSpec(**ckpt["head"]).build()
-    tagger = Tagger(net, head, frozen=bool(ckpt["frozen"]))
+    tagger = build_tagger(ckpt)
     try:
         tagger.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -82,3 +95,8 @@ def load_tagger(ckpt: dict) -> Tagger:
 
 def preprocessing(ckpt: dict) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def label_rules(ckpt: dict) -> dict:
+    """The `labels` rules a checkpoint decodes with (its config's section; {} before there were rules)."""
+    return (ckpt.get("config") or {}).get("labels") or {}

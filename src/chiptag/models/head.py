@@ -64,3 +64,21 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}
+
+
+class MeanProbability(nn.Module):
+    """Members' logits -> the logit of their mean probability, so sigmoid of the output is the ensemble's mean
+    probability and everything downstream (evaluation, TTA, predict, ONNX export) treats an ensemble like one
+    model. Computed in log space: logit(mean p) = logsumexp(logsigmoid(l)) - logsumexp(logsigmoid(-l)) (the
+    1/K cancels), exact even where a probability rounds to 0 or 1 in float32."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(x) for m in self.members])
+        return (torch.logsumexp(nn.functional.logsigmoid(logits), 0)
+                - torch.logsumexp(nn.functional.logsigmoid(-logits), 0))

@@ -14,6 +14,13 @@
       validation.json    the data validation report
       report/            report.md and its PNGs (evaluation.report); the error sheets top_errors.png,
                          cooccurrence.png and per_tag/<tag>.png (evaluation.sheets)
+    k-fold runs (training.folds) and ensembles (`chiptag ensemble`) also hold:
+      split/folds.csv    image_name,fold of every non-test image
+      fold-<k>/          fold k's own run dir: checkpoint.pt (its head alone), resume.pt, metrics.jsonl,
+                         fold.json (its val F2 and out-of-fold probabilities, written when the fold is done)
+      oof_probs.npz      out-of-fold probabilities of every non-test image (what the thresholds were tuned on)
+      members.json       an ensemble's member runs
+    and checkpoint.pt is then the ensemble (one backbone, K heads averaged; models.checkpoint).
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ class RunDir:
     top_errors = property(lambda self: self.path / "report" / "top_errors.png")
     cooccurrence = property(lambda self: self.path / "report" / "cooccurrence.png")
     per_tag_dir = property(lambda self: self.path / "report" / "per_tag")  # <tag>.png, one per tag sheet
+    folds = property(lambda self: self.path / "split" / "folds.csv")
+    fold_result = property(lambda self: self.path / "fold.json")
+    oof_probs = property(lambda self: self.path / "oof_probs.npz")
+    members = property(lambda self: self.path / "members.json")
+
+    def fold(self, k: int) -> RunDir:
+        """Fold k's (1..K) run dir inside a k-fold run."""
+        return RunDir(self.path / f"fold-{k}")
 
     def require_config(self, what: str) -> RunDir:
         """This run dir, or a ChiptagError saying `what` needs a run directory."""

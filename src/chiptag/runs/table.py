@@ -68,7 +68,8 @@ def row_from_summary(s: dict, run_id: str) -> RunRow:
         baseline=None if base is None else float(base),
         pos_weight="on" if s.get("pos_weight") else "off", optimizer=str(s.get("optimizer", "")),
         scheduler=str(s.get("scheduler", "")),
-        epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else ""),
+        epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else "")
+        + (f" x {s['folds']['k']} folds" if isinstance(s.get("folds"), dict) else ""),
         head=str(s.get("head", "")), frozen="yes" if s.get("frozen") else "no",
         duration_s=(s.get("timings") or {}).get("total_s"), tracker=_tracker_link(s.get("tracker")))
 

@@ -25,7 +25,7 @@ from chiptag.data.decoders import resolve_decoder
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
-from chiptag.evaluation.thresholds import tune_thresholds
+from chiptag.evaluation.decoding import LabelRules, tune_and_score, unknown_tags
 from chiptag.features.extraction import FeatureInfo, default_workers, degenerate, feature_warning
 from chiptag.features.views import make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
@@ -35,7 +35,7 @@ from chiptag.models.head import HeadSpec, Tagger, count_parameters
 from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir, model_label, new_run_dir
 from chiptag.tracking import MultiTracker, make_tracker
-from chiptag.training import phases as phases_mod, resume as resume_mod
+from chiptag.training import folds as folds_mod, phases as phases_mod, resume as resume_mod
 from chiptag.training.epoch import NonFiniteLoss, Step, evaluate, pos_weight
 from chiptag.training.loop import Fitted, Trainer
 from chiptag.training.summary import Outcome, build_summary, print_result
@@ -94,7 +94,8 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
     ds, vreport = preflight(cfg.data)
     splits = load_split(ds.table.names, run.split)
     saved = resume_mod.load(run.resume)
-    where = f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved else "at epoch 1"
+    where = (f"after epoch {saved['state']['epoch']}, step {saved['state']['step']}" if saved
+             else "in the fold it stopped in" if cfg.training.folds else "at epoch 1")
     out.print(f"resuming run [bold]{run.name}[/] {where}")
     return OpenRun(cfg, ds, vreport, splits, run, saved)
 
@@ -143,6 +144,8 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
                 raise
         r.run.resume.unlink(missing_ok=True)  # complete: nothing left to resume
         print_result(summary)
+        if "folds" in summary:
+            folds_mod.print_folds(summary)
         if not distributed.is_main():
             shutil.rmtree(r.run.path, ignore_errors=True)
         return summary
@@ -170,11 +173,21 @@ def final_scores(fitted: Fitted, loss_fn: nn.Module, device: torch.device, r: Op
     table = r.ds.table
     ev = {s: evaluate(fitted.model, getattr(fitted.inputs, s), loss_fn, device) for s in ("val", "test")}
     report.save_eval_probs(r.run.eval_probs, ev, table.names, r.splits, table.tags)
-    thresholds = tune_thresholds(ev["val"]["targets"], ev["val"]["probs"])
-    results = {s: {**metrics.split_metrics(e["targets"], e["probs"], thresholds, table.tags), "loss": e["loss"]}
-               for s, e in ev.items()}
+    rules = LabelRules.from_config(r.cfg.labels.model_dump(), table.tags)  # tuned and scored under the rules
+    thresholds, results = tune_and_score((ev["val"]["targets"], ev["val"]["probs"]),
+                                         {s: (e["targets"], e["probs"]) for s, e in ev.items()}, table.tags, rules)
+    for s, e in ev.items():
+        results[s]["loss"] = e["loss"]
     return {"metrics": results, "baseline": metrics.baseline_summary(table.y, r.splits, table.tags),
             "thresholds": thresholds}
+
+
+def _fold_context(r: OpenRun, model: Model, feats, info, device, tracker) -> folds_mod.FoldContext:
+    folds_mod.check_folds(r.cfg)
+    card = ModelCard(model.backbone.name, model.backbone.weights_id, model.head, r.ds.table.tags,
+                     model.backbone.preprocessing, r.cfg.to_dict())
+    return folds_mod.FoldContext(r, model, feats, folds_mod.fold_splits(r, r.cfg.training.folds), device, card,
+                                 tracker, LabelRules.from_config(r.cfg.labels.model_dump(), r.ds.table.tags), info)
 
 
 def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
@@ -182,6 +195,10 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     t_start = time.perf_counter()
     cfg, ds, splits, entry = r.cfg, r.ds, r.splits, r.cfg.model
     validation = _record_validation(r)
+    missing = unknown_tags(cfg.labels.model_dump(), ds.table.tags)  # a typo, or a tag absent from this data
+    if missing:
+        console.print(f"[yellow]warning:[/] label rules name tags this data does not have, left out: "
+                      f"{'; '.join(missing)}")
     tracker = make_tracker(cfg, r.run.path) if distributed.is_main() else MultiTracker([])
     tracker.start(r.run.name, entry.name, cfg.to_dict())  # before heavy work: a bad tracker fails fast
     device = dist_device or resolve_device(cfg.training.device, "training.device")
@@ -199,6 +216,9 @@ def train(r: OpenRun, dist_device: torch.device | None = None) -> dict:
     features, images, info = None, None, FeatureInfo("not used (freeze: false)")
     if phases_mod.uses_features(cfg):
         feats, info = extract_features(r, model, device)
+        if cfg.training.folds:  # K heads on these features: training.folds
+            return folds_mod.train_folds(_fold_context(r, model, feats, info, device, tracker), validation,
+                                         t_start, time.perf_counter() - t_extract)
         features = phases_mod.feature_inputs(cfg, feats, ds.table.y, splits, device)
     if not entry.freeze:
         images = phases_mod.image_inputs(cfg, ds, splits, model.backbone.preprocessing,

@@ -62,7 +62,8 @@ def build_summary(cfg: Config, run: RunDir, ds: Dataset, splits: dict, model, ou
 def print_result(s: dict) -> None:
     m, b = s["metrics"], s["baseline"]
     out.print(
-        f"\n[bold]{s['model']}[/] best epoch {s['best_epoch']}\n"
+        f"\n[bold]{s['model']}[/] " + (f"best epoch {s['best_epoch']}" if "folds" not in s else
+                                       f"{s['folds']['k']}-fold ensemble (val = out-of-fold predictions)") + "\n"
         f"  val  F2 {m['val']['f2']:.4f} (tuned thresholds)   {m['val']['f2_at_0.5']:.4f} @0.5   "
         f"baseline {b['val']['f2']:.4f}\n"
         f"  test F2 {m['test']['f2']:.4f} (tuned thresholds)   {m['test']['f2_at_0.5']:.4f} @0.5   "
