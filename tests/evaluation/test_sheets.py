@@ -211,3 +211,36 @@ def test_inconsistent_stored_arrays_cost_the_sheets_not_the_report(run_copy):
     md = files["report"].read_text()
     assert "No error sheets:" in md and "test names" in md and "pr_curves" in files
     assert "top_errors" not in files
+
+
+def test_tiles_show_the_square_the_model_saw(run_copy):
+    """A run trained with data.resize: crop (or pad) shows its chips cropped (padded) on the sheets too."""
+    from chiptag.data.images import read_rgb, resize
+
+    probs = load_eval_probs(run_copy)
+    cfg = yaml.safe_load((run_copy / "config.yaml").read_text())
+    name = str(probs["test_names"][0])
+    chip = read_rgb(Path(cfg["data"]["root"]) / "train-jpg" / f"{name}.jpg")[:, :, 8:]  # make it non-square
+    Image.fromarray(chip.permute(1, 2, 0).numpy()).save(Path(cfg["data"]["root"]) / "train-jpg" / f"{name}.png")
+    for mode in ("crop", "pad"):
+        cfg["data"].update(resize=mode, extension=".png")
+        (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+        tile, why = TileReader.for_run(run_copy, 32)(name)
+        expected = resize(chip, 32, mode).permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+        assert not why and np.array_equal(tile, expected), mode
+
+
+def test_sheets_decide_tags_under_the_runs_label_rules(run_copy):
+    """Predicted tags on the sheets are the run's decisions: an exclusive group yields one tag at most."""
+    from chiptag.evaluation.sheets import _load_test
+
+    probs = load_eval_probs(run_copy)
+    summary = json.loads(RunDir(run_copy).summary.read_text())
+    weather = [t for t in ("clear", "partly_cloudy", "haze", "cloudy") if t in summary["tags"]]
+    cols = [summary["tags"].index(t) for t in weather]
+    summary["thresholds"] = {t: 1e-9 for t in summary["tags"]}  # every tag on: only the rule can turn some off
+    assert _load_test(run_copy, summary, probs).pred[:, cols].sum(axis=1).min() == len(weather)
+    cfg = yaml.safe_load((run_copy / "config.yaml").read_text())
+    cfg["labels"] = {"exclusive": [weather], "implies_none": {}}
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert (_load_test(run_copy, summary, probs).pred[:, cols].sum(axis=1) == 1).all()

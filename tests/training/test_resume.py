@@ -16,7 +16,6 @@ from chiptag import config as config_mod
 from chiptag.features import extraction as features
 from chiptag.features.cache import decode
 from chiptag.models import checkpoint
-from chiptag.training import resume
 from chiptag.runs.layout import RunDir
 from chiptag.cli import app
 from chiptag.training.epoch import NonFiniteLoss

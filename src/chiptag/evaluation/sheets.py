@@ -21,6 +21,7 @@ from chiptag.atomic import replacing
 from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, mistakes
+from chiptag.evaluation.decoding import LabelRules
 from chiptag.evaluation.tiles import COLOURS, GAP_IN, TITLE_IN, Tile, TileReader, block_size, place_tiles, tag_lines
 from chiptag.runs.layout import RunDir
 
@@ -204,7 +205,17 @@ def _load_test(run_dir: Path, summary: dict, probs: dict) -> _Test:
         raise ChiptagError(f"{RunDir(run_dir).eval_probs}: {len(names)} test names, targets {y.shape}, "
                            f"{len(tags)} tags in summary.json: they should agree")
     reader = TileReader.for_run(run_dir, summary.get("image_size"))
+    p = _label_rules(run_dir, tags).condition(p)  # what the run decides: its label rules, as predict applies them
     return _Test(names, y, p, metrics.binarize(p, thresholds), thresholds, tags, reader)
+
+
+def _label_rules(run_dir: Path, tags: list[str]) -> LabelRules:
+    """The run's `labels` section (config.yaml); none when it has none or the file is unusable."""
+    try:
+        raw = yaml.safe_load(RunDir(run_dir).config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return LabelRules()
+    return LabelRules.from_config(raw.get("labels") if isinstance(raw, dict) else None, tags)
 
 
 def write_sheets(run_dir: Path, summary: dict, probs: dict, opts: ReportConfig) -> Sheets:

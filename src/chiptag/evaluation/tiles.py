@@ -58,6 +58,7 @@ class TileReader:
     extension: str
     size: int | None
     problem: str = ""  # why no image can be found at all (no usable config.yaml), "" otherwise
+    mode: str = "squash"  # the run's data.resize: a tile is the square the model saw
     decoded: int = 0
     cache: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
 
@@ -71,7 +72,7 @@ class TileReader:
             data = DataConfig.model_validate(raw.get("data") or {})
         except Exception as exc:  # noqa: BLE001 - every tile says why instead of the report failing
             return cls(None, "", size, f"no image location: {path}: {exc.__class__.__name__}")
-        return cls(Path(data.root) / data.images, data.extension, size)
+        return cls(Path(data.root) / data.images, data.extension, size, mode=data.resize)
 
     def __call__(self, name: str) -> tuple[np.ndarray, str]:
         """-> (H x W x 3 float image in [0, 1], "") or (a grey square, the reason it could not be read)."""
@@ -86,7 +87,7 @@ class TileReader:
         try:
             img = read_rgb(self.image_dir / f"{name}{self.extension}")
             if self.size:
-                img = resize(img, self.size)
+                img = resize(img, self.size, self.mode)
         except Exception as exc:  # noqa: BLE001 - ChiptagError names the file; anything else is shown too
             return self._grey(), str(exc) or exc.__class__.__name__
         arr = img.permute(1, 2, 0).numpy()

@@ -31,7 +31,7 @@ from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import MeanProbability, Tagger, count_parameters
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
-from chiptag.tracking import LocalTracker, MultiTracker, make_tracker
+from chiptag.tracking import LocalTracker, MultiTracker
 from chiptag.training import phases as phases_mod, resume as resume_mod
 from chiptag.training.epoch import Step, evaluate, pos_weight
 from chiptag.training.loop import Trainer

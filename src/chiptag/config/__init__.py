@@ -1,0 +1,9 @@
+"""Validated configuration: the models (config.schema) and loading with overrides (config.loading)."""
+
+from chiptag.config.loading import dump, from_dict, load, parse_override
+from chiptag.config.schema import (Config, DataConfig, FeaturesConfig, ModelEntry, OutputConfig, ReportConfig,
+                                   SchedulerConfig, SplitConfig, SplitFiles, TrackingConfig, TrainingConfig)
+
+__all__ = ["Config", "DataConfig", "FeaturesConfig", "ModelEntry", "OutputConfig", "ReportConfig",
+           "SchedulerConfig", "SplitConfig", "SplitFiles", "TrackingConfig", "TrainingConfig", "dump",
+           "from_dict", "load", "parse_override"]
