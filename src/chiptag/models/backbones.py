@@ -23,6 +23,7 @@ from torchvision.models import WeightsEnum
 from chiptag.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.models import timm_backbones
+from chiptag.models.weights import read_state_dict
 
 
 @dataclass(frozen=True)
@@ -166,18 +167,6 @@ def _download(spec: BackboneSpec, member: WeightsEnum, progress: bool) -> dict:
         ) from None
 
 
-def _load_file(spec: BackboneSpec, path: Path) -> tuple[dict, str]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChiptagError(f"cannot load weights file {path}: {exc.__class__.__name__}: {exc}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ChiptagError(f"{path}: expected a state dict (mapping of tensor names to tensors)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return obj, f"file:{digest}"
 
 
 def _apply_state(spec: BackboneSpec, net: nn.Module, state: dict, source: str) -> None:
@@ -207,9 +196,7 @@ def build_backbone(name: str, weights: str | None, image_size: int | None = None
     if weights is None or str(weights).lower() in ("none", "null"):
         weights_id = "none"
     elif Path(weights).suffix in (".pt", ".pth", ".bin") or Path(weights).exists():
-        if not Path(weights).is_file():
-            raise ChiptagError(f"weights file not found: {weights}")
-        state, weights_id = _load_file(spec, Path(weights))
+        state, weights_id = read_state_dict(Path(weights))
         _apply_state(spec, net, state, str(weights))
     else:
         member = _weights_member(spec, weights)

@@ -10,7 +10,6 @@ asks; offline, the error says what to do instead.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
+from chiptag.models.weights import read_state_dict
 
 PREFIX = "timm:"
 
@@ -64,15 +64,7 @@ def _pretrained(name: str, image_size: int | None) -> nn.Module:
 
 
 def _load_file(net: nn.Module, name: str, path: Path) -> str:
-    if not path.is_file():
-        raise ChiptagError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChiptagError(f"cannot load weights file {path}: {exc.__class__.__name__}: {exc}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state, weights_id = read_state_dict(path)
     classifier = str(net.pretrained_cfg.get("classifier") or "\0")
     state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}  # the head is replaced
     try:
@@ -82,7 +74,7 @@ def _load_file(net: nn.Module, name: str, path: Path) -> str:
     if result.missing_keys or result.unexpected_keys:
         raise ChiptagError(f"{path} does not fit {name}: missing {result.missing_keys[:3]}, "
                            f"unexpected {result.unexpected_keys[:3]}")
-    return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return weights_id
 
 
 def build(name: str, weights: str | None, image_size: int | None) -> tuple[nn.Module, int, Preprocessing, str]:
