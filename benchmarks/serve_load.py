@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--soak", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", default="auto")
+    p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
@@ -179,7 +180,7 @@ def main() -> None:
     print(f"offline predict again: {offline_after:.1f} img/s")
     result = {
         "command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
-        "note": "measured on a machine shared with other jobs",
+        "note": args.note,
         "clients": args.clients, "images_per_request": args.images_per_request, "seconds": round(load["seconds"], 2),
         "img_s": round(img_s, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"], "statuses": load["statuses"],

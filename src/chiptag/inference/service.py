@@ -8,9 +8,9 @@ are normalised by data.images.normalize and run through Predictor.predict_tensor
 probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
 
 Engines are the Predictor's: `torch` (eager float32 on CPU), `onnxruntime` (CPU: the tagger exported once,
-cached by its weights' hash; about 1e-6 from torch), `bf16` (CUDA: eager under bf16 autocast). `auto` picks bf16 on CUDA and torch on CPU: it is exact, and served through this server it handled
-more images/s than ONNX Runtime in each of three paired runs on the shared 2-core machine (the recorded pair:
-benchmarks/results/serve_load.json and serve_load-onnxruntime.json).
+cached by its weights' hash; about 1e-6 from torch), `bf16` (CUDA: eager under bf16 autocast). `auto` picks bf16
+on CUDA and ONNX Runtime on CPU (the faster engine on an idle machine, as for `chiptag predict`; the recorded
+pair: benchmarks/results/serve_load.json and serve_load-torch.json).
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine not in ENGINES:
         raise ChiptagError(f"--engine: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
     if engine == "auto":
-        return "bf16" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "bf16"
+        # ONNX Runtime on CPU, as `chiptag predict`: on an idle 2-core machine it served 119.5 img/s against
+        # 94.9 for eager torch (benchmarks/serve_load.py, 8 clients x 1 chip, demo run)
+        return "onnxruntime" if onnxruntime_available() else "torch"
     if engine == "onnxruntime" and (device.type != "cpu" or not onnxruntime_available()):
         raise ChiptagError("--engine onnxruntime needs --device cpu and onnxruntime installed "
                            "(pip install 'chiptag[export]'); or use --engine torch")
