@@ -82,3 +82,31 @@ def test_forward_error_reaches_every_request_and_the_worker_lives_on():
         b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit([chip(1)]).result(1)
+
+
+def test_batch_waits_for_company_only_while_someone_is_on_the_way():
+    """With `expecting`, a lone request runs at once (no max_wait of idle cores); while another request is still
+    being decoded, the batch waits for it and both share one forward."""
+    import time
+
+    calls, incoming = [], [0]
+
+    def fwd(chips, tta):
+        calls.append(len(chips))
+        return np.array([[float(c[0, 0, 0]), float(tta)] for c in chips], dtype=np.float32)
+
+    b = MicroBatcher(fwd, max_batch=64, max_wait_s=2.0, expecting=lambda: incoming[0])
+    try:
+        t0 = time.monotonic()
+        assert b.submit([chip(1)]).result(timeout=5)[:, 0].tolist() == [1.0]
+        assert time.monotonic() - t0 < 1.0 and calls == [1]  # nobody on the way: no 2 s wait
+        incoming[0] = 1  # a second request is being decoded
+        first = b.submit([chip(2)])
+        time.sleep(0.2)
+        assert not first.done()  # waiting for the one on its way
+        incoming[0] = 0
+        second = b.submit([chip(3)])
+        assert first.result(timeout=5)[:, 0].tolist() == [2.0] and second.result(timeout=5)[:, 0].tolist() == [3.0]
+        assert calls == [1, 2]  # the two shared one forward
+    finally:
+        b.close()

@@ -96,15 +96,21 @@ def _uploads(form, max_images: int, max_file_bytes: int) -> list[UploadFile]:
 
 async def _predict(service: Service, request: Request) -> dict:
     opts = service.opts
-    form = await _read_form(request, opts.max_request_bytes, opts.max_images)
+    service.incoming += 1  # the batcher waits for company only while someone is on the way
     try:
-        tta = _flag(request.query_params.get("tta", form.get("tta") if isinstance(form.get("tta"), str) else None))
-        files = _uploads(form, opts.max_images, opts.max_file_bytes)
-        names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
-        # Each spooled upload is streamed to the decoder's own file: never all of a request's bytes in memory.
-        decoded = await asyncio.gather(*(run_in_threadpool(_decode, service, n, f.file) for n, f in zip(names, files)))
+        form = await _read_form(request, opts.max_request_bytes, opts.max_images)
+        try:
+            raw_tta = form.get("tta") if isinstance(form.get("tta"), str) else None
+            tta = _flag(request.query_params.get("tta", raw_tta))
+            files = _uploads(form, opts.max_images, opts.max_file_bytes)
+            names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
+            # Each spooled upload is streamed to the decoder's own file: never all of a request's bytes in memory.
+            decoded = await asyncio.gather(*(run_in_threadpool(_decode, service, n, f.file)
+                                             for n, f in zip(names, files)))
+        finally:
+            await form.close()
     finally:
-        await form.close()
+        service.incoming -= 1
     good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     probs = await asyncio.wrap_future(service.batcher.submit([decoded[i] for i in good], tta)) if good else []
     row = dict(zip(good, probs))

@@ -121,6 +121,7 @@ class Service:
         self.workdir = Path(tempfile.mkdtemp(prefix="chiptag-serve-"))
         self.batcher: MicroBatcher | None = None
         self.ready, self.error = False, None
+        self.incoming = 0  # requests accepted and not yet handed to the batcher (changed on the event loop only)
         self._warm_lock = threading.Lock()
 
     def _probabilities(self) -> Callable[[torch.Tensor, bool], torch.Tensor]:
@@ -135,7 +136,8 @@ class Service:
                 return
             try:
                 self._probs = self._probabilities()
-                self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000)
+                self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000,
+                                            expecting=lambda: self.incoming)
                 size = self.predictor.preprocessing.image_size
                 self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
                 self.ready = True
