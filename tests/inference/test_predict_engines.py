@@ -74,7 +74,7 @@ def test_failed_export_falls_back_to_torch_only_for_auto(run_dir, chips, tmp_pat
     p = Predictor.from_run(run_dir, device="cpu", cache_dir=tmp_path)
     probs = p.predict(chips[:2])
     assert p.engine == "torch" and np.isfinite(probs).all()
-    with pytest.raises(ChiptagError, match="unsupported operator"):
+    with pytest.raises(ChiptagError, match="unsupported operator.*--engine torch to predict"):
         Predictor.from_run(run_dir, device="cpu", engine="onnxruntime", cache_dir=tmp_path).predict(chips[:2])
     with pytest.raises(ChiptagError, match="engine: unknown engine"):
         Predictor.from_run(run_dir, device="cpu", engine="tensorrt")

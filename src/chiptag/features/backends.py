@@ -83,8 +83,8 @@ def export_onnx(net: torch.nn.Module, path: Path, image_size: int, output_name: 
             torch.onnx.export(net, (dummy,), str(tmp), input_names=["images"], output_names=[output_name],
                               dynamic_axes={"images": {0: "n"}, output_name: {0: "n"}}, dynamo=False)
     except Exception as exc:
-        raise ChiptagError(f"cannot export the backbone to ONNX ({exc.__class__.__name__}: {exc}); "
-                           "use features.engine: torch") from None
+        raise ChiptagError(f"cannot export the model to ONNX ({exc.__class__.__name__}: {exc}); use the torch "
+                           "engine (features.engine: torch to train, --engine torch to predict or serve)") from None
     finally:
         net.train(was_training)
     return path
