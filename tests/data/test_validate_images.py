@@ -13,7 +13,7 @@ from chiptag.data.image_check import validate_images
 from chiptag.data.images import read_rgb
 from chiptag.data.validate import preflight
 from chiptag.errors import ChiptagError
-from validate_helpers import chip, jpeg_bytes, kinds, make_data, skip
+from validate_helpers import chip, corrupt_jpeg, encode, jpeg_bytes, kinds, make_data, png_rgb16, skip
 
 
 def image_problem(tmp_path, content, **cfg):
@@ -60,35 +60,14 @@ def test_bit_flipped_png_is_truncated_or_corrupt(tmp_path):
     assert k["truncated"][0][0] == 7
 
 
-def _encode(im: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt)
-    return buf.getvalue()
-
-
-def png_rgb16(arr: np.ndarray) -> bytes:
-    """A 48-bit RGB PNG (Pillow cannot write one): signature, IHDR (depth 16, colour type 2), IDAT, IEND."""
-    import struct
-    import zlib
-
-    h, w, _ = arr.shape
-    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
 def test_convertible_modes_are_counted_and_converted_consistently(tmp_path):
     base = chip(5)
     gray = np.asarray(base.convert("L"))
     variants = {
-        "m_l": _encode(base.convert("L"), "PNG"), "m_la": _encode(base.convert("LA"), "PNG"),
-        "m_p": _encode(base.convert("P"), "PNG"), "m_rgba": _encode(base.convert("RGBA"), "PNG"),
-        "m_cmyk": _encode(base.convert("CMYK"), "JPEG"),
-        "m_16": _encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+        "m_l": encode(base.convert("L"), "PNG"), "m_la": encode(base.convert("LA"), "PNG"),
+        "m_p": encode(base.convert("P"), "PNG"), "m_rgba": encode(base.convert("RGBA"), "PNG"),
+        "m_cmyk": encode(base.convert("CMYK"), "JPEG"),
+        "m_16": encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
         "m_48": png_rgb16(np.asarray(base).astype(np.uint16) * 257),
     }
     rows = [(n, "clear primary") for n in variants]
@@ -119,15 +98,6 @@ def test_non_square_and_tiny_images(tmp_path):
     assert k["too_small"] == [(7, "12x12, shorter side below data.min_side=16")] and "bad" not in ds.table.names
     ds, k, _ = image_problem(tmp_path / "c", chip(6, size=12), min_side=8)
     assert "too_small" not in k and "bad" in ds.table.names
-
-
-def corrupt_jpeg(seed: int = 0) -> bytes:
-    """A JPEG whose entropy data stops a third of the way in, EOI marker intact (libjpeg: 'premature end of
-    data segment')."""
-    rng = np.random.default_rng(seed)
-    data = jpeg_bytes(Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)))
-    sos = data.find(b"\xff\xda")
-    return data[: sos + (len(data) - sos) // 3] + b"\xff\xd9"
 
 
 def test_corrupt_jpeg_data_is_a_bad_image(tmp_path):

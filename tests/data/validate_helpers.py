@@ -52,3 +52,33 @@ def skip(data: DataConfig) -> DataConfig:
 
 
 # ---- label table --------------------------------------------------------------------------------------------
+
+
+def encode(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_rgb16(arr: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one): signature, IHDR (depth 16, colour type 2), IDAT, IEND."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def corrupt_jpeg(seed: int = 0) -> bytes:
+    """A JPEG whose entropy data stops a third of the way in, EOI marker intact (libjpeg: 'premature end of
+    data segment')."""
+    rng = np.random.default_rng(seed)
+    data = jpeg_bytes(Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)))
+    sos = data.find(b"\xff\xda")
+    return data[: sos + (len(data) - sos) // 3] + b"\xff\xd9"

@@ -9,6 +9,7 @@ per batch, vectorised, next to the forward.
 
 from __future__ import annotations
 
+import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def jpeg_corruption(raw: bytes) -> str | None:
     return None
 
 
-def _strict_jpeg(path: Path, raw: bytes) -> torch.Tensor | None:
+def _strict_jpeg(path: str | Path, raw: bytes) -> torch.Tensor | None:
     """JPEG bytes -> 3xHxW uint8, raising ChiptagError when libjpeg reports corrupt data (torchvision and
     Pillow only print that on stderr and return made-up pixels). None: not decodable here (fall back)."""
     try:
@@ -119,21 +120,26 @@ def read_rgb(path: str | Path) -> torch.Tensor:
         raise ChiptagError(f"image not found: {path}") from None
     except OSError as exc:
         raise ChiptagError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return decode_rgb(raw, path)
+
+
+def decode_rgb(raw: bytes, name: str | Path) -> torch.Tensor:
+    """Image bytes -> 3xHxW uint8 RGB, exactly as read_rgb decodes a file's bytes (the server decodes uploads
+    in memory with it); errors name `name`."""
     if raw[:2] == b"\xff\xd8":
-        img = _strict_jpeg(path, raw)
+        img = _strict_jpeg(name, raw)
         if img is not None:
             return img
     try:
-        return _to_uint8(decode_image(str(path), mode=ImageReadMode.RGB))
+        buffer = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return _to_uint8(decode_image(buffer, mode=ImageReadMode.RGB))
     except Exception:  # torchvision cannot decode some inputs (some CMYK, 16-bit gray); Pillow is the fallback
         pass
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             arr = _pillow_rgb(im)
-    except FileNotFoundError:
-        raise ChiptagError(f"image not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ChiptagError(f"cannot read image {path}: {exc}") from None
+        raise ChiptagError(f"cannot read image {name}: {exc}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
