@@ -223,7 +223,7 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
           device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
-          engine: str = typer.Option("auto", help="auto (torch on CPU, bf16 on CUDA), torch, onnxruntime, bf16"),
+          engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, bf16 on CUDA), torch, onnxruntime, bf16"),
           max_batch: int = typer.Option(64, min=1, help="images per forward: concurrent requests are merged"),
           max_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
           max_images: int = typer.Option(64, min=1, help="images per request"),

@@ -110,3 +110,18 @@ def test_batch_waits_for_company_only_while_someone_is_on_the_way():
         assert calls == [1, 2]  # the two shared one forward
     finally:
         b.close()
+
+
+def test_setup_runs_in_the_worker_thread_before_the_first_forward():
+    seen = []
+
+    def fwd(chips, tta):
+        seen.append(("forward", threading.current_thread().name))
+        return np.zeros((len(chips), 1), dtype=np.float32)
+
+    b = MicroBatcher(fwd, setup=lambda: seen.append(("setup", threading.current_thread().name)))
+    try:
+        b.submit([chip(1)]).result(timeout=5)
+    finally:
+        b.close()
+    assert seen == [("setup", "chiptag-batcher"), ("forward", "chiptag-batcher")]

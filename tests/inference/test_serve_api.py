@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -164,7 +165,15 @@ def test_stays_up_under_bad_uploads(server, chips):
         assert post(url, junk).status_code == 200
     assert httpx.get(f"{url}/readyz").status_code == 200
     assert post(url, [("ok.jpg", chips[0].read_bytes())]).json()["results"][0]["error"] is None
-    assert not any(service.workdir.glob("*.upload"))  # every temporary upload was removed
+    _settled(service)
+
+
+def _settled(service: Service) -> None:
+    """Every request was answered: nothing counts as on its way to the batcher any more."""
+    deadline = time.monotonic() + 10
+    while service.expecting() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.expecting() == 0
 
 
 def test_engine_failure_is_a_json_500_and_the_server_recovers(server, chips, monkeypatch):
@@ -188,22 +197,39 @@ def test_decode_streams_a_spooled_upload_rolled_to_disk(server, chips):
     assert torch.equal(service.decode("x.jpg", spooled), service.decode("x.jpg", chips[4].read_bytes()))
 
 
+def test_large_upload_is_decoded_off_the_event_loop_and_matches_predictor(server, predictor, tmp_path):
+    """Chips are decoded inline (cheaper than a thread hop); a bigger image goes to the thread pool, resized
+    in the run's mode there: the same probabilities either way."""
+    url, service = server
+    yy, xx = np.mgrid[0:500, 0:700]
+    big = tmp_path / "scene.jpg"
+    Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(big, quality=60)
+    assert not service.small(big.read_bytes()) and big.stat().st_size < LIMITS["max_file_bytes"]
+    entry = post(url, [("scene.jpg", big.read_bytes())]).json()["results"][0]
+    assert entry["error"] is None
+    np.testing.assert_allclose(as_probs(entry, predictor.tags), predictor.predict([big])[0], atol=1e-6, rtol=0)
+
+
 def test_timeout_is_408(run_dir, chips):
-    with running(run_dir, engine="torch", timeout_s=1e-4) as (url, _):
+    with running(run_dir, engine="torch", timeout_s=1e-4) as (url, service):
         r = post(url, [("a.jpg", chips[0].read_bytes())])
-    assert r.status_code == 408 and "--timeout" in r.json()["error"]
+        assert r.status_code == 408 and "--timeout" in r.json()["error"]
+        _settled(service)  # a timed-out request leaves no count behind that would keep later batches waiting
 
 
 def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
     pytest.importorskip("onnxruntime")
     assert resolve_engine("auto", torch.device("cpu")) == "onnxruntime"  # faster served, idle (serve_load*.json)
+    threads = torch.get_num_threads()
     service = Service(run_dir, ServeOptions(device="cpu", engine="onnxruntime"))
     try:
         service.warm()
         assert service.ready and service.engine == "onnxruntime", service.error
         for tta in (False, True):
-            got = service.forward([service.decode(p.name, p.read_bytes()) for p in chips], tta)
+            decoded = [service.decode(p.name, p.read_bytes()) for p in chips]
+            got = service.batcher.submit(decoded, tta).result(timeout=60)  # in the batcher's (1-thread) torch
             np.testing.assert_allclose(got, predictor.predict(chips, tta=tta), atol=1e-5, rtol=0)
+        assert torch.get_num_threads() == threads  # the batcher's torch thread count stays in its own thread
     finally:
         service.close()
 

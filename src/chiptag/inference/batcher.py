@@ -33,14 +33,15 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, forward: BatchForward, max_batch: int = 64, max_wait_s: float = 0.010,
-                 expecting: Callable[[], int] | None = None):
+                 expecting: Callable[[], int] | None = None, setup: Callable[[], None] | None = None):
         """expecting: how many requests are on their way (accepted, still being read or decoded). A batch waits
         for company only while that is above 0: with nobody else coming, waiting up to max_wait_s only left
-        the cores idle (~10 ms of a ~45 ms cycle under 8 synchronous clients, benchmarks/serve_load.py)."""
+        the cores idle (~10 ms of a ~45 ms cycle under 8 synchronous clients, benchmarks/serve_load.py).
+        setup: called first in the worker thread (e.g. its torch thread count)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.forward, self.max_batch, self.max_wait_s = forward, max_batch, max(0.0, max_wait_s)
-        self.expecting = expecting
+        self.expecting, self.setup = expecting, setup
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._held: list[_Job] = []  # jobs of the other TTA kind, first in line for the next batch
         self._thread = threading.Thread(target=self._run, name="chiptag-batcher", daemon=True)
@@ -97,6 +98,8 @@ class MicroBatcher:
         return jobs
 
     def _run(self) -> None:
+        if self.setup is not None:
+            self.setup()
         while True:
             jobs = self._collect()
             if jobs is None:

@@ -1,11 +1,10 @@
 """What `chiptag serve` serves, without the HTTP: a run's Predictor, its engine, upload checks and decoding.
 
-Uploads take exactly the path `chiptag predict` takes: the bytes are written to a private temporary file
-(never a path a client named), checked by data.image_check (header checks, the pixel cap against
-decompression bombs, truncated JPEGs) and decoded by data.images.ImageDataset (read_rgb + the run's resize
-mode); batches
-are normalised by data.images.normalize and run through Predictor.predict_tensor. So a chip gets the same
-probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
+Uploads take the path `chiptag predict` takes, in memory: the bytes (never a path a client named) are checked by
+data.image_check.check_image (header checks, the pixel cap against decompression bombs, truncated and corrupt
+JPEGs), decoded by data.images.decode_rgb (read_rgb's decoder) and resized by data.images.fit in the run's
+resize mode; batches are normalised by data.images.normalize and run through Predictor.predict_tensor. So a
+chip gets the same probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
 
 Engines are the Predictor's: `torch` (eager float32 on CPU), `onnxruntime` (CPU: the tagger exported once,
 cached by its weights' hash; about 1e-6 from torch), `bf16` (CUDA: eager under bf16 autocast). `auto` picks bf16
@@ -15,20 +14,19 @@ pair: benchmarks/results/serve_load.json and serve_load-torch.json).
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
-import tempfile
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from chiptag.data.image_check import check_image
-from chiptag.data.images import ImageDataset, collate, normalize
+from chiptag.data.images import collate, decode_rgb, fit, normalize
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
 from chiptag.device import resolve_device
@@ -40,6 +38,7 @@ from chiptag.runs.layout import RunDir, checkpoint_file
 
 ENGINES = ("auto", "torch", "onnxruntime", "bf16")
 MB = 1024 * 1024
+INLINE_PIXELS = 512 * 512  # an upload this small is decoded on the event loop: a thread hop costs more (serve.py)
 RESIZE_MODES = {"squash": "whole image resized to image_size x image_size (aspect not kept, no crop)",
                 "pad": "letterboxed to a square in the mean colour (aspect kept), then resized",
                 "crop": "centred square cropped, then resized"}
@@ -79,8 +78,8 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine == "auto":
         if device.type == "cuda":
             return "bf16"
-        # ONNX Runtime on CPU, as `chiptag predict`: on an idle 2-core machine it served 119.5 img/s against
-        # 94.9 for eager torch (benchmarks/serve_load.py, 8 clients x 1 chip, demo run)
+        # ONNX Runtime on CPU, as `chiptag predict`: on an idle 2-core machine it served 154.1 img/s against
+        # 111.2 for eager torch (benchmarks/serve_load.py, 8 clients x 1 chip, demo run)
         return "onnxruntime" if onnxruntime_available() else "torch"
     if engine == "onnxruntime" and (device.type != "cpu" or not onnxruntime_available()):
         raise ChiptagError("--engine onnxruntime needs --device cpu and onnxruntime installed "
@@ -118,10 +117,12 @@ class Service:
         self.predictor = Predictor.from_run(self.run, device=device,
                                             engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
         self.summary = _summary(self.run)
-        self.workdir = Path(tempfile.mkdtemp(prefix="chiptag-serve-"))
+        self.run_id = self.summary.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name)
         self.batcher: MicroBatcher | None = None
         self.ready, self.error = False, None
         self.incoming = 0  # requests accepted and not yet handed to the batcher (changed on the event loop only)
+        self._answering = 0  # requests whose forward is done and whose answer is not yet built
+        self._answer_lock = threading.Lock()
         self._warm_lock = threading.Lock()
 
     def _probabilities(self) -> Callable[[torch.Tensor, bool], torch.Tensor]:
@@ -137,12 +138,28 @@ class Service:
             try:
                 self._probs = self._probabilities()
                 self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000,
-                                            expecting=lambda: self.incoming)
+                                            expecting=self.expecting, setup=self._batcher_setup)
                 size = self.predictor.preprocessing.image_size
                 self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
                 self.ready = True
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
                 self.error = f"{exc.__class__.__name__}: {exc}"
+
+    def expecting(self) -> int:
+        """Requests on their way to the batcher: being read or decoded, or just answered (their clients often
+        send the next one at once). A batch waits for company only while this is above 0."""
+        return self.incoming + self._answering
+
+    def answering(self, delta: int) -> None:
+        with self._answer_lock:  # changed from the batcher's thread and the event loop
+            self._answering += delta
+
+    def _batcher_setup(self) -> None:
+        """In the batcher's thread: with ONNX Runtime (its own intra-op threads) torch only stacks and normalises
+        the batch there, single-threaded: torch's idle OpenMP threads otherwise spin on the cores the forward and
+        the event loop need (+4% served img/s on 2 cores, benchmarks/serve_load.py). Per thread under OpenMP."""
+        if self.engine == "onnxruntime":
+            torch.set_num_threads(1)
 
     def forward(self, chips: Sequence[torch.Tensor], tta: bool) -> np.ndarray:
         """Decoded chips (ImageDataset items) -> probabilities, the way Predictor.predict batches them."""
@@ -150,25 +167,28 @@ class Service:
         x = normalize(x.to(self.predictor.device), self.predictor.preprocessing)
         return self._probs(x, tta).numpy()
 
-    def decode(self, name: str, data: bytes | BinaryIO) -> torch.Tensor:
-        """Upload bytes (or a file object at its start) -> the chip as ImageDataset yields it; UploadError
-        naming `name` when unusable."""
-        path = self.workdir / f"{uuid.uuid4().hex}.upload"
+    @staticmethod
+    def small(raw: bytes) -> bool:
+        """Whether the upload's header says at most INLINE_PIXELS (a chip: checked and decoded in ~0.1 ms)."""
         try:
-            with open(path, "wb") as out:
-                if isinstance(data, bytes):
-                    out.write(data)
-                else:
-                    shutil.copyfileobj(data, out)
-            info = check_image(path, self.opts.max_pixels)
-            if info.kind is not None:
-                raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
-            chip, _, err = ImageDataset([path], self.predictor.preprocessing, keep_errors=True)[0]
-            if err:
-                raise UploadError(err.replace(str(path), name))
-            return chip
-        finally:
-            path.unlink(missing_ok=True)
+            with Image.open(io.BytesIO(raw)) as im:
+                return im.size[0] * im.size[1] <= INLINE_PIXELS
+        except Exception:  # noqa: BLE001 - not an image: decode() names the problem, in the thread pool
+            return False
+
+    def decode(self, name: str, data: bytes | BinaryIO) -> torch.Tensor:
+        """Upload bytes (or a file object at its start) -> the chip as ImageDataset yields it for a file of the
+        same bytes (the same checks, decoder and resize, in memory); UploadError naming `name` when unusable."""
+        raw = data if isinstance(data, bytes) else data.read()
+        info = check_image(raw, self.opts.max_pixels, scan_jpeg=False)  # decode_rgb is strict: it finds corruption
+        if info.kind is not None:
+            raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
+        try:
+            return fit(decode_rgb(raw, name), self.predictor.preprocessing)
+        except ChiptagError as exc:
+            raise UploadError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a decoder's own error fails only this upload
+            raise UploadError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}") from None
 
     def entry(self, name: str, probs: np.ndarray | None, error: str | None) -> dict:
         if probs is None:
@@ -181,7 +201,7 @@ class Service:
         s, pre = self.summary, self.predictor.preprocessing
         metrics, baseline = s.get("metrics", {}), s.get("baseline", {})
         return {
-            "run_id": s.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name),
+            "run_id": self.run_id,
             "backbone": self.backbone, "image_size": pre.image_size, "resize": pre.resize,
             "resize_means": RESIZE_MODES.get(pre.resize, pre.resize),
             "tags": self.predictor.tags,
@@ -198,4 +218,3 @@ class Service:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
