@@ -14,6 +14,7 @@ from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.models.backbones import get_spec, replace_head
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger
+from chiptag.models.weights import read_torch_file
 
 FORMAT_VERSION = 1
 REQUIRED = ("format_version", "backbone", "weights_id", "head", "tags", "thresholds", "preprocessing",
@@ -50,12 +51,7 @@ def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float
 
 def load(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ChiptagError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChiptagError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
+    obj = read_torch_file(path, "checkpoint")
     if not isinstance(obj, dict):
         raise ChiptagError(f"{path} is not a chiptag checkpoint")
     missing = [k for k in REQUIRED if k not in obj]
