@@ -41,7 +41,7 @@ def load_model(path: str):
 
 
 def apply_rules(probs: np.ndarray, tags: list[str], rules: dict) -> np.ndarray:
-    """chiptag's label rules (chiptag.evaluation.decoding), before the thresholds: an exclusive group's most
+    """chiptag's label rules (chiptag.evaluation.label_rules), before the thresholds: an exclusive group's most
     probable tag gets 1 and the others 0; a trigger that holds (>= 0.5 after that) sets its ruled-out tags to 0."""
     p, col = probs.astype(np.float64).copy(), {t: i for i, t in enumerate(tags)}
     for group in rules.get("exclusive", []):

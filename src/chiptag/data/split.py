@@ -10,6 +10,8 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 
 from chiptag.atomic import write_text
+from chiptag.config import DataConfig
+from chiptag.data.dataset import Dataset
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
 
@@ -119,9 +121,8 @@ def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Pat
     return out
 
 
-def make_split(data, ds) -> dict[str, np.ndarray]:
-    """The run's split: data.split.files when given (paths relative to data.root), else a stratified draw.
-    `data` is a config.DataConfig, `ds` the validated data.dataset.Dataset."""
+def make_split(data: DataConfig, ds: Dataset) -> dict[str, np.ndarray]:
+    """The run's split: data.split.files when given (paths relative to data.root), else a stratified draw."""
     sp = data.split
     if sp.files is None:
         return split_indices(ds.table.y, sp.train, sp.val, sp.test, seed=sp.seed)

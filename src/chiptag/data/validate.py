@@ -13,6 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from chiptag.config import DataConfig
 from chiptag.data import labels as labels_mod
 from chiptag.data.image_check import check_images
 from chiptag.data.dataset import Dataset
@@ -105,7 +106,7 @@ def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> tup
     return bad, repeats
 
 
-def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data, tag_cols: list[str],
+def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data: DataConfig, tag_cols: list[str],
                  vocabulary: Sequence[str] | None) -> labels_mod.LabelTable:
     sub = df.iloc[keep].reset_index(drop=True)
     if fmt == "onehot" and vocabulary is not None:  # rows with a 1 outside the vocabulary are gone
@@ -115,7 +116,7 @@ def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data, 
     return labels_mod.align(table, vocabulary) if vocabulary is not None else table
 
 
-def _label_columns(path: Path, df: pd.DataFrame, fmt: str, data, report: Report) -> list[str]:
+def _label_columns(path: Path, df: pd.DataFrame, fmt: str, data: DataConfig, report: Report) -> list[str]:
     """One-hot: the label columns (data.tag_columns, or the 0/1 ones); the others are named once in a note."""
     if fmt != "onehot":
         return []
@@ -125,8 +126,8 @@ def _label_columns(path: Path, df: pd.DataFrame, fmt: str, data, report: Report)
     return cols
 
 
-def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset, Report]:
-    """`data` is a config.DataConfig; `vocabulary` (a run's tags) for evaluation. -> (usable dataset, report)."""
+def preflight(data: DataConfig, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset, Report]:
+    """`vocabulary` (a run's tags) for evaluation. -> (usable dataset, report)."""
     root = Path(data.root)
     if not root.is_dir():
         raise ChiptagError(f"data.root: directory not found: {root} (for the demo: chiptag demo-data {root})")
@@ -160,6 +161,6 @@ def preflight(data, *, vocabulary: Sequence[str] | None = None) -> tuple[Dataset
     return Dataset(table, [paths[i] for i in keep], path, image_dir, left_out), report
 
 
-def load_dataset(data, vocabulary: Sequence[str] | None = None) -> Dataset:
-    """The usable dataset of `data` (a config.DataConfig), validated, with `data.on_bad_image` applied."""
+def load_dataset(data: DataConfig, vocabulary: Sequence[str] | None = None) -> Dataset:
+    """The usable dataset of `data`, validated, with `data.on_bad_image` applied."""
     return preflight(data, vocabulary=vocabulary)[0]

@@ -21,7 +21,7 @@ from chiptag import __version__, config as config_mod
 from chiptag.atomic import torch_save, write_json
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import report
-from chiptag.evaluation.decoding import LabelRules, tune_and_score
+from chiptag.evaluation.label_rules import LabelRules, tune_and_score
 from chiptag.models import checkpoint
 from chiptag.models.head import MeanProbability, Tagger
 from chiptag.progress import out

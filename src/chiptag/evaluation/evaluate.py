@@ -13,7 +13,7 @@ from chiptag.data.split import load_split
 from chiptag.data.validate import load_dataset
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
-from chiptag.evaluation.decoding import LabelRules
+from chiptag.evaluation.label_rules import LabelRules
 from chiptag.features.extraction import default_workers
 from chiptag.features.views import make_extractor, tta_probabilities, view_features
 from chiptag.models import checkpoint

@@ -21,7 +21,7 @@ from chiptag.atomic import replacing
 from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, mistakes
-from chiptag.evaluation.decoding import LabelRules
+from chiptag.evaluation.label_rules import LabelRules
 from chiptag.evaluation.tiles import COLOURS, GAP_IN, TITLE_IN, Tile, TileReader, block_size, place_tiles, tag_lines
 from chiptag.runs.layout import RunDir
 

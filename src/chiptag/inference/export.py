@@ -46,7 +46,7 @@ def metadata(ckpt: dict) -> dict[str, str]:
         "backbone": str(ckpt["backbone"]),
         "chiptag_version": __version__,
         # The label structure (exclusive groups, implied absences) is applied to the probabilities before the
-        # thresholds (chiptag.evaluation.decoding); a k-fold run's graph already averages its members.
+        # thresholds (chiptag.evaluation.label_rules); a k-fold run's graph already averages its members.
         "label_rules": json.dumps(checkpoint.label_rules(ckpt)),
         "members": str(int(ckpt.get("members") or 1)),
     }

@@ -24,7 +24,7 @@ from chiptag.data.decoders import image_batches, resolve_decoder
 from chiptag.data.images import ImageDataset, Preprocessing, d4, normalize
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
-from chiptag.evaluation.decoding import LabelRules
+from chiptag.evaluation.label_rules import LabelRules
 from chiptag.features.backends import Forward, export_onnx, onnx_file, onnx_forward, resolve_engine, torch_forward
 from chiptag.features.extraction import default_workers
 from chiptag.features.views import mean_probabilities

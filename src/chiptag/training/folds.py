@@ -24,7 +24,7 @@ from chiptag.atomic import replacing, write_json
 from chiptag.data.split import fold_indices, load_folds, save_folds
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
-from chiptag.evaluation.decoding import LabelRules, tune_and_score
+from chiptag.evaluation.label_rules import LabelRules, tune_and_score
 from chiptag.features.views import ViewAverage
 from chiptag.models import checkpoint
 from chiptag.models.checkpoint import ModelCard

@@ -25,7 +25,7 @@ from chiptag.data.decoders import resolve_decoder
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
-from chiptag.evaluation.decoding import LabelRules, tune_and_score, unknown_tags
+from chiptag.evaluation.label_rules import LabelRules, tune_and_score, unknown_tags
 from chiptag.features.extraction import FeatureInfo, default_workers, degenerate, feature_warning
 from chiptag.features.views import make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop

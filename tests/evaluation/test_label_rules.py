@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chiptag.evaluation.decoding import LabelRules, decode, tune_and_score, unknown_tags
+from chiptag.evaluation.label_rules import LabelRules, decode, tune_and_score, unknown_tags
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.evaluation.thresholds import tune_thresholds
 
