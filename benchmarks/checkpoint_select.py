@@ -27,7 +27,7 @@ import pandas as pd
 from chiptag import config as config_mod
 from chiptag.data.synthetic import generate_dataset
 from chiptag.progress import out
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 MODES = ("val_loss", "val_f2", "val_f2_tuned")
 

@@ -38,7 +38,7 @@ def _timed(cls, name: str, sink: dict) -> None:
 
 def worker(mode: str, data: Path, work: Path, runs: int, epochs: int) -> list[dict]:
     from chiptag import config as config_mod
-    from chiptag.training.run import run_train
+    from chiptag.training.main import run_train
 
     timings: dict = {}
     if mode != "local":

@@ -28,7 +28,7 @@ import numpy as np
 from chiptag import config as config_mod
 from chiptag.data.synthetic import LAND_TAGS, TAG_FREQUENCIES, WEATHER_TAGS, generate_dataset
 from chiptag.progress import out
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 PLANET_RULES = {"exclusive": [["clear", "partly_cloudy", "haze", "cloudy"]],
                 "implies_none": {"cloudy": list(LAND_TAGS)}}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chiptag import config as config_mod
 from chiptag.data.synthetic import generate_dataset
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 BACKBONES = ("resnet18", "resnet50", "efficientnet_b0", "efficientnet_b1")
 

@@ -67,7 +67,7 @@ def tiny_config_file(tiny_data, tmp_path) -> Path:
 def trained_run(tiny_data, tmp_path_factory) -> dict:
     """One finished tiny run (summary dict), shared read-only by the report, predict and export tests.
     image_size 48 == the chips' size, so exported models can be compared without any resize."""
-    from chiptag.training.run import run_train
+    from chiptag.training.main import run_train
 
     work = tmp_path_factory.mktemp("trained_run")
     raw = make_config_dict(tiny_data, work, image_size=48, epochs=4)

@@ -58,7 +58,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YA
           ) -> None:
     """Train the active model entry of CONFIG; --all trains every entry in turn; --resume RUN continues."""
     from chiptag import config as config_mod
-    from chiptag.training.run import run_train
+    from chiptag.training.main import run_train
 
     if resume is not None:
         if config is not None or set_ or folds is not None:

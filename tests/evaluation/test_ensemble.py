@@ -15,7 +15,7 @@ from chiptag.evaluation.evaluate import evaluate_run
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.inference.predictor import Predictor
 from chiptag.runs.table import list_runs
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 from conftest import make_config_dict
 
 

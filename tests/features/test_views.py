@@ -7,7 +7,7 @@ import torch
 
 from chiptag import config as config_mod
 from chiptag.evaluation.evaluate import evaluate_run
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 from chiptag.features.views import RandomViewSampler, ViewAverage, tta_probabilities
 
 from conftest import make_config_dict

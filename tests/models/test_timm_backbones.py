@@ -14,7 +14,7 @@ from chiptag.inference.predictor import Predictor  # noqa: E402
 from chiptag.models.backbones import build_backbone  # noqa: E402
 from chiptag.models.head import HeadSpec, Tagger  # noqa: E402
 from chiptag.models.stages import backbone_stages, unfreeze  # noqa: E402
-from chiptag.training.run import run_train  # noqa: E402
+from chiptag.training.main import run_train  # noqa: E402
 from conftest import make_config_dict  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from chiptag.cli import app
 from chiptag.config import from_dict
 from chiptag.errors import ChiptagError
 from chiptag.runs.table import COLUMNS, RunRow, format_duration, list_runs, sort_rows, to_markdown
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 
 @pytest.fixture(scope="module")

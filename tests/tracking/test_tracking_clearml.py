@@ -12,7 +12,7 @@ from clearml_helpers import clearml_env, names, scalars, session_events, single_
 
 from chiptag.config import ReportConfig, TrackingConfig
 from chiptag.errors import ChiptagError
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 # clearml's bundled config parser calls pyparsing's old camelCase names
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated.*use")

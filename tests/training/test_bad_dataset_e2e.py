@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from chiptag import config as config_mod
 from chiptag.cli import app
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 from conftest import make_config_dict
 
 

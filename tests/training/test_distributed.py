@@ -13,7 +13,7 @@ import yaml
 
 import chiptag
 from chiptag import config as config_mod
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 from conftest import make_config_dict
 

@@ -46,8 +46,8 @@ def test_head_epoch_on_cuda_keeps_features_on_the_device(tiny_config):
 
     cfg = tiny_config()
     feats, y = torch.randn(1, 40, 8).half(), np.random.default_rng(0).integers(0, 2, (40, 3)).astype(np.float32)
-    inputs = feature_inputs(cfg, feats, y, {"train": np.arange(30), "val": np.arange(30, 35),
-                                            "test": np.arange(35, 40)}, "cuda")
+    inputs = feature_inputs(feats, y, {"train": np.arange(30), "val": np.arange(30, 35), "test": np.arange(35, 40)},
+                            cfg.batch_size(), cfg.training.seed, cfg.features.tta, "cuda")
     x, t = next(iter(inputs.train))
     assert x.is_cuda and t.is_cuda
     head = nn.Linear(8, 3).cuda()

@@ -10,7 +10,8 @@ from chiptag.errors import ChiptagError
 from chiptag.models.stages import backbone_stages, unfreeze
 from chiptag.models.backbones import build_backbone
 from chiptag.models.head import HeadSpec, Tagger
-from chiptag.training.run import build_model, run_train
+from chiptag.training.main import build_network, run_train
+from chiptag.training.settings import Settings
 
 
 def _tagger(name="resnet18"):
@@ -50,10 +51,10 @@ def test_efficientnet_stages_and_bad_count():
 def test_unfreeze_after_trains_head_then_top_stage(tiny_config, monkeypatch):
     cfg = tiny_config(freeze=False, epochs=2, unfreeze_after=1, unfreeze_stages=1, backbone_lr_mult=0.5)
     cfg.training.grad_accum_steps = 2
-    fresh = build_model(cfg, 17).tagger
+    fresh = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).tagger
     # Keep the last epoch's weights instead of the best epoch's, so the final checkpoint shows what the
     # fine-tuning phase changed whichever epoch validation prefers.
-    monkeypatch.setattr("chiptag.training.run.resume_mod.load_trained_state", lambda tagger, state: None)
+    monkeypatch.setattr("chiptag.training.main.resume_mod.load_trained_state", lambda tagger, state: None)
     s = run_train(cfg)
     assert [h["phase"] for h in s["history"]] == ["head", "finetune"]
     assert s["features"]["cache"] == "miss"  # the head phase used the feature cache

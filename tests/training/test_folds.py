@@ -23,7 +23,7 @@ from chiptag.interrupt import Interrupted
 from chiptag.models import checkpoint
 from chiptag.runs.layout import RunDir
 from chiptag.runs.table import list_runs
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 from conftest import make_config_dict
 
 WEATHER = ["clear", "partly_cloudy", "haze", "cloudy"]
@@ -72,7 +72,7 @@ def test_folds_are_disjoint_stratified_and_round_trip(tmp_path):
 def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     calls = []
     real = views.view_features
-    monkeypatch.setattr("chiptag.training.run.view_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("chiptag.training.main.view_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     s = run_train(folds_config(tiny_data, tmp_path))
     assert len(calls) == 1  # one backbone pass for the three heads
     run = RunDir(s["run_dir"])

@@ -17,8 +17,9 @@ def test_device_decoded_training_batches_match_the_cpu_loader(tiny_config):
     n = len(ds.paths)
     splits = {"train": np.arange(0, n // 2), "val": np.arange(n // 2, n - 10), "test": np.arange(n - 10, n)}
     pre = Preprocessing(32)
-    cpu = image_inputs(cfg, ds, splits, pre, 0)
-    dev = image_inputs(cfg, ds, splits, pre, 0, decoder="nvjpeg", device="cpu")
+    bs, seed = cfg.batch_size(), cfg.training.seed
+    cpu = image_inputs(ds, splits, pre, bs, seed, 0)
+    dev = image_inputs(ds, splits, pre, bs, seed, 0, decoder="nvjpeg", device="cpu")
     assert len(dev.train) == len(cpu.train) and len(dev.train.dataset) == len(cpu.train.dataset)
     for split in ("train", "val"):
         for (xc, yc), (xd, yd) in zip(getattr(cpu, split), getattr(dev, split)):

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from chiptag.training.loop import describe_optim, make_optim
+from chiptag.training.loop import make_optim
 from chiptag.training.phases import HEAD, Phase
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
+from chiptag.training.settings import Settings
 
 
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
@@ -17,11 +18,12 @@ from chiptag.training.run import run_train
 def test_optimizer_choice_switches_the_optimizer(tiny_config, name, cls):
     cfg = tiny_config(optimizer=name, weight_decay=0.01)
     head = torch.nn.Linear(4, 2)
-    optim = make_optim(cfg, Phase(HEAD, 3, None), head)
+    settings = Settings.from_config(cfg).optim
+    optim = make_optim(settings, Phase(HEAD, 3, None), head)
     assert type(optim.optimizer) is cls
     group = optim.optimizer.param_groups[0]
     assert group["lr"] == cfg.model.learning_rate and group["weight_decay"] == 0.01
-    assert describe_optim(cfg)[0].startswith({"adam": "Adam(", "adamw": "AdamW(", "sgd": "SGD("}[name])
+    assert settings.describe()[0].startswith({"adam": "Adam(", "adamw": "AdamW(", "sgd": "SGD("}[name])
 
 
 def test_cosine_schedule_anneals_over_the_phase(tiny_config):
@@ -43,7 +45,7 @@ def test_constant_schedule_keeps_the_learning_rate(tiny_config):
 
 @pytest.mark.parametrize("select", ["val_loss", "val_f2_tuned"])
 def test_checkpoint_epoch_follows_training_select(tiny_config, select):
-    from chiptag.training.run import run_train
+    from chiptag.training.main import run_train
 
     cfg = tiny_config(epochs=4)
     cfg.training.select = select

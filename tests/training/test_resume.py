@@ -20,7 +20,7 @@ from chiptag.runs.layout import RunDir
 from chiptag.cli import app
 from chiptag.training.epoch import NonFiniteLoss
 from chiptag.interrupt import Interrupted
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 from conftest import make_config_dict
 
 
@@ -160,9 +160,10 @@ def _extractor_and_paths(cfg):
     from chiptag.data.validate import load_dataset
     from chiptag.features.backends import torch_forward
     from chiptag.models.backbones import state_fingerprint
-    from chiptag.training.run import build_model
+    from chiptag.training.main import build_network
+    from chiptag.training.settings import Settings
 
-    bb = build_model(cfg, 17).backbone
+    bb = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).backbone
     ex = features.Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing,
                             torch_forward(bb.net, torch.device("cpu")), show_progress=False)
     return ex, load_dataset(cfg.data).paths

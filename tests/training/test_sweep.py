@@ -70,7 +70,7 @@ def test_interrupt_stops_the_whole_sweep(tiny_data, tmp_path, monkeypatch):
     """Ctrl-C in entry 1 must not be recorded as a failed entry while the sweep moves on to entry 2."""
     import signal
 
-    import chiptag.training.run
+    import chiptag.training.main
     from chiptag import config as config_mod
     from chiptag.interrupt import Interrupted
     from chiptag.training.sweep import run_sweep
@@ -83,7 +83,7 @@ def test_interrupt_stops_the_whole_sweep(tiny_data, tmp_path, monkeypatch):
         calls.append(cfg.model.name)
         raise Interrupted(signal.SIGINT, "training stopped at epoch 1")
 
-    monkeypatch.setattr(chiptag.training.run, "run_train", fake_run_train)
+    monkeypatch.setattr(chiptag.training.main, "run_train", fake_run_train)
     with pytest.raises(Interrupted):
         run_sweep(config_mod.from_dict(raw))
     assert calls == ["tiny"]

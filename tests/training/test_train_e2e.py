@@ -11,7 +11,7 @@ import torch
 from chiptag.evaluation.metrics import binarize, f2_samples
 from chiptag.models import checkpoint
 from chiptag.evaluation.evaluate import evaluate_run
-from chiptag.training.run import run_train
+from chiptag.training.main import run_train
 
 
 def test_frozen_run_writes_complete_run_dir(tiny_config):
@@ -43,9 +43,10 @@ def test_frozen_run_writes_complete_run_dir(tiny_config):
 def test_frozen_backbone_never_changes(tiny_config):
     """BatchNorm running statistics and weights of a frozen backbone are bit-identical after training."""
     cfg = tiny_config(epochs=2)
-    from chiptag.training.run import build_model
+    from chiptag.training.main import build_network
+    from chiptag.training.settings import Settings
 
-    fresh = build_model(cfg, 17).tagger
+    fresh = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).tagger
     s = run_train(cfg)
     ckpt = checkpoint.load(f"{s['run_dir']}/checkpoint.pt")
     trained = checkpoint.load_tagger(ckpt)

@@ -8,11 +8,12 @@ from chiptag.tracking.local import LocalTracker
 __all__ = ["LocalTracker", "MultiTracker", "Tracker", "make_tracker"]
 
 
-def make_tracker(cfg, run_dir) -> MultiTracker:
-    """The local tracker, plus ClearML when `tracking.backend: clearml` (imported lazily)."""
+def make_tracker(tracking, run_dir) -> MultiTracker:
+    """The local tracker, plus ClearML when `tracking.backend: clearml` (imported lazily). tracking: the
+    config's `tracking` section."""
     trackers: list[Tracker] = [LocalTracker(run_dir)]
-    if cfg.tracking.backend == "clearml":
+    if tracking.backend == "clearml":
         from chiptag.tracking.clearml import ClearMLTracker
 
-        trackers.append(ClearMLTracker(cfg.tracking, run_dir))
+        trackers.append(ClearMLTracker(tracking, run_dir))
     return MultiTracker(trackers)

@@ -1,124 +1,92 @@
-"""k-fold training of a frozen backbone's head (`training.folds: K`, `chiptag train --folds K`).
+"""Folds: the splits a run trains on. A run with one train/val split is one fold (the run dir itself); a k-fold
+run (`training.folds: K`, `chiptag train --folds K`) is K of them, each a run dir of its own inside the run.
 
-Test is held out once (the run's split/test.txt); train + val are cut into K iterative-stratified folds
-(split/folds.csv). The backbone pass is shared: features are extracted (or read from the cache) once, then K
-heads train on them, head k validated on fold k. Thresholds are tuned on the concatenated out-of-fold
-predictions, i.e. on every non-test chip instead of 15% of them, and the ensemble (the mean probability of
-the K heads, models.head.MeanProbability) is scored once on test. Each fold is a run dir of its own inside the
-run (fold-k/: checkpoint, resume.pt, metrics.jsonl, fold.json when done), so an interrupted run resumes
-inside the fold it stopped in and finished folds are not trained again.
+k-fold: test is held out once (the run's split/test.txt); train + val are cut into K iterative-stratified folds
+(split/folds.csv). Features are extracted (or read from the cache) once, then head k trains on the other folds
+and is validated on fold k. Thresholds are tuned on the concatenated out-of-fold predictions, i.e. on every
+non-test chip instead of 15% of them, and the K heads' mean probability (models.head.MeanProbability) is scored
+once on test. Fold k writes fold-k/ (checkpoint.pt, resume.pt, metrics.jsonl, fold.json when done), so an
+interrupted run resumes inside the fold it stopped in and finished folds are not trained again.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from chiptag import distributed
 from chiptag.atomic import replacing, write_json
 from chiptag.data.split import fold_indices, load_folds, save_folds
-from chiptag.errors import ChiptagError
-from chiptag.evaluation import metrics, report
-from chiptag.evaluation.label_rules import LabelRules, tune_and_score
-from chiptag.features.views import ViewAverage
 from chiptag.models import checkpoint
 from chiptag.models.checkpoint import ModelCard
-from chiptag.models.head import MeanProbability, Tagger, count_parameters
+from chiptag.models.head import Tagger
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
-from chiptag.tracking import LocalTracker, MultiTracker
-from chiptag.training import phases as phases_mod, resume as resume_mod
-from chiptag.training.epoch import Step, evaluate, pos_weight
-from chiptag.training.loop import Trainer
-from chiptag.training.resume import LoopState
-from chiptag.training.summary import Outcome, build_summary
+from chiptag.tracking import LocalTracker
+from chiptag.training.epoch import pos_weight
+
+
+class EpochLog(Protocol):
+    """Where a fold's epoch rows go: the run's trackers (tracking.MultiTracker) or a FoldTracker."""
+
+    def log_scalars(self, epoch: int, scalars: dict[str, float]) -> None: ...
+
+
+@dataclass
+class Fold:
+    """One split to train on and where its training state goes."""
+
+    k: int  # 0: the run's own train/val split; 1..K: fold k of a k-fold run
+    train: np.ndarray  # row indices
+    val: np.ndarray
+    run: RunDir  # resume.pt, checkpoint.pt, metrics.jsonl: the run dir itself, or fold-k/ inside it
+    tracker: EpochLog  # the run's trackers, or fold k's (FoldTracker)
+    loss_fn: nn.Module  # BCE with this fold's own pos_weight (from its train rows), on the device
+    device: torch.device
+    # A single split's checkpoint follows its best epoch, so a failed run keeps its last good model; a fold's
+    # is written once, when the fold is done (K x best epochs of full checkpoints would cost time for nothing:
+    # the best head is in fold-k/resume.pt after every epoch anyway).
+    checkpoint_each_best: bool
+
+    @property
+    def of_k(self) -> bool:
+        return self.k > 0
 
 
 @dataclass
 class FoldResult:
+    """A trained fold: its best weights and its validation (out-of-fold) predictions."""
+
     k: int
     val_idx: np.ndarray
-    val_probs: np.ndarray  # the fold's out-of-fold probabilities (raw, before label rules)
-    head_state: dict
-    record: dict  # fold.json: best epoch, val F2, sizes, seconds
+    val_probs: np.ndarray  # raw probabilities, before label rules
+    val_targets: np.ndarray
+    trained: dict  # the best state: {"head": ...} or {"tagger": ...} (training.resume.trained_state)
+    record: dict  # best epoch, val F2, sizes, seconds, history (fold.json for fold k)
+    model: nn.Module | None = None  # as the last phase ran it, best weights loaded; None: loaded from disk
 
 
-def fold_splits(r, k_folds: int) -> list[np.ndarray]:
-    """The run's folds: read back on --resume, else cut from train + val and saved."""
-    if r.run.folds.is_file():
-        return load_folds(r.ds.table.names, r.run.folds)
-    pool = np.concatenate([r.splits["train"], r.splits["val"]])
-    folds = fold_indices(r.ds.table.y, pool, k_folds, seed=r.cfg.data.split.seed)
-    save_folds(r.ds.table.names, folds, r.run.folds)
+def make_loss(y_train: np.ndarray, use_pos_weight: bool, max_weight: float, device: torch.device) -> nn.Module:
+    """BCEWithLogitsLoss, with per-class pos_weight of these train rows when asked (model.pos_weight)."""
+    pw = pos_weight(y_train, max_weight) if use_pos_weight else None
+    return nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(device))
+
+
+def cut_folds(run: RunDir, names: list[str], y: np.ndarray, pool: np.ndarray, k: int,
+              seed: int) -> list[np.ndarray]:
+    """The run's K validation folds of `pool` (train + val rows): read back on --resume, else cut and saved."""
+    if run.folds.is_file():
+        return load_folds(names, run.folds)
+    folds = fold_indices(y, pool, k, seed=seed)
+    save_folds(names, folds, run.folds)
     return folds
 
 
-def _load_done(run: RunDir, k: int, val_idx: np.ndarray) -> FoldResult | None:
-    if not run.fold_result.is_file():
-        return None
-    record = json.loads(run.fold_result.read_text(encoding="utf-8"))
-    with np.load(run.oof_probs) as z:
-        probs = z["probs"]
-    head = checkpoint.load(run.checkpoint)["state_dict"]
-    head = {key.removeprefix("head."): v for key, v in head.items() if key.startswith("head.")}
-    out.print(f"fold {k}: done before (val F2 {record['val_f2_tuned']:.4f}), not trained again")
-    return FoldResult(k, val_idx, probs, head, record)
-
-
-def train_fold(ctx: FoldContext, k: int, val_idx: np.ndarray) -> FoldResult:
-    """Head k on the cached features, validated on fold k; resumes from fold-k/resume.pt when present."""
-    r, cfg, y = ctx.r, ctx.r.cfg, ctx.r.ds.table.y
-    run = r.run.fold(k)
-    done = _load_done(run, k, val_idx)
-    if done is not None:
-        return done
-    run.path.mkdir(exist_ok=True)
-    t0 = time.perf_counter()
-    train_idx = np.setdiff1d(np.concatenate(ctx.folds), val_idx)
-    splits = {"train": train_idx, "val": val_idx, "test": r.splits["test"]}
-    inputs = phases_mod.feature_inputs(cfg, ctx.feats, y, splits, ctx.device)
-    pw = pos_weight(y[train_idx], cfg.training.pos_weight_max) if cfg.model.pos_weight else None
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else pw.to(ctx.device))
-    torch.manual_seed(cfg.training.seed + k)  # each head its own start; the same on every rerun
-    tagger = Tagger(ctx.model.backbone.net, ctx.model.head.build(), frozen=True).to(ctx.device)
-    tracker = _FoldTracker(ctx.tracker, run, k)
-    trainer = _FoldTrainer(cfg, run, tagger, ctx.card, Step(loss_fn, ctx.device), tracker)
-    saved = resume_mod.load(run.resume)
-    if saved:
-        out.print(f"fold {k}: resuming after epoch {saved['state']['epoch']}, step {saved['state']['step']}")
-    else:
-        out.print(f"fold {k}/{len(ctx.folds)}: {len(train_idx)} train / {len(val_idx)} validation images")
-    fitted = trainer.fit(phases_mod.plan(cfg, inputs, None), saved)
-    resume_mod.load_trained_state(tagger, fitted.state.best_state)
-    ev = evaluate(fitted.model, inputs.val, loss_fn, ctx.device)
-    _, m = tune_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])},
-                          r.ds.table.tags, ctx.rules)
-    record = {"fold": k, "best_epoch": fitted.state.best_epoch, "n_train": int(len(train_idx)),
-              "n_val": int(len(val_idx)), "val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"],
-              "val_loss": ev["loss"], "seconds": time.perf_counter() - t0, "history": fitted.state.history}
-    Trainer.save_checkpoint(trainer, None, fitted.state.best_epoch)  # best weights, this fold alone
-    with replacing(run.oof_probs) as tmp:
-        np.savez_compressed(tmp, probs=ev["probs"], index=val_idx)
-    write_json(run.fold_result, record)  # last: its presence marks the fold as done
-    run.resume.unlink(missing_ok=True)
-    return FoldResult(k, val_idx, ev["probs"], tagger.head.state_dict(), record)
-
-
-class _FoldTrainer(Trainer):
-    """A fold writes its checkpoint (backbone included) once, when it is done, not at every new best epoch: the
-    best head is in fold-k/resume.pt after every epoch anyway, and K x (best epochs) full checkpoints cost
-    ~0.16 s each (ResNet18) for nothing."""
-
-    def save_checkpoint(self, thresholds, epoch: int) -> None:
-        pass
-
-
-class _FoldTracker:
+class FoldTracker:
     """Fold k's epochs go to fold-k/metrics.jsonl and, as `fold<k>/...` scalars, to the run's trackers."""
 
     def __init__(self, parent, run: RunDir, k: int):
@@ -129,96 +97,36 @@ class _FoldTracker:
         self.parent.log_scalars(epoch, {f"fold{self.k}/{key}": v for key, v in scalars.items()})
 
 
-@dataclass
-class FoldContext:
-    r: object  # training.run.OpenRun
-    model: object  # training.run.Model: the shared backbone and the head spec
-    feats: torch.Tensor
-    folds: list[np.ndarray]
-    device: torch.device
-    card: ModelCard
-    tracker: MultiTracker
-    rules: LabelRules
-    info: object  # features.extraction.FeatureInfo
+def load_done(fold: Fold, y: np.ndarray) -> FoldResult | None:
+    """Fold k finished before an interruption (its fold.json is there): its result, without training again."""
+    run = fold.run
+    if not fold.of_k or not run.fold_result.is_file():
+        return None
+    record = json.loads(run.fold_result.read_text(encoding="utf-8"))
+    with np.load(run.oof_probs) as z:
+        probs = z["probs"]
+    state = checkpoint.load(run.checkpoint)["state_dict"]
+    head = {key.removeprefix("head."): v for key, v in state.items() if key.startswith("head.")}
+    out.print(f"fold {fold.k}: done before (val F2 {record['val_f2_tuned']:.4f}), not trained again")
+    return FoldResult(fold.k, fold.val, probs, y[fold.val], {"head": head}, record)
 
 
-def ensemble_scores(ctx: FoldContext, results: list[FoldResult]) -> tuple[Tagger, dict, np.ndarray]:
-    """The K heads as one model; thresholds tuned on the out-of-fold predictions; test scored once."""
-    r, table = ctx.r, ctx.r.ds.table
-    heads = []
-    for res in results:
-        head = ctx.model.head.build()
-        head.load_state_dict(res.head_state)
-        heads.append(head)
-    ensemble = Tagger(ctx.model.backbone.net, MeanProbability(heads), frozen=True).to(ctx.device).eval()
-    inputs = phases_mod.feature_inputs(r.cfg, ctx.feats, table.y, r.splits, ctx.device)
-    test = evaluate(ViewAverage(ensemble.head), inputs.test, nn.BCEWithLogitsLoss(), ctx.device)
-    oof_idx = np.concatenate([res.val_idx for res in results])
-    oof = np.concatenate([res.val_probs for res in results])
-    thresholds, m = tune_and_score((table.y[oof_idx], oof), {"oof": (table.y[oof_idx], oof),
-                                                            "test": (test["targets"], test["probs"])},
-                                   table.tags, ctx.rules)
-    m["test"]["loss"] = test["loss"]
-    m["val"] = m.pop("oof")  # the validation of a k-fold run is its out-of-fold predictions
-    with replacing(r.run.oof_probs) as tmp:
-        np.savez_compressed(tmp, probs=oof, targets=table.y[oof_idx],
-                            names=np.asarray([table.names[i] for i in oof_idx]), tags=np.asarray(table.tags))
-    splits = {"val": oof_idx, "test": r.splits["test"]}
-    report.save_eval_probs(r.run.eval_probs, {"val": {"probs": oof, "targets": table.y[oof_idx]},
-                                              "test": test}, table.names, splits, table.tags)
-    return ensemble, m, thresholds
+def save_done(fold: Fold, tagger: Tagger, card: ModelCard, result: FoldResult) -> None:
+    """Fold k's files: its best weights alone, its out-of-fold probabilities, and fold.json last (its presence
+    marks the fold as done); the resume state is no longer needed."""
+    checkpoint.save(fold.run.checkpoint, tagger, card, None, result.record["best_epoch"])
+    with replacing(fold.run.oof_probs) as tmp:
+        np.savez_compressed(tmp, probs=result.val_probs, index=fold.val)
+    write_json(fold.run.fold_result, result.record)
+    fold.run.resume.unlink(missing_ok=True)
 
 
-def fold_summary(ctx: FoldContext, results: list[FoldResult], m: dict, thresholds, timings: dict) -> dict:
-    r, cfg = ctx.r, ctx.r.cfg
-    per_fold = [res.record for res in results]
-    state = LoopState(best_epoch=None, history=[{**h, "fold": res.k} for res in results
-                                                for h in res.record["history"]])
-    scores = {"metrics": m, "baseline": metrics.baseline_summary(r.ds.table.y, r.splits, r.ds.table.tags),
-              "thresholds": thresholds}
-    params = count_parameters(Tagger(ctx.model.backbone.net, ctx.model.head.build(), frozen=True))
-    # Each head's pos_weight comes from its own training folds; the summary shows the whole pool's (within a
-    # few percent of every fold's), so the runs table says whether it was on.
-    pool = np.concatenate(ctx.folds)
-    pw = pos_weight(r.ds.table.y[pool], cfg.training.pos_weight_max) if cfg.model.pos_weight else None
-    summary = build_summary(cfg, r.run, r.ds, r.splits, ctx.model,
-                            Outcome(state, scores, timings, ctx.info, pw, params))
+def folds_section(results: list[FoldResult], m: dict) -> dict:
+    """summary.json["folds"] of a k-fold run: per-fold, mean ± sd, out-of-fold and ensemble figures."""
+    per_fold = [{k: v for k, v in res.record.items() if k != "history"} for res in results]
     val_f2 = [f["val_f2_tuned"] for f in per_fold]
-    summary["folds"] = {"k": len(results), "per_fold": [{k: v for k, v in f.items() if k != "history"}
-                                                        for f in per_fold],
-                        "val_f2_mean": float(np.mean(val_f2)), "val_f2_sd": float(np.std(val_f2)),
-                        "oof_f2": m["val"]["f2"], "ensemble_test_f2": m["test"]["f2"]}
-    summary["n_images"]["oof"] = int(sum(f["n_val"] for f in per_fold))
-    summary["label_rules"] = ctx.rules.to_dict(r.ds.table.tags)
-    return summary
-
-
-def check_folds(cfg) -> None:
-    if not cfg.model.freeze:
-        raise ChiptagError("training.folds needs freeze: true (k-fold fine-tuning is not supported)")
-    if distributed.active():
-        raise ChiptagError("training.folds under torchrun is not supported: run k-fold in one process")
-
-
-def train_folds(ctx: FoldContext, validation: dict, t_start: float, t_extract: float) -> dict:
-    """The rest of a k-fold run once its features are there: K heads, OOF thresholds, the ensemble on test,
-    checkpoint.pt (backbone + K heads), summary.json (per-fold, OOF and ensemble figures) and the report."""
-    r = ctx.r
-    out.print(f"{len(ctx.folds)} folds of {sum(map(len, ctx.folds))} non-test images (train + val, iterative "
-              f"stratification; split/folds.csv); test {len(r.splits['test'])} images, scored once by the ensemble")
-    t_train = time.perf_counter()
-    results = [train_fold(ctx, k, val_idx) for k, val_idx in enumerate(ctx.folds, start=1)]
-    t_train = time.perf_counter() - t_train
-    ensemble, m, thresholds = ensemble_scores(ctx, results)
-    checkpoint.save(r.run.checkpoint, ensemble, ctx.card, thresholds.tolist(), 0)
-    timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
-    summary = fold_summary(ctx, results, m, thresholds, timings)
-    summary["validation"] = validation
-    write_json(r.run.summary, summary)
-    report.report_after_training(r.run.path, ctx.tracker)
-    summary["tracker"] = ctx.tracker.finish(summary)
-    write_json(r.run.summary, summary)
-    return summary
+    return {"k": len(results), "per_fold": per_fold, "val_f2_mean": float(np.mean(val_f2)),
+            "val_f2_sd": float(np.std(val_f2)), "oof_f2": m["val"]["f2"], "ensemble_test_f2": m["test"]["f2"]}
 
 
 def print_folds(s: dict) -> None:

@@ -1,9 +1,10 @@
-"""The epoch loop: phases in order; per epoch train -> evaluate -> log -> checkpoint -> scheduler.
+"""The epoch loop of one fold: phases in order; per epoch train -> evaluate -> log -> select -> checkpoint ->
+schedule.
 
-The loop owns the optimizer and LR schedule of each phase, the best-state tracking (`training.select`:
-validation loss, F2 at 0.5 or F2 at tuned thresholds; training.select) and the checkpoint of the best epoch.
-Its state is a `LoopState` (training.resume); after every epoch, and when SIGINT/SIGTERM arrives mid-epoch, it
-goes to resume.pt, so `chiptag train --resume` continues exactly where it stopped.
+`fit` owns the optimizer and LR schedule of each phase and the best state (`training.select`: validation loss,
+F2 at 0.5 or F2 at tuned thresholds). Its state is a `LoopState` (training.resume); after every epoch, and when
+SIGINT/SIGTERM arrives mid-epoch, it goes to the fold's resume.pt, so `chiptag train --resume` continues exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -16,32 +17,37 @@ import torch
 from torch import nn
 
 from chiptag import distributed
-from chiptag.config import Config
 from chiptag.evaluation import metrics
 from chiptag.interrupt import Interrupted, stop_requested
 from chiptag.models import checkpoint
 from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import Tagger
 from chiptag.progress import out
-from chiptag.runs.layout import RunDir
-from chiptag.training import resume as resume_mod, select
-from chiptag.training.epoch import EpochResult, Step, evaluate, train_one_epoch
+from chiptag.training import resume as resume_mod, select as select_mod
+from chiptag.training.epoch import EpochResult, evaluate, train_one_epoch
+from chiptag.training.folds import Fold
 from chiptag.training.phases import HEAD, Inputs, Phase
 from chiptag.training.resume import LoopState
+from chiptag.training.settings import Optimisation
 
 OPTIMIZERS = {
-    "adam": lambda groups, e: torch.optim.Adam(groups, lr=e.learning_rate, weight_decay=e.weight_decay),
-    "adamw": lambda groups, e: torch.optim.AdamW(groups, lr=e.learning_rate, weight_decay=e.weight_decay),
-    "sgd": lambda groups, e: torch.optim.SGD(groups, lr=e.learning_rate, momentum=0.9,
-                                             weight_decay=e.weight_decay),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.learning_rate, weight_decay=o.weight_decay),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.learning_rate, weight_decay=o.weight_decay),
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.learning_rate, momentum=0.9, weight_decay=o.weight_decay),
 }
 
 
 @dataclass
 class Optim:
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     plateau: bool  # ReduceLROnPlateau steps on the validation loss; the others on the epoch
+
+    def step_schedule(self, val_loss: float) -> None:
+        if self.plateau:
+            self.scheduler.step(val_loss)
+        else:
+            self.scheduler.step()
 
 
 @dataclass
@@ -65,119 +71,90 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def make_optim(cfg: Config, phase: Phase, model: nn.Module) -> Optim:
-    """training.optimizer and training.scheduler for one phase; the optimizer sees trainable parameters only."""
-    entry, sc = cfg.model, cfg.training.scheduler
-    groups = phase.param_groups(model, entry.learning_rate, entry.backbone_lr_mult)
-    opt = OPTIMIZERS[entry.optimizer](groups, entry)
-    if sc.name == "reduce_on_plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=sc.factor,
-                                                           patience=sc.patience, min_lr=sc.min_lr)
-    elif sc.name == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, phase.epochs), eta_min=sc.min_lr)
+def make_optim(optim: Optimisation, phase: Phase, model: nn.Module) -> Optim:
+    """The optimizer and LR schedule of one phase; the optimizer sees trainable parameters only."""
+    opt = OPTIMIZERS[optim.optimizer](phase.param_groups(model, optim), optim)
+    if optim.scheduler == "reduce_on_plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=optim.factor,
+                                                           patience=optim.patience, min_lr=optim.min_lr)
+    elif optim.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, phase.epochs), eta_min=optim.min_lr)
     else:  # constant
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return Optim(opt, sched, sc.name == "reduce_on_plateau")
+    return Optim(opt, sched, optim.scheduler == "reduce_on_plateau")
 
 
-def describe_optim(cfg: Config) -> tuple[str, str]:
-    """(optimizer, scheduler) as the summary and the runs table show them."""
-    entry, sc = cfg.model, cfg.training.scheduler
-    name = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[entry.optimizer]
-    opt = f"{name}(lr={entry.learning_rate:g}" + (", momentum=0.9" if entry.optimizer == "sgd" else "")
-    opt += f", weight_decay={entry.weight_decay:g})" if entry.weight_decay else ")"
-    sched = {"reduce_on_plateau": f"ReduceLROnPlateau(factor={sc.factor:g}, patience={sc.patience})",
-             "cosine": f"CosineAnnealingLR(eta_min={sc.min_lr:g})", "constant": "constant"}[sc.name]
-    return opt, sched
-
-
-class Trainer:
-    """Runs the phases of one run; `fit` is the whole loop."""
-
-    def __init__(self, cfg: Config, run: RunDir, tagger: Tagger, card: ModelCard, step: Step, tracker):
-        self.cfg, self.run, self.tagger, self.card, self.step, self.tracker = cfg, run, tagger, card, step, tracker
-        self.head_only = False  # set by fit: what resume.pt and the best state hold
-        self.n_phases = 1
-
-    def fit(self, phases: list[Phase], saved: dict | None = None) -> Fitted:
-        self.head_only, self.n_phases = all(p.name == HEAD for p in phases), len(phases)
-        st = resume_mod.restore_model(saved, self.tagger) if saved else LoopState()
-        model, start = None, 0
-        for k, phase in enumerate(phases):
-            end = start + phase.epochs
-            if end <= st.epoch:  # finished before the interruption
-                start = end
-                continue
-            model = phase.model(self.tagger, self.cfg, self.step.device)
-            optim = make_optim(self.cfg, phase, model)
-            if saved is not None:
-                same = st.phase == k  # else the saved optimizer belongs to a finished phase
-                resume_mod.restore_training(saved, optim.optimizer if same else None,
-                                            optim.scheduler if same else None)
-                saved = None
-            with torch_threads(phase.threads):
-                for epoch in range(max(st.epoch, start) + 1, end + 1):
-                    self._epoch(k, phase, model, optim, epoch, st)
+def fit(fold: Fold, phases: list[Phase], tagger: Tagger, optim: Optimisation, select: str, card: ModelCard,
+        saved: dict | None, progress: bool) -> Fitted:
+    """Train `tagger` on `fold` through `phases`; `saved` is the fold's resume state (None: from epoch 1).
+    The tagger is left with its last epoch's weights; the best are in the returned state."""
+    head_only = all(p.name == HEAD for p in phases)  # what resume.pt and the best state hold
+    st = resume_mod.restore_model(saved, tagger) if saved else LoopState()
+    model, start = None, 0
+    for k, phase in enumerate(phases):
+        end = start + phase.epochs
+        if end <= st.epoch:  # finished before the interruption
             start = end
-        if model is None:  # every epoch was done before the interruption: only the final evaluation is left
-            model = phases[-1].model(self.tagger, self.cfg, self.step.device)
-            if saved is not None:
-                resume_mod.restore_training(saved)
-        return Fitted(st, model, phases[-1].inputs)
+            continue
+        model = phase.model(tagger, optim, fold.device)
+        opt = make_optim(optim, phase, model)
+        step = phase.step(fold.loss_fn, fold.device, optim, progress)
+        if saved is not None:  # the saved optimizer belongs to this phase only if it stopped in it
+            same = st.phase == k
+            resume_mod.restore_training(saved, opt.optimizer if same else None, opt.scheduler if same else None)
+            saved = None
 
-    def _train_part(self, phase: Phase, model: nn.Module, optim: Optim, epoch: int, st: LoopState) -> EpochResult:
-        inputs = phase.inputs
-        if st.epoch_gen_state is None:
-            st.epoch_gen_state = inputs.gen.get_state()
-        inputs.gen.set_state(st.epoch_gen_state)  # a resumed epoch replays its batch order
-        sampler = getattr(inputs.train, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle per epoch
-            sampler.set_epoch(epoch)
-        step = self.step
-        if phase.name != HEAD:
-            tr = self.cfg.training
-            step = Step(step.loss_fn, step.device, tr.grad_accum_steps, tr.amp, tr.channels_last, tr.progress)
-        resume = EpochResult(0.0, st.totals, st.step) if st.step else None
-        return train_one_epoch(model, inputs.train, optim.optimizer, step, epoch=epoch, resume=resume,
-                               should_stop=stop_requested)
+        def save_state() -> str:
+            return resume_mod.save(fold.run.resume, st, tagger, head_only, opt.optimizer, opt.scheduler)
 
-    def _epoch(self, k: int, phase: Phase, model: nn.Module, optim: Optim, epoch: int, st: LoopState) -> None:
-        t0 = time.perf_counter()
-        lr = optim.optimizer.param_groups[0]["lr"]
-        tr = self._train_part(phase, model, optim, epoch, st)
-        if tr.stopped_at is not None:
-            st.step, st.totals, st.phase = tr.stopped_at, tr.totals, k
-            path = self._save_state(st, optim)
-            raise Interrupted(stop_requested(), f"training stopped at epoch {epoch}, step {st.step}; "
-                                                f"state saved to {path}")
-        ev = evaluate(model, phase.inputs.val, self.step.loss_fn, self.step.device)
-        f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
-        row = {"train/loss": distributed.mean(tr.loss),  # each rank saw its shard
-               "val/loss": ev["loss"], "val/f2": f2, "lr": lr}
-        best, extra = select.score(self.cfg.training.select, ev, f2)
-        row.update(extra, seconds=time.perf_counter() - t0)
-        self.tracker.log_scalars(epoch, row)
-        st.history.append({"epoch": epoch, "phase": phase.name, **row})
-        out.print(f"epoch {epoch:>3}/{self.cfg.model.epochs}  train/loss {row['train/loss']:.4f}  "
-                  f"val/loss {ev['loss']:.4f}  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)"
-                  + (f"  ({phase.name})" if self.n_phases > 1 else ""))
-        if best > st.best_score:
-            st.mark_best(epoch, best, self.tagger, self.head_only)
-            self.save_checkpoint(None, epoch)
-        if optim.plateau:
-            optim.scheduler.step(ev["loss"])
-        else:
-            optim.scheduler.step()
-        st.epoch, st.step, st.totals, st.phase = epoch, 0, (0.0, 0), k
-        st.epoch_gen_state = phase.inputs.gen.get_state()
-        path = self._save_state(st, optim)  # the last good state
-        if stop_requested() and epoch < self.cfg.model.epochs:
-            raise Interrupted(stop_requested(), f"training stopped after epoch {epoch}; state saved to {path}")
+        with torch_threads(phase.threads):
+            for epoch in range(max(st.epoch, start) + 1, end + 1):
+                t0, lr = time.perf_counter(), opt.optimizer.param_groups[0]["lr"]
+                tr = _train_part(phase, model, opt, step, epoch, st)
+                if tr.stopped_at is not None:  # SIGINT/SIGTERM mid-epoch: keep the steps done so far
+                    st.step, st.totals, st.phase = tr.stopped_at, tr.totals, k
+                    raise Interrupted(stop_requested(), f"training stopped at epoch {epoch}, step {st.step}; "
+                                                        f"state saved to {save_state()}")
+                ev = evaluate(model, phase.inputs.val, fold.loss_fn, fold.device)
+                f2 = metrics.f2_samples(ev["targets"], metrics.binarize(ev["probs"], 0.5))
+                row = {"train/loss": distributed.mean(tr.loss),  # each rank saw its shard
+                       "val/loss": ev["loss"], "val/f2": f2, "lr": lr}
+                score, extra = select_mod.score(select, ev, f2)
+                row.update(extra, seconds=time.perf_counter() - t0)
+                fold.tracker.log_scalars(epoch, row)
+                st.history.append({"epoch": epoch, "phase": phase.name, **row})
+                out.print(f"epoch {epoch:>3}/{optim.epochs}  train/loss {row['train/loss']:.4f}  "
+                          f"val/loss {ev['loss']:.4f}  val/f2 {f2:.4f}  lr {lr:.2e}  ({row['seconds']:.1f}s)"
+                          + (f"  ({phase.name})" if len(phases) > 1 else ""))
+                if score > st.best_score:
+                    st.mark_best(epoch, score, tagger, head_only)
+                    if fold.checkpoint_each_best and distributed.is_main():
+                        checkpoint.save(fold.run.checkpoint, tagger, card, None, epoch)
+                opt.step_schedule(ev["loss"])
+                st.epoch, st.step, st.totals, st.phase = epoch, 0, (0.0, 0), k
+                st.epoch_gen_state = phase.inputs.gen.get_state()
+                path = save_state()  # the last good state
+                if stop_requested() and epoch < optim.epochs:
+                    raise Interrupted(stop_requested(), f"training stopped after epoch {epoch}; state saved to "
+                                                        f"{path}")
+        start = end
+    if model is None:  # every epoch was done before the interruption: only the final evaluation is left
+        model = phases[-1].model(tagger, optim, fold.device)
+        if saved is not None:
+            resume_mod.restore_training(saved)
+    return Fitted(st, model, phases[-1].inputs)
 
-    def _save_state(self, st: LoopState, optim: Optim):
-        return resume_mod.save(self.run.resume, st, self.tagger, self.head_only, optim.optimizer, optim.scheduler)
 
-    def save_checkpoint(self, thresholds, epoch: int) -> None:
-        """The tagger as it is now (rank 0 only); thresholds None during training (see checkpoint.save)."""
-        if distributed.is_main():
-            checkpoint.save(self.run.checkpoint, self.tagger, self.card, thresholds, epoch)
+def _train_part(phase: Phase, model: nn.Module, opt: Optim, step, epoch: int, st: LoopState) -> EpochResult:
+    """train_one_epoch, continuing an interrupted epoch: the same batch order (the shuffling generator as it
+    was when the epoch began) and the steps already done skipped."""
+    inputs = phase.inputs
+    if st.epoch_gen_state is None:
+        st.epoch_gen_state = inputs.gen.get_state()
+    inputs.gen.set_state(st.epoch_gen_state)  # a resumed epoch replays its batch order
+    sampler = getattr(inputs.train, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle per epoch
+        sampler.set_epoch(epoch)
+    resume = EpochResult(0.0, st.totals, st.step) if st.step else None
+    return train_one_epoch(model, inputs.train, opt.optimizer, step, epoch=epoch, resume=resume,
+                           should_stop=stop_requested)

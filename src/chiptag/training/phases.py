@@ -12,6 +12,7 @@ so a resumed epoch replays the same batch order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -19,7 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
-from chiptag.config import Config
 from chiptag.data.dataset import Dataset
 from chiptag.data.decoders import DecodedOnDevice, FileBytes, as_list
 from chiptag.data.images import ImageDataset, Preprocessing, WithTargets
@@ -27,6 +27,8 @@ from chiptag.features.views import RandomViewSampler, TensorBatches, ViewAverage
 from chiptag.interrupt import ignore_sigint_in_worker
 from chiptag.models.head import Tagger
 from chiptag.models.stages import unfreeze
+from chiptag.training.epoch import Step
+from chiptag.training.settings import Optimisation
 
 HEAD, FINETUNE = "head", "finetune"
 
@@ -35,9 +37,9 @@ HEAD, FINETUNE = "head", "finetune"
 class Inputs:
     """What a phase iterates: (inputs, targets) batches per split, and the train shuffling generator."""
 
-    train: object
-    val: object
-    test: object
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]  # TensorBatches, a DataLoader or DecodedOnDevice
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    test: Iterable[tuple[torch.Tensor, torch.Tensor]]
     gen: torch.Generator
 
 
@@ -50,42 +52,43 @@ class Phase:
     # made it ~6x slower with 2 threads on a shared 2-core machine (benchmarks/frozen_training.py); None: as is.
     threads: int | None = None
 
-    def model(self, tagger: Tagger, cfg: Config, device: torch.device) -> nn.Module:
+    def model(self, tagger: Tagger, optim: Optimisation, device: torch.device) -> nn.Module:
         """The module this phase trains: the head alone (views averaged for TTA), or the Tagger with its last
         stages unfrozen (DistributedDataParallel under torchrun)."""
         if self.name == HEAD:
             return ViewAverage(tagger.head)
-        model = unfreeze(tagger, cfg.model.unfreeze_stages, cfg.model.batchnorm)
-        if cfg.training.channels_last:
+        model = unfreeze(tagger, optim.unfreeze_stages, optim.batchnorm)
+        if optim.channels_last:
             model.to(memory_format=torch.channels_last)
         return distributed.wrap(model, device)
 
-    def param_groups(self, model: nn.Module, learning_rate: float, backbone_lr_mult: float) -> list[dict]:
+    def param_groups(self, model: nn.Module, optim: Optimisation) -> list[dict]:
         """Trainable parameters only: the head at learning_rate, an unfrozen backbone at lr * backbone_lr_mult."""
         if self.name == HEAD:
-            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate}]
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": optim.learning_rate}]
         tagger = getattr(model, "module", model).tagger  # through DistributedDataParallel
-        return [{"params": [p for p in tagger.head.parameters() if p.requires_grad], "lr": learning_rate},
+        return [{"params": [p for p in tagger.head.parameters() if p.requires_grad], "lr": optim.learning_rate},
                 {"params": [p for p in tagger.backbone.parameters() if p.requires_grad],
-                 "lr": learning_rate * backbone_lr_mult}]
+                 "lr": optim.learning_rate * optim.backbone_lr_mult}]
+
+    def step(self, loss_fn: nn.Module, device: torch.device, optim: Optimisation, progress: bool) -> Step:
+        """How this phase's training step runs: a head on cached features takes plain steps; end-to-end steps
+        take the accumulation, bf16 and memory-format options (and a progress bar: they are slow)."""
+        if self.name == HEAD:
+            return Step(loss_fn, device)
+        return Step(loss_fn, device, optim.grad_accum_steps, optim.amp, optim.channels_last, progress)
 
 
-def uses_features(cfg: Config) -> bool:
-    """Whether a head phase trains on cached features (a frozen backbone, or head epochs before unfreezing)."""
-    return cfg.model.freeze or cfg.model.unfreeze_after > 0
-
-
-def plan(cfg: Config, features: Inputs | None, images: Inputs | None) -> list[Phase]:
-    entry = cfg.model
-    if entry.freeze:
-        return [Phase(HEAD, entry.epochs, features, threads=1)]
-    phases = [Phase(FINETUNE, entry.epochs - entry.unfreeze_after, images)]
-    if entry.unfreeze_after:
-        phases.insert(0, Phase(HEAD, entry.unfreeze_after, features, threads=1))
+def plan(optim: Optimisation, freeze: bool, features: Inputs | None, images: Inputs | None) -> list[Phase]:
+    if freeze:
+        return [Phase(HEAD, optim.epochs, features, threads=1)]
+    phases = [Phase(FINETUNE, optim.epochs - optim.unfreeze_after, images)]
+    if optim.unfreeze_after:
+        phases.insert(0, Phase(HEAD, optim.unfreeze_after, features, threads=1))
     return phases
 
 
-def feature_inputs(cfg: Config, feats: torch.Tensor, y: np.ndarray, splits: dict,
+def feature_inputs(feats: torch.Tensor, y: np.ndarray, splits: dict, batch_size: int, seed: int, tta: bool,
                    device: torch.device | str = "cpu") -> Inputs:
     """Batches of cached features (V, N, dim): each epoch one random view per chip; evaluation averages the
     views (TTA, `features.tta`) or uses the identity view. On CUDA the features and targets live on the device
@@ -94,9 +97,9 @@ def feature_inputs(cfg: Config, feats: torch.Tensor, y: np.ndarray, splits: dict
     y = torch.from_numpy(y)
     if device.type == "cuda":
         feats, y = feats.to(device), y.to(device)
-    gen = torch.Generator().manual_seed(cfg.training.seed)
-    bs, views = cfg.batch_size(), feats.shape[0]
-    tta = views > 1 and cfg.features.tta
+    gen = torch.Generator().manual_seed(seed)
+    bs, views = batch_size, feats.shape[0]
+    tta = views > 1 and tta
 
     def train_loader(idx):
         n = len(idx)
@@ -111,11 +114,11 @@ def feature_inputs(cfg: Config, feats: torch.Tensor, y: np.ndarray, splits: dict
     return Inputs(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]), gen)
 
 
-def image_inputs(cfg: Config, ds: Dataset, splits: dict, pre: Preprocessing, workers: int,
+def image_inputs(ds: Dataset, splits: dict, pre: Preprocessing, batch_size: int, seed: int, workers: int,
                  decoder: str = "cpu", device: torch.device | str = "cpu") -> Inputs:
     """DataLoaders over the images of each split (the one input path: data.images, data.decoders), normalised
     in batches. decoder nvjpeg: workers read bytes, batches are decoded on `device`."""
-    gen = torch.Generator().manual_seed(cfg.training.seed)
+    gen = torch.Generator().manual_seed(seed)
     init = ignore_sigint_in_worker if workers else None
 
     def loader(idx, shuffle):
@@ -123,11 +126,11 @@ def image_inputs(cfg: Config, ds: Dataset, splits: dict, pre: Preprocessing, wor
         source = FileBytes(data.paths) if decoder == "nvjpeg" else data
         collate = as_list if decoder == "nvjpeg" else WithTargets(ds.table.y[idx], pre)
         if shuffle and distributed.active():  # each rank its shard; batch_size stays the global batch
-            sampler = DistributedSampler(source, shuffle=True, seed=cfg.training.seed)
-            dl = DataLoader(source, batch_size=max(1, cfg.batch_size() // distributed.world()), sampler=sampler,
+            sampler = DistributedSampler(source, shuffle=True, seed=seed)
+            dl = DataLoader(source, batch_size=max(1, batch_size // distributed.world()), sampler=sampler,
                             num_workers=workers, worker_init_fn=init, collate_fn=collate)
         else:
-            dl = DataLoader(source, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
+            dl = DataLoader(source, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                             generator=gen if shuffle else None, worker_init_fn=init, collate_fn=collate,
                             pin_memory=torch.device(device).type == "cuda")
         if decoder != "nvjpeg":

@@ -9,21 +9,20 @@ import numpy as np
 import torch
 
 from chiptag import __version__
-from chiptag.config import Config
 from chiptag.data.dataset import Dataset
 from chiptag.evaluation.metrics import BASELINE_TOLERANCE
 from chiptag.features.extraction import FeatureInfo
 from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir
-from chiptag.training.loop import describe_optim
-from chiptag.training.resume import LoopState
+from chiptag.training.settings import Settings
 
 
 @dataclass
 class Outcome:
-    """What training produced, beside the model: loop state, final scores, timings, feature extraction."""
+    """What training produced, beside the model: best epoch, history, final scores, timings, features."""
 
-    state: LoopState
+    best_epoch: int | None  # None: a k-fold run (each fold has its own)
+    history: list[dict]  # per epoch (and fold)
     scores: dict  # {"metrics": {val, test}, "baseline": {...}, "thresholds": array}
     timings: dict
     features: FeatureInfo
@@ -31,31 +30,31 @@ class Outcome:
     parameters: dict
 
 
-def build_summary(cfg: Config, run: RunDir, ds: Dataset, splits: dict, model, outcome: Outcome) -> dict:
-    """model: training.run.Model (backbone, head spec, tagger)."""
-    entry, tags, bb = cfg.model, ds.table.tags, model.backbone
-    optimizer, scheduler = describe_optim(cfg)
+def build_summary(s: Settings, run: RunDir, ds: Dataset, splits: dict, net, outcome: Outcome) -> dict:
+    """net: training.main.Network (backbone, head spec, tagger)."""
+    tags, bb = ds.table.tags, net.backbone
+    optimizer, scheduler = s.optim.describe()
     pw, thresholds = outcome.pos_weight, outcome.scores["thresholds"]
     scores = outcome.scores["metrics"]
     scores["test"]["f2_minus_baseline"] = scores["test"]["f2"] - outcome.scores["baseline"]["test"]["f2"]
-    files = cfg.data.split.files
+    files = s.data.split.files
     return {
         "run_id": run.name, "run_dir": str(run.path), "status": "completed", "chiptag_version": __version__,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "active_model_index": cfg.active_model_index,
-        "model": entry.name, "backbone": bb.name, "weights": entry.weights, "weights_id": bb.weights_id,
-        "frozen": entry.freeze, "image_size": bb.preprocessing.image_size, "head": model.head.describe(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "active_model_index": s.active_model_index,
+        "model": s.model.name, "backbone": bb.name, "weights": s.model.weights, "weights_id": bb.weights_id,
+        "frozen": s.model.freeze, "image_size": bb.preprocessing.image_size, "head": net.head.describe(),
         "parameters": outcome.parameters, "optimizer": optimizer, "scheduler": scheduler,
-        "epochs": entry.epochs, "best_epoch": outcome.state.best_epoch,
+        "epochs": s.optim.epochs, "best_epoch": outcome.best_epoch,
         "pos_weight": None if pw is None else dict(zip(tags, map(float, pw))),
         "tags": tags, "n_images": {s: int(len(i)) for s, i in splits.items()},
         "data": {"labels": str(ds.labels_path), "images": str(ds.image_dir)},
         "metrics": outcome.scores["metrics"], "baseline": outcome.scores["baseline"],
         "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
-        "timings": outcome.timings, "features": outcome.features.to_dict(), "history": outcome.state.history,
+        "timings": outcome.timings, "features": outcome.features.to_dict(), "history": outcome.history,
         "split": {"given": files is not None,
                   "files": None if files is None else {k: str(v) for k, v in files.model_dump().items()}},
-        "select": cfg.training.select, "resize": cfg.data.resize, "views": cfg.features.views,
-        "tta": cfg.features.views > 1 and cfg.features.tta,
+        "select": s.select, "resize": s.data.resize, "views": s.features.views,
+        "tta": s.features.views > 1 and s.features.tta,
     }
 
 

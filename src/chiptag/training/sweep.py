@@ -56,7 +56,7 @@ def _record_failure(cfg: Config, index: int, new_dirs: set[str], message: str) -
 
 
 def run_sweep(cfg: Config, config_path: str = "config") -> SweepResult:
-    from chiptag.training.run import run_train  # torch only when a sweep really runs
+    from chiptag.training.main import run_train  # torch only when a sweep really runs
 
     result = SweepResult()
     runs_dir = Path(cfg.output.runs_dir)

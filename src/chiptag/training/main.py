@@ -1,0 +1,345 @@
+"""`chiptag train`, top to bottom: config -> settings (once) -> data and split -> model -> features -> for each
+fold: for each epoch (training.loop) -> one finish: thresholds -> checkpoint -> summary -> report -> tracker.
+
+A run trains one fold (its train/val split) or K folds of train + val (`training.folds`): the same flow, one
+finish. Protocol: the validation rows (out-of-fold rows for k-fold) drive the LR schedule, the checkpoint epoch
+and threshold tuning; the test split is evaluated once, at the end, and is the headline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from chiptag import config as config_mod, distributed
+from chiptag.atomic import replacing, write_json, write_text
+from chiptag.config import Config
+from chiptag.data.dataset import Dataset
+from chiptag.data.decoders import resolve_decoder
+from chiptag.data.problems import Report
+from chiptag.data.split import load_split, make_split, save_split
+from chiptag.data.validate import preflight
+from chiptag.device import resolve_device
+from chiptag.errors import ChiptagError
+from chiptag.evaluation import metrics, report
+from chiptag.evaluation.label_rules import LabelRules, tune_and_score, unknown_tags
+from chiptag.features.extraction import FeatureInfo, default_workers, degenerate, feature_warning
+from chiptag.features.views import ViewAverage, make_extractor, view_features
+from chiptag.interrupt import Interrupted, graceful_stop
+from chiptag.models import checkpoint
+from chiptag.models.backbones import Backbone, build_backbone
+from chiptag.models.checkpoint import ModelCard
+from chiptag.models.head import HeadSpec, MeanProbability, Tagger, count_parameters
+from chiptag.progress import console, out
+from chiptag.runs.layout import RunDir, model_label, new_run_dir
+from chiptag.tracking import MultiTracker, make_tracker
+from chiptag.training import folds as folds_mod, phases as phases_mod, resume as resume_mod
+from chiptag.training.epoch import NonFiniteLoss, evaluate, pos_weight
+from chiptag.training.folds import Fold, FoldResult
+from chiptag.training.loop import fit
+from chiptag.training.settings import ModelSpec, Settings
+from chiptag.training.summary import Outcome, build_summary, print_result
+
+
+@dataclass
+class OpenRun:
+    """A run about to train: its settings, validated data, split and run dir."""
+
+    s: Settings
+    ds: Dataset
+    validation: Report
+    splits: dict
+    run: RunDir
+
+
+@dataclass
+class Network:
+    """The backbone (weights loaded, classifier replaced), the head spec, and the Tagger built from them."""
+
+    backbone: Backbone
+    head: HeadSpec
+    tagger: Tagger
+
+
+def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
+    """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
+
+    SIGINT/SIGTERM stop after the current step with resumable state saved (Interrupted, exit 130/143)."""
+    dist_device = distributed.setup()  # under torchrun: join the group; rank 0 alone writes and tracks
+    out.quiet = not distributed.is_main()
+    try:
+        with graceful_stop():
+            r = open_run(cfg, resume)
+            try:
+                summary = train(r, dist_device or resolve_device(r.s.device, "training.device"))
+            except Interrupted as exc:
+                raise exc.with_hint(f"continue with: chiptag train --resume {r.run.path}") from None
+            except NonFiniteLoss as exc:
+                _failed(r, f"{exc} {_last_good(r.run)}")
+                raise NonFiniteLoss(f"{exc} {_last_good(r.run)}") from None
+            except ChiptagError as exc:
+                _failed(r, str(exc))
+                raise
+        r.run.resume.unlink(missing_ok=True)  # complete: nothing left to resume
+        print_result(summary)
+        if "folds" in summary:
+            folds_mod.print_folds(summary)
+        if not distributed.is_main():
+            shutil.rmtree(r.run.path, ignore_errors=True)
+        return summary
+    finally:
+        distributed.shutdown()
+
+
+def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
+    """A new run dir (validated data, fresh split), or the interrupted run `resume` (its config and split).
+    The config is read here, once, into Settings. Under torchrun only rank 0 writes the run dir; the other
+    ranks work in a scratch dir."""
+    if resume is not None:
+        run = RunDir(resume).require_config("--resume")
+        if run.summary.is_file() and not run.resume.is_file():
+            raise ChiptagError(f"--resume {run.path}: the run is already complete (summary.json is written)")
+        s = Settings.from_config(config_mod.load(run.config))
+        ds, validation = preflight(s.data)
+        out.print(f"resuming run [bold]{run.name}[/]")
+        return OpenRun(s, ds, validation, load_split(ds.table.names, run.split), run)
+    s = Settings.from_config(cfg)
+    ds, validation = preflight(s.data)
+    splits = make_split(s.data, ds)
+    if distributed.is_main():
+        label = model_label(s.model.name, s.model.backbone)  # the backbone actually trained
+        run = new_run_dir(s.output.runs_dir, s.output.run_name, label)
+    else:
+        run = RunDir(distributed.scratch_dir())
+    write_text(run.config, config_mod.dump(cfg))  # --resume reads it back
+    save_split(ds.table.names, splits, run.split)
+    return OpenRun(s, ds, validation, splits, run)
+
+
+def train(r: OpenRun, device: torch.device) -> dict:
+    """The training flow of one opened run, top to bottom; -> summary (also written to the run dir)."""
+    t_start = time.perf_counter()
+    s, ds, splits, tags = r.s, r.ds, r.splits, r.ds.table.tags
+    validation = _record_validation(r)
+    missing = unknown_tags(s.labels, tags)  # a typo, or a tag absent from this data
+    if missing:
+        console.print(f"[yellow]warning:[/] label rules name tags this data does not have, left out: "
+                      f"{'; '.join(missing)}")
+    rules = LabelRules.from_config(s.labels, tags)
+    tracker = make_tracker(s.tracking, r.run.path) if distributed.is_main() else MultiTracker([])
+    tracker.start(r.run.name, s.model.name, s.config)  # before heavy work: a bad tracker fails fast
+    out.print(f"run [bold]{r.run.name}[/]: {s.model.name} ({s.model.backbone}, weights={s.model.weights}, "
+              f"freeze={s.model.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
+              f"{len(splits['test'])} train/val/test images, {len(tags)} tags")
+
+    net = build_network(s.model, len(tags), s.seed, s.progress)
+    net.tagger.to(device)
+    n_params = count_parameters(net.tagger)
+    out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
+              f"head {net.head.describe()}")
+    card = ModelCard(net.backbone.name, net.backbone.weights_id, net.head, tags, net.backbone.preprocessing,
+                     s.config)
+
+    t_extract = time.perf_counter()
+    feats, info = None, FeatureInfo("not used (freeze: false)")
+    if s.uses_features:
+        feats, info = extract_features(r, net.backbone, device)
+    t_extract = time.perf_counter() - t_extract
+
+    folds = plan_folds(r, tracker, device)
+    t_train = time.perf_counter()
+    results = [folds_mod.load_done(fold, ds.table.y) or train_fold(r, fold, net, feats, card)
+               for fold in folds]
+    t_train = time.perf_counter() - t_train
+
+    # One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
+    # rows, the checkpoint, the summary, the report, the tracker.
+    tagger, model, loss_fn, epoch = final_model(results, net, folds, device)
+    test = evaluate(model, inputs_for(r, splits, net, feats, device).test, loss_fn, device)
+    val_idx = np.concatenate([res.val_idx for res in results])
+    val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
+    report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
+                           ds.table.names, {"val": val_idx, "test": splits["test"]}, tags)
+    thresholds, m = tune_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags, rules)
+    m["val"]["loss"], m["test"]["loss"] = _val_loss(results), test["loss"]
+    if distributed.is_main():
+        checkpoint.save(r.run.checkpoint, tagger, card, thresholds.tolist(), epoch)
+
+    train_rows = np.unique(np.concatenate([fold.train for fold in folds]))  # the summary's pos_weight
+    pw = pos_weight(ds.table.y[train_rows], s.optim.pos_weight_max) if s.optim.pos_weight else None
+    history = [{**h, "fold": res.k} if res.k else h for res in results for h in res.record["history"]]
+    scores = {"metrics": m, "baseline": metrics.baseline_summary(ds.table.y, splits, tags), "thresholds": thresholds}
+    timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
+    summary = build_summary(s, r.run, ds, splits, net, Outcome(epoch if len(results) == 1 else None, history,
+                                                               scores, timings, info, pw, n_params))
+    summary["label_rules"] = rules.to_dict(tags)
+    if len(results) > 1:
+        summary["folds"] = folds_mod.folds_section(results, m)
+        summary["n_images"]["oof"] = int(len(val_idx))
+        with replacing(r.run.oof_probs) as tmp:
+            np.savez_compressed(tmp, probs=val[1], targets=val[0], names=np.asarray([ds.table.names[i]
+                                                                                     for i in val_idx]),
+                                tags=np.asarray(tags))
+    summary["validation"] = validation  # what was checked, converted and skipped (every item)
+    write_json(r.run.summary, summary)  # complete before the tracker uploads it
+    report.report_after_training(r.run.path, tracker)
+    summary["tracker"] = tracker.finish(summary)
+    write_json(r.run.summary, summary)  # with the tracker's link
+    return summary
+
+
+def build_network(spec: ModelSpec, n_tags: int, seed: int, progress: bool = False) -> Network:
+    """The backbone (weights loaded, classifier replaced) with a new head on top."""
+    if spec.freeze and spec.weights is None:
+        console.print("[yellow]warning:[/] freeze: true with weights: null trains a head on a random backbone "
+                      "— fine for smoke tests and the demo, not for real results.")
+    torch.manual_seed(seed)  # random-init backbones and the head start from the seed
+    bb = build_backbone(spec.backbone, spec.weights, spec.image_size, progress=progress)
+    bb.preprocessing = replace(bb.preprocessing, resize=spec.resize)  # travels in the checkpoint
+    head = HeadSpec(bb.dim, n_tags, spec.hidden_dim, spec.dropout)
+    return Network(bb, head, Tagger(bb.net, head.build(), frozen=spec.freeze))
+
+
+def extract_features(r: OpenRun, bb: Backbone, device: torch.device) -> tuple[torch.Tensor, FeatureInfo]:
+    """The frozen backbone over every image (and D4 view), once: from the feature cache when it is there."""
+    fs = r.s.features
+    ex = make_extractor(bb.net, bb.name, bb.preprocessing, fs, device,
+                        num_workers=default_workers(r.s.num_workers, device),
+                        show_progress=r.s.progress, label=f"features {bb.name}")
+    feats, info = view_features(ex, r.ds.paths, fs.cache_dir, fs.views)
+    info.engine, info.tta = fs.engine, feats.shape[0] > 1 and fs.tta
+    warning = feature_warning(feats, bb.name, r.s.model.weights)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    info.degenerate = degenerate(feats)
+    return feats, info
+
+
+def plan_folds(r: OpenRun, tracker, device: torch.device) -> list[Fold]:
+    """The run's own train/val split as one fold (the run dir itself), or K folds of train + val, each in
+    fold-k/ with its own tracker file."""
+    s, y = r.s, r.ds.table.y
+    cuts = [(0, r.splits["train"], r.splits["val"])]
+    if s.folds:
+        if distributed.active():
+            raise ChiptagError("training.folds under torchrun is not supported: run k-fold in one process")
+        pool = np.concatenate([r.splits["train"], r.splits["val"]])
+        vals = folds_mod.cut_folds(r.run, r.ds.table.names, y, pool, s.folds, s.data.split.seed)
+        out.print(f"{len(vals)} folds of {len(pool)} non-test images (train + val, iterative stratification; "
+                  f"split/folds.csv); test {len(r.splits['test'])} images, scored once by the ensemble")
+        cuts = [(k, np.setdiff1d(pool, val), val) for k, val in enumerate(vals, start=1)]
+    folds = []
+    for k, train, val in cuts:
+        run = r.run.fold(k) if k else r.run
+        loss_fn = folds_mod.make_loss(y[train], s.optim.pos_weight, s.optim.pos_weight_max, device)
+        folds.append(Fold(k, train, val, run, folds_mod.FoldTracker(tracker, run, k) if k else tracker, loss_fn,
+                          device, checkpoint_each_best=not k))
+    return folds
+
+
+def inputs_for(r: OpenRun, splits: dict, net: Network, feats: torch.Tensor | None,
+               device: torch.device) -> phases_mod.Inputs:
+    """What the last phase iterates for these splits: cached features (frozen) or images (fine-tuning)."""
+    return phases_mod.plan(r.s.optim, r.s.model.freeze, *_phase_inputs(r, splits, net, feats, device))[-1].inputs
+
+
+def _phase_inputs(r: OpenRun, splits: dict, net: Network, feats, device: torch.device):
+    s = r.s
+    features = images = None
+    if feats is not None:
+        features = phases_mod.feature_inputs(feats, r.ds.table.y, splits, s.optim.batch_size, s.seed,
+                                             s.features.tta, device)
+    if not s.model.freeze:
+        images = phases_mod.image_inputs(r.ds, splits, net.backbone.preprocessing, s.optim.batch_size, s.seed,
+                                         default_workers(s.num_workers),
+                                         resolve_decoder(s.features.decoder, device), device)
+    return features, images
+
+
+def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, card: ModelCard) -> FoldResult:
+    """One fold through the epoch loop (training.loop.fit), resumed from its resume.pt when there; its best
+    weights evaluated on its validation rows."""
+    s, t0 = r.s, time.perf_counter()
+    splits = {"train": fold.train, "val": fold.val, "test": r.splits["test"]}
+    phases = phases_mod.plan(s.optim, s.model.freeze, *_phase_inputs(r, splits, net, feats, fold.device))
+    if fold.of_k:
+        fold.run.path.mkdir(exist_ok=True)
+        torch.manual_seed(s.seed + fold.k)  # each head its own start; the same on every rerun
+        tagger = Tagger(net.backbone.net, net.head.build(), frozen=True).to(fold.device)
+    else:
+        torch.manual_seed(s.seed)  # dropout and shuffling do not depend on whether the cache was hit
+        tagger = net.tagger
+    saved = resume_mod.load(fold.run.resume)
+    where = f"fold {fold.k}: " if fold.of_k else ""
+    if saved:
+        out.print(f"{where}resuming after epoch {saved['state']['epoch']}, step {saved['state']['step']}")
+    elif fold.of_k:
+        out.print(f"fold {fold.k}/{s.folds}: {len(fold.train)} train / {len(fold.val)} validation images")
+    fitted = fit(fold, phases, tagger, s.optim, s.select, card, saved, s.progress)
+    resume_mod.load_trained_state(tagger, fitted.state.best_state)
+    ev = evaluate(fitted.model, fitted.inputs.val, fold.loss_fn, fold.device)
+    record = {"fold": fold.k, "best_epoch": fitted.state.best_epoch, "n_train": int(len(fold.train)),
+              "n_val": int(len(fold.val)), "val_loss": ev["loss"], "seconds": time.perf_counter() - t0,
+              "history": fitted.state.history}
+    if fold.of_k:  # fold k's own figures (fold.json, the summary's per-fold table); one split's are the run's
+        _, m = tune_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])}, card.tags,
+                              LabelRules.from_config(s.labels, card.tags))
+        record.update({"val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"]})
+    result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], fitted.state.best_state, record,
+                        model=fitted.model)
+    if fold.of_k:
+        folds_mod.save_done(fold, tagger, card, result)
+    return result
+
+
+def final_model(results: list[FoldResult], net: Network, folds: list[Fold],
+                device: torch.device) -> tuple[Tagger, nn.Module, nn.Module, int]:
+    """-> (the tagger the checkpoint holds, the module test is evaluated with, its loss, the checkpoint's
+    epoch). One fold: its own best model. K folds: one backbone + the mean probability of the K heads; its test
+    loss is unweighted (each head's pos_weight came from its own folds)."""
+    if len(results) == 1:
+        return net.tagger, results[0].model, folds[0].loss_fn, results[0].record["best_epoch"]
+    heads = []
+    for res in results:
+        head = net.head.build()
+        head.load_state_dict(res.trained["head"])
+        heads.append(head)
+    ensemble = Tagger(net.backbone.net, MeanProbability(heads), frozen=True).to(device).eval()
+    return ensemble, ViewAverage(ensemble.head), nn.BCEWithLogitsLoss(), 0
+
+
+def _val_loss(results: list[FoldResult]) -> float:
+    """The validation loss; for K folds the out-of-fold loss (each fold's weighted by its rows)."""
+    if len(results) == 1:
+        return results[0].record["val_loss"]
+    return float(np.average([res.record["val_loss"] for res in results],
+                            weights=[res.record["n_val"] for res in results]))
+
+
+def _record_validation(r: OpenRun) -> dict:
+    skipped = r.validation.skipped_rows(len(r.ds.table))
+    if r.validation.problems or r.validation.converted:
+        console.print(f"data validation: {r.validation.format()}")
+    if skipped:
+        console.print(f"[yellow]skipped {skipped} row(s)[/] (data.on_bad_image=skip); listed in {r.run.skipped}")
+    r.validation.write(r.run.skipped, r.run.validation, skipped)
+    return r.validation.to_dict(skipped)
+
+
+def _last_good(run: RunDir) -> str:
+    if not run.checkpoint.is_file():
+        return "No epoch finished, so there is no checkpoint."
+    epoch = torch.load(run.checkpoint, map_location="cpu", weights_only=True).get("epoch")
+    return f"The last good checkpoint is kept: {run.checkpoint} (best epoch {epoch})."
+
+
+def _failed(r: OpenRun, message: str) -> None:
+    """A run that stopped on an error says so (chiptag runs lists it as failed, not unfinished)."""
+    if distributed.is_main():
+        r.run.write_failure(r.s.model.name, r.s.active_model_index, message)
