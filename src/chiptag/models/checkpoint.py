@@ -38,7 +38,7 @@ MEMBER_REQUIRED = tuple(k for k in REQUIRED if k != "state_dict")
 @dataclass(frozen=True)
 class ModelCard:
     """What a checkpoint says about its model besides the weights: enough to rebuild it and preprocess.
-    Training builds one before it has weights; `save` adds the tagger's to make a Checkpoint."""
+    Training builds one before it has weights; `save` adds the tagger's weights to make a Checkpoint."""
 
     backbone: str
     weights_id: str
