@@ -43,16 +43,16 @@ def test_summary_reports_tuned_and_half_thresholds_with_baseline(run):
 def test_stored_thresholds_reproduce_the_summary(run):
     run_dir = Path(run["run_dir"])
     ckpt = checkpoint.load(run_dir / "checkpoint.pt")
-    assert ckpt["thresholds"] == pytest.approx([run["thresholds"][t] for t in ckpt["tags"]], abs=1e-4)
+    assert ckpt.thresholds == pytest.approx([run["thresholds"][t] for t in ckpt.tags], abs=1e-4)
     probs = np.load(RunDir(run_dir).eval_probs)
     for s in ("val", "test"):
         y, p = probs[f"{s}_targets"], probs[f"{s}_probs"]
         assert len(y) == run["n_images"][s]
-        assert metrics.f2_samples(y, metrics.binarize(p, ckpt["thresholds"])) == pytest.approx(run["metrics"][s]["f2"])
+        assert metrics.f2_samples(y, metrics.binarize(p, ckpt.thresholds)) == pytest.approx(run["metrics"][s]["f2"])
         assert metrics.f2_samples(y, metrics.binarize(p, 0.5)) == pytest.approx(run["metrics"][s]["f2_at_0.5"])
     # The thresholds are exactly what tuning on the saved validation probabilities gives: test played no part.
     tuned = tune_thresholds(probs["val_targets"], probs["val_probs"])
-    assert np.allclose(tuned, ckpt["thresholds"])
+    assert np.allclose(tuned, ckpt.thresholds)
 
 
 def test_tag_without_validation_positives_keeps_default(run):

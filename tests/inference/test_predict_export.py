@@ -283,11 +283,13 @@ def test_predict_accepts_a_text_file_of_names(run_dir, chips, tiny_data, tmp_pat
     assert pd.read_csv(out)["image_name"].tolist() == names
 
 
-def test_export_metadata_says_how_images_were_made_square(run_dir):
+def test_export_metadata_says_how_images_were_made_square(run_dir, tmp_path):
     from chiptag.inference.export import metadata
     from chiptag.models import checkpoint as ckpt_mod
 
     ckpt = ckpt_mod.load(run_dir / "checkpoint.pt")
-    assert metadata(ckpt)["resize"] == "squash" == ckpt["preprocessing"]["resize"]
-    old = {**ckpt, "preprocessing": {k: v for k, v in ckpt["preprocessing"].items() if k != "resize"}}
-    assert metadata(old)["resize"] == "squash"  # checkpoints from before data.resize squashed
+    assert metadata(ckpt)["resize"] == "squash" == ckpt.preprocessing.resize
+    raw = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del raw["preprocessing"]["resize"]  # as written before data.resize existed
+    torch.save(raw, tmp_path / "old.pt")
+    assert metadata(ckpt_mod.load(tmp_path / "old.pt"))["resize"] == "squash"  # those checkpoints squashed

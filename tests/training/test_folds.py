@@ -89,7 +89,7 @@ def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert f2_samples(oof["targets"], binarize(oof["probs"], thresholds)) == pytest.approx(f["oof_f2"], abs=1e-3)
     # The run's checkpoint is the ensemble: its probability is the mean of the three fold models'.
     ckpt = checkpoint.load(run.checkpoint)
-    assert ckpt["members"] == 3
+    assert ckpt.members == 3
     chips = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:6]
     ens = Predictor.from_run(run.path).predict(chips)
     members = [Predictor.from_run(run.fold(k).path).predict(chips) for k in (1, 2, 3)]

@@ -183,8 +183,8 @@ def test_nan_loss_names_epoch_and_step_and_keeps_last_good_checkpoint(tiny_confi
     assert "last good checkpoint is kept" in msg
     run = run_dir_of(tmp_path)
     ckpt = checkpoint.load(run / "checkpoint.pt")
-    assert ckpt["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert ckpt.epoch == 1
+    assert all(torch.isfinite(v).all() for v in ckpt.state_dict.values() if v.is_floating_point())
 
 
 def test_huge_learning_rate_fails_cleanly_from_the_cli(tiny_config_file):

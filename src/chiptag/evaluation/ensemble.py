@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from chiptag import __version__, config as config_mod
-from chiptag.atomic import torch_save, write_json
+from chiptag.atomic import write_json
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import report
 from chiptag.evaluation.label_rules import LabelRules, tune_and_score
@@ -42,10 +43,10 @@ def _member(path: Path) -> dict:
 def _check_same(members: list[dict]) -> None:
     """Same tags, test images, validation images, preprocessing and label rules as the first member."""
     first = members[0]
-    checks = [("tags", lambda m: list(m["ckpt"]["tags"])),
+    checks = [("tags", lambda m: m["ckpt"].tags),
               ("test split", lambda m: m["probs"]["test_names"].tolist()),
-              ("preprocessing", lambda m: m["ckpt"]["preprocessing"]),
-              ("label rules", lambda m: checkpoint.label_rules(m["ckpt"]))]
+              ("preprocessing", lambda m: m["ckpt"].preprocessing),
+              ("label rules", lambda m: m["ckpt"].label_rules)]
     for m in members[1:]:
         for what, get in checks:
             if get(m) != get(first):
@@ -73,15 +74,17 @@ def _mean_probs(members: list[dict], split: str, names: list[str]) -> tuple[np.n
     return members[0]["probs"][f"{split}_targets"][[first[n] for n in names]], total / len(members)
 
 
-def _checkpoint(members: list[dict], thresholds: np.ndarray, config: dict) -> dict:
+def _checkpoint(members: list[dict], thresholds: np.ndarray, config: dict) -> checkpoint.Checkpoint:
     taggers = [checkpoint.load_tagger(m["ckpt"]) for m in members]
     model = Tagger(torch.nn.Identity(), MeanProbability(taggers), frozen=False)
     first = members[0]["ckpt"]
-    specs = [{k: v for k, v in m["ckpt"].items() if k not in ("state_dict", "config")} for m in members]
-    return {**{k: first[k] for k in checkpoint.REQUIRED}, "chiptag_version": __version__,
-            "backbone": " + ".join(m["ckpt"]["backbone"] for m in members), "weights_id": "ensemble",
-            "thresholds": [float(t) for t in thresholds], "frozen": False, "ensemble": specs, "config": config,
-            "state_dict": model.state_dict(), "epoch": None}
+    # The format asks every checkpoint for a head; an ensemble's is its first member's (build_tagger builds the
+    # members). Members keep their own description but neither weights (in this state_dict) nor config.
+    return checkpoint.Checkpoint(
+        backbone=" + ".join(m["ckpt"].backbone for m in members), weights_id="ensemble", head=first.head,
+        tags=first.tags, preprocessing=first.preprocessing, config=config,
+        thresholds=[float(t) for t in thresholds], frozen=False, state_dict=model.state_dict(), epoch=None,
+        ensemble=tuple(replace(m["ckpt"], state_dict=None, config=None) for m in members))
 
 
 def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
@@ -93,8 +96,8 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
         raise ChiptagError(f"ensemble --out {out_dir}: the folder exists and is not empty")
     members = [_member(Path(p)) for p in paths]
     _check_same(members)
-    first, tags = members[0], list(members[0]["ckpt"]["tags"])
-    rules = LabelRules.from_config(checkpoint.label_rules(first["ckpt"]), tags)
+    first, tags = members[0], members[0]["ckpt"].tags
+    rules = LabelRules.from_config(first["ckpt"].label_rules, tags)
     val_names, test_names = shared_validation(members), first["probs"]["test_names"].tolist()
     y_val, p_val = _mean_probs(members, "val", val_names)
     y_test, p_test = _mean_probs(members, "test", test_names)
@@ -104,7 +107,7 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
     config = config_mod.load(first["run"].config).to_dict()  # data and split settings: what evaluate reads
     shutil.copyfile(first["run"].config, run.config)
     shutil.copytree(first["run"].split, run.split, dirs_exist_ok=True)
-    torch_save(_checkpoint(members, thresholds, config), run.checkpoint)
+    _checkpoint(members, thresholds, config).save(run.checkpoint)
     index = {n: i for i, n in enumerate(val_names + test_names)}
     report.save_eval_probs(run.eval_probs, {"val": {"probs": p_val, "targets": y_val},
                                             "test": {"probs": p_test, "targets": y_test}},

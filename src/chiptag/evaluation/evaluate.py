@@ -21,22 +21,22 @@ from chiptag.progress import out
 from chiptag.runs.layout import RunDir
 
 
-def _feature_probabilities(cfg, ckpt: dict, tagger, paths):
+def _feature_probabilities(cfg, ckpt: checkpoint.Checkpoint, tagger, paths):
     """idx -> probabilities through the backbone's features (the training path; cached for a frozen one)."""
     # A frozen backbone's features are usually already in the cache from training.
-    cache = cfg.features.cache_dir if ckpt["frozen"] else None
+    cache = cfg.features.cache_dir if ckpt.frozen else None
     # Same views as training: with views 8 and tta, the metrics average the 8 views' probabilities.
-    views = cfg.features.views if ckpt["frozen"] and cfg.features.tta else 1
+    views = cfg.features.views if ckpt.frozen and cfg.features.tta else 1
     device = torch.device("cpu")
-    ex = make_extractor(tagger.backbone, ckpt["backbone"], checkpoint.preprocessing(ckpt), cfg.features, device,
+    ex = make_extractor(tagger.backbone, ckpt.backbone, ckpt.preprocessing, cfg.features, device,
                         num_workers=default_workers(cfg.training.num_workers, device),
                         show_progress=cfg.training.progress, label="features")
     feats, _ = view_features(ex, paths, cache, views)
     return lambda idx: tta_probabilities(tagger.head, feats[:, idx]).numpy()
 
 
-def _trained_on_val(ckpt: dict) -> bool:
-    return bool(ckpt.get("members")) or any(_trained_on_val(m) for m in ckpt.get("ensemble") or [])
+def _trained_on_val(ckpt: checkpoint.Checkpoint) -> bool:
+    return bool(ckpt.members) or any(_trained_on_val(m) for m in ckpt.ensemble)
 
 
 def evaluate_run(run_dir: Path) -> dict:
@@ -44,19 +44,19 @@ def evaluate_run(run_dir: Path) -> dict:
     cfg = config_mod.load(run.config)
     ckpt = checkpoint.load(run.checkpoint)
     tagger = checkpoint.load_tagger(ckpt)
-    ds = load_dataset(cfg.data, vocabulary=ckpt["tags"])  # validated; tags outside the run are reported
-    if ds.table.tags != ckpt["tags"]:
-        raise ChiptagError(f"the label table's tags differ from the checkpoint's: {ds.table.tags} vs {ckpt['tags']}")
+    ds = load_dataset(cfg.data, vocabulary=ckpt.tags)  # validated; tags outside the run are reported
+    if ds.table.tags != ckpt.tags:
+        raise ChiptagError(f"the label table's tags differ from the checkpoint's: {ds.table.tags} vs {ckpt.tags}")
     splits = load_split(ds.table.names, run.split)
-    if ckpt.get("ensemble"):  # members with backbones of their own: through the images, as predict sees them
+    if ckpt.ensemble:  # members with backbones of their own: through the images, as predict sees them
         from chiptag.inference.predictor import Predictor
 
-        predictor = Predictor(tagger, ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt))
+        predictor = Predictor(tagger, ckpt.tags, ckpt.thresholds, ckpt.preprocessing)
         probs_of = lambda idx: predictor.predict([ds.paths[i] for i in idx])  # noqa: E731
     else:
         probs_of = _feature_probabilities(cfg, ckpt, tagger, ds.paths)
-    thresholds = np.asarray(ckpt["thresholds"])
-    rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"])
+    thresholds = np.asarray(ckpt.thresholds)
+    rules = LabelRules.from_config(ckpt.label_rules, ckpt.tags)
     result = {}
     # A k-fold ensemble saw every non-test chip in training (each head all but one fold): its val figure is the
     # out-of-fold F2 of the separate heads in summary.json, which the ensemble cannot reproduce; test it is.

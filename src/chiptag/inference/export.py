@@ -29,26 +29,27 @@ FORMATS = ("onnx", "torchscript")
 OPSET = 18
 
 
-def metadata(ckpt: dict) -> dict[str, str]:
-    pre = ckpt["preprocessing"]
+def metadata(ckpt: checkpoint.Checkpoint) -> dict[str, str]:
+    pre = ckpt.preprocessing
     return {
-        "tags": json.dumps(list(ckpt["tags"])),
-        "thresholds": json.dumps([float(t) for t in ckpt["thresholds"]]),
-        "image_size": str(int(pre["image_size"])),
-        "mean": json.dumps([float(v) for v in pre["mean"]]),
-        "std": json.dumps([float(v) for v in pre["std"]]),
-        # how a non-square image became the square input in training (checkpoints before it: squash)
-        "resize": str(pre.get("resize", "squash")),
+        "tags": json.dumps(list(ckpt.tags)),
+        "thresholds": json.dumps([float(t) for t in ckpt.thresholds]),
+        "image_size": str(pre.image_size),
+        "mean": json.dumps([float(v) for v in pre.mean]),
+        "std": json.dumps([float(v) for v in pre.std]),
+        # how a non-square image became the square input in training (checkpoints before it: squash, as
+        # Preprocessing.from_dict reads them)
+        "resize": pre.resize,
         "input": "images: float32 N x 3 x image_size x image_size (made square as `resize` says: squash = "
                  "stretch, pad = letterbox with the mean colour, crop = centred square), RGB / 255, then "
                  "(x - mean) / std",
         "output": "probabilities: float32 N x len(tags), after sigmoid; tag i is on where prob >= thresholds[i]",
-        "backbone": str(ckpt["backbone"]),
+        "backbone": ckpt.backbone,
         "chiptag_version": __version__,
         # The label structure (exclusive groups, implied absences) is applied to the probabilities before the
         # thresholds (chiptag.evaluation.label_rules); a k-fold run's graph already averages its members.
-        "label_rules": json.dumps(checkpoint.label_rules(ckpt)),
-        "members": str(int(ckpt.get("members") or 1)),
+        "label_rules": json.dumps(ckpt.label_rules),
+        "members": str(ckpt.members or 1),
     }
 
 
@@ -117,7 +118,7 @@ def export_run(run: Path, fmt: str, out: Path) -> dict:
         raise ChiptagError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     ckpt = checkpoint.load(checkpoint_file(run))
     model = ProbabilityModel(checkpoint.load_tagger(ckpt)).eval()
-    size = int(ckpt["preprocessing"]["image_size"])
+    size = ckpt.preprocessing.image_size
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=gen)
     out = Path(out)
@@ -129,10 +130,10 @@ def export_run(run: Path, fmt: str, out: Path) -> dict:
         raise
     except Exception as exc:  # exporter failures are long; the first line names the unsupported piece
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ChiptagError(f"{fmt} export of {ckpt['backbone']} failed: {exc.__class__.__name__}: {first}") from None
+        raise ChiptagError(f"{fmt} export of {ckpt.backbone} failed: {exc.__class__.__name__}: {first}") from None
     check = torch.randn(3, 3, size, size, generator=gen)
     with torch.inference_mode():
         expected = model(check).numpy()
     diff = float(np.abs(run_exported(fmt, out, check.numpy()) - expected).max())
     return {"path": str(out), "format": fmt, "max_abs_diff": diff, "image_size": size,
-            "n_tags": len(ckpt["tags"]), "bytes": out.stat().st_size}
+            "n_tags": len(ckpt.tags), "bytes": out.stat().st_size}

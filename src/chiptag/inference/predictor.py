@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,9 @@ class Predictor:
     once, cached under `cache_dir` by the hash of its weights), eager torch elsewhere (bf16 autocast on CUDA).
     The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes)."""
 
+    # The checkpoint's description, without its weights, when built by from_run (Service shows its backbone).
+    card: checkpoint.Checkpoint | None = None
+
     def __init__(self, tagger: nn.Module, tags: list[str], thresholds: Sequence[float], pre: Preprocessing,
                  device: str | torch.device = "auto", engine: str = "auto", cache_dir: str | Path | None = None,
                  rules: LabelRules | None = None):
@@ -79,9 +83,11 @@ class Predictor:
         """path: a run directory or its checkpoint.pt. Everything needed is inside the checkpoint. A k-fold run
         or an ensemble predicts the mean probability of its members."""
         ckpt = checkpoint.load(checkpoint_file(path))
-        rules = LabelRules.from_config(checkpoint.label_rules(ckpt), ckpt["tags"])
-        return cls(checkpoint.load_tagger(ckpt), ckpt["tags"], ckpt["thresholds"], checkpoint.preprocessing(ckpt),
-                   device, engine, cache_dir, rules)
+        rules = LabelRules.from_config(ckpt.label_rules, ckpt.tags)
+        predictor = cls(checkpoint.load_tagger(ckpt), ckpt.tags, ckpt.thresholds, ckpt.preprocessing,
+                        device, engine, cache_dir, rules)
+        predictor.card = replace(ckpt, state_dict=None)  # its weights are in the model: not kept twice
+        return predictor
 
     def logits(self) -> Forward:
         """normalised images (N, 3, S, S) -> logits (N, n_tags), on the engine; built on first use."""

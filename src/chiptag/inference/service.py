@@ -33,8 +33,7 @@ from chiptag.device import resolve_device
 from chiptag.features.backends import onnxruntime_available
 from chiptag.inference.batcher import MicroBatcher
 from chiptag.inference.predictor import Predictor
-from chiptag.models import checkpoint
-from chiptag.runs.layout import RunDir, checkpoint_file
+from chiptag.runs.layout import RunDir
 
 ENGINES = ("auto", "torch", "onnxruntime", "bf16")
 MB = 1024 * 1024
@@ -110,12 +109,12 @@ class Service:
 
     def __init__(self, run: str | Path, opts: ServeOptions):
         self.run, self.opts = Path(run), opts
-        self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
         device = resolve_device(opts.device, "--device")
         self.engine = resolve_engine(opts.engine, device)
         # torch and bf16 are the Predictor's eager engine (bf16 autocast on CUDA), onnxruntime its ORT engine
         self.predictor = Predictor.from_run(self.run, device=device,
                                             engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
+        self.backbone = self.predictor.card.backbone  # the checkpoint is read once, by from_run
         self.summary = _summary(self.run)
         self.run_id = self.summary.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name)
         self.batcher: MicroBatcher | None = None

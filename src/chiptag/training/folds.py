@@ -105,7 +105,7 @@ def load_done(fold: Fold, y: np.ndarray) -> FoldResult | None:
     record = json.loads(run.fold_result.read_text(encoding="utf-8"))
     with np.load(run.oof_probs) as z:
         probs = z["probs"]
-    state = checkpoint.load(run.checkpoint)["state_dict"]
+    state = checkpoint.load(run.checkpoint).state_dict
     head = {key.removeprefix("head."): v for key, v in state.items() if key.startswith("head.")}
     out.print(f"fold {fold.k}: done before (val F2 {record['val_f2_tuned']:.4f}), not trained again")
     return FoldResult(fold.k, fold.val, probs, y[fold.val], {"head": head}, record)

@@ -335,7 +335,7 @@ def _record_validation(r: OpenRun) -> dict:
 def _last_good(run: RunDir) -> str:
     if not run.checkpoint.is_file():
         return "No epoch finished, so there is no checkpoint."
-    epoch = torch.load(run.checkpoint, map_location="cpu", weights_only=True).get("epoch")
+    epoch = checkpoint.load(run.checkpoint).epoch
     return f"The last good checkpoint is kept: {run.checkpoint} (best epoch {epoch})."
 
 
