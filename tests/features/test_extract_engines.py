@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from chiptag.errors import ChiptagError
+from chiptag.data.inputs import ImageInput
 from chiptag.features.backends import make_forward, onnx_file, resolve_engine
 from chiptag.features.extraction import Extractor, extract
 from chiptag.models.backbones import build_backbone, state_fingerprint
@@ -41,7 +42,7 @@ def test_extract_with_either_engine_agrees(backbone, tiny_data, tmp_path):
     paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:10]
     kw = dict(cache_dir=tmp_path, backbone_name="resnet18", backbone_hash=state_fingerprint(backbone.net),
               image_size=32)
-    a, b = (extract(Extractor("resnet18", kw["backbone_hash"], backbone.preprocessing,
+    a, b = (extract(Extractor("resnet18", kw["backbone_hash"], ImageInput(backbone.preprocessing),
                               make_forward(backbone.net, engine, "cpu", **kw), batch_size=4, show_progress=False),
                     paths) for engine in ("torch", "onnxruntime"))
     assert a.dtype == b.dtype == torch.float32 and a.shape == (10, backbone.dim)

@@ -16,15 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
-from chiptag.data.decoders import DecodedOnDevice, FileBytes, as_list
-from chiptag.data.images import ImageDataset, Preprocessing, WithTargets
+from chiptag.data.images import Preprocessing
+from chiptag.data.inputs import ImageInput, labelled_loader
 from chiptag.features.views import RandomViewSampler, TensorBatches, ViewAverage
-from chiptag.interrupt import ignore_sigint_in_worker
 from chiptag.models.head import Tagger
 from chiptag.models.stages import unfreeze
 
@@ -113,25 +111,13 @@ def feature_inputs(cfg: Config, feats: torch.Tensor, y: np.ndarray, splits: dict
 
 def image_inputs(cfg: Config, ds: Dataset, splits: dict, pre: Preprocessing, workers: int,
                  decoder: str = "cpu", device: torch.device | str = "cpu") -> Inputs:
-    """DataLoaders over the images of each split (the one input path: data.images, data.decoders), normalised
-    in batches. decoder nvjpeg: workers read bytes, batches are decoded on `device`."""
+    """(normalised images, targets) batches of each split through the one input object (data.inputs), decoded
+    by `decoder` (already resolved: cpu, or nvjpeg on `device`)."""
     gen = torch.Generator().manual_seed(cfg.training.seed)
-    init = ignore_sigint_in_worker if workers else None
+    images = ImageInput(pre, torch.device(device), decoder)
 
     def loader(idx, shuffle):
-        data = ImageDataset([ds.paths[i] for i in idx], pre)
-        source = FileBytes(data.paths) if decoder == "nvjpeg" else data
-        collate = as_list if decoder == "nvjpeg" else WithTargets(ds.table.y[idx], pre)
-        if shuffle and distributed.active():  # each rank its shard; batch_size stays the global batch
-            sampler = DistributedSampler(source, shuffle=True, seed=cfg.training.seed)
-            dl = DataLoader(source, batch_size=max(1, cfg.batch_size() // distributed.world()), sampler=sampler,
-                            num_workers=workers, worker_init_fn=init, collate_fn=collate)
-        else:
-            dl = DataLoader(source, batch_size=cfg.batch_size(), shuffle=shuffle, num_workers=workers,
-                            generator=gen if shuffle else None, worker_init_fn=init, collate_fn=collate,
-                            pin_memory=torch.device(device).type == "cuda")
-        if decoder != "nvjpeg":
-            return dl
-        return DecodedOnDevice(dl, data, torch.as_tensor(ds.table.y[idx], dtype=torch.float32), device)
+        return labelled_loader(images, [ds.paths[i] for i in idx], ds.table.y[idx], cfg.batch_size(),
+                               shuffle=shuffle, generator=gen, seed=cfg.training.seed, num_workers=workers)
 
     return Inputs(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False), gen)
