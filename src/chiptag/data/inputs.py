@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
 from chiptag.data.decoders import FileBytes, as_list, decode_batch, device_batches, resolve_decoder
-from chiptag.data.images import ImageDataset, Preprocessing, batches, d4, decode_rgb, fit, normalize, read_rgb
+from chiptag.data.images import (ImageDataset, Preprocessing, batches, collate, d4, decode_rgb, fit, normalize,
+                                 read_rgb)
 from chiptag.interrupt import ignore_sigint_in_worker
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images (N, 3, S, S), indices, per-image errors
@@ -105,8 +106,8 @@ class WithTargets:
         self.targets, self.images = torch.as_tensor(targets, dtype=torch.float32), images
 
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.stack([chip for chip, _, _ in batch])
-        return self.images.normalize(x), self.targets[torch.tensor([i for _, i, _ in batch])]
+        x, idx, _ = collate(batch)
+        return self.images.normalize(x), self.targets[idx]
 
 
 class DecodedOnDevice:
