@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from chiptag.data.images import ImageDataset, WithTargets, preprocess, read_rgb
+from chiptag.data.inputs import ImageInput, labelled_loader
 from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
 from chiptag.features.backends import make_forward, resolve_engine
@@ -77,8 +76,8 @@ def new_head(dim: int, n_tags: int) -> tuple[nn.Module, torch.optim.Optimizer]:
 def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
     head, opt = new_head(dim, y.shape[1])
     loss_fn = nn.BCEWithLogitsLoss()
-    loader = DataLoader(ImageDataset(paths, pre), batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0), collate_fn=WithTargets(y, pre))
+    loader = labelled_loader(ImageInput(pre), paths, y, args.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(0), num_workers=workers)
     t0 = time.perf_counter()
     for _ in range(args.epochs):
         head.train()
@@ -94,7 +93,7 @@ def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
 def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[float, float]:
     """-> (total seconds, extraction seconds) for cached_features + epochs of head training."""
     t0 = time.perf_counter()
-    ex = Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing, forward, batch_size=args.batch_size,
+    ex = Extractor(bb.name, state_fingerprint(bb.net), ImageInput(bb.preprocessing), forward, batch_size=args.batch_size,
                    num_workers=workers, show_progress=False)
     feats, info = cached_features(ex, paths, cache)
     t_extract = time.perf_counter() - t0
@@ -141,7 +140,8 @@ def main() -> None:
     cache = Path(tmp.name) / "cache"
     forward = make_forward(bb.net, engine, "cpu", cache_dir=cache, backbone_name=bb.name,
                            backbone_hash=state_fingerprint(bb.net), image_size=args.image_size)
-    x = torch.stack([preprocess(read_rgb(p), bb.preprocessing) for p in paths])  # pre-decoded, in memory
+    images = ImageInput(bb.preprocessing)
+    x = images.stack([images.chip(p) for p in paths])  # pre-decoded, in memory
     # Other processes share this machine: each variant runs in every round, interleaved, and the best round
     # counts (the least-disturbed measurement), for the naive loop and the limit as much as for chiptag.
     fast, eager = predictors(bb, y.shape[1], engine, cache)

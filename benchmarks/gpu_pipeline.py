@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from chiptag.data.decoders import resolve_decoder
-from chiptag.data.images import ImageDataset, WithTargets
+from chiptag.data.images import ImageDataset
+from chiptag.data.inputs import ImageInput, WithTargets
 from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
 from chiptag.features.backends import torch_forward
@@ -104,7 +104,7 @@ def train_limit(tagger: nn.Module, n_tags: int, args, device: torch.device) -> f
 
 def finetune_seconds(tagger: nn.Module, paths, y, bb, args, device: torch.device, workers: int) -> float:
     loader = DataLoader(ImageDataset(paths, bb.preprocessing), batch_size=args.train_batch_size, shuffle=True,
-                        num_workers=workers, collate_fn=WithTargets(y, bb.preprocessing),
+                        num_workers=workers, collate_fn=WithTargets(y, ImageInput(bb.preprocessing)),
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(tagger.parameters(), lr=1e-4)
@@ -116,7 +116,7 @@ def finetune_seconds(tagger: nn.Module, paths, y, bb, args, device: torch.device
 def decoder_difference(ex: Extractor, paths) -> dict:
     """max |features(nvjpeg) - features(libjpeg)| on the same chips, absolute and over the features' scale."""
     ours = extract(ex, paths).float()
-    cpu = extract(replace(ex, decoder="cpu"), paths).float()
+    cpu = extract(replace(ex, images=replace(ex.images, decoder="cpu")), paths).float()
     diff = (ours - cpu).abs().max().item()
     return {"decoder_max_abs_feature_diff": diff,
             "decoder_max_feature_diff_over_scale": diff / max(cpu.abs().max().item(), 1e-12)}
@@ -133,9 +133,8 @@ def measure(args, device: torch.device, paths, y) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         for r in range(args.rounds):
             limits.append(forward_limit(bb.net, args, device))
-            ex = Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing, torch_forward(bb.net, device),
-                           device, args.batch_size, workers, show_progress=False,
-                           decoder=resolve_decoder("auto", device))
+            ex = Extractor(bb.name, state_fingerprint(bb.net), ImageInput.resolve(bb.preprocessing, device),
+                           torch_forward(bb.net, device), args.batch_size, workers, show_progress=False)
             extracts.append(timed(lambda: cached_features(ex, paths, Path(cache) / f"r{r}"), device))
             predicts.append(timed(lambda: predictor.predict(paths, batch_size=args.batch_size), device))
     decode_diff = decoder_difference(ex, paths[:512])
@@ -149,7 +148,7 @@ def measure(args, device: torch.device, paths, y) -> dict:
             "extract_efficiency": extract / limit, "train_limit_img_s": t_limit,
             "finetune_img_s": len(paths) / t_finetune, "finetune_efficiency": len(paths) / t_finetune / t_limit,
             "predict_img_s": len(paths) / min(predicts), "predict_vs_extract": min(extracts) / min(predicts),
-            "decoder": resolve_decoder("auto", device), **decode_diff, "engine": predictor.engine, "decode_workers": workers}
+            "decoder": predictor.images.decoder, **decode_diff, "engine": predictor.engine, "decode_workers": workers}
 
 
 def main() -> None:

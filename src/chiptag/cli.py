@@ -191,7 +191,7 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
 
     dev = resolve_device(device, "--device")
     opts = PredictOptions(probabilities=probabilities, tta=tta, image_dirs=images or [], ext=ext,
-                          batch_size=batch_size, device=str(dev), engine=engine,
+                          batch_size=batch_size, device=dev, engine=engine,
                           num_workers=default_workers(workers, dev))
     r = run_predict(run, input_, out, opts)
     extra = f", probabilities in {probabilities}" if probabilities else ""
@@ -233,13 +233,14 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           timeout: float = typer.Option(60.0, min=0.1, help="seconds a request may take"),
           ) -> None:
     """Serve RUN over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, and a web page at /."""
+    from chiptag.device import resolve_device
     from chiptag.inference.service import MB, ServeOptions, require_serve_deps
-    from chiptag.training.run import resolve_device
 
     require_serve_deps()  # before importing the app: a missing FastAPI is a one-line error, not a traceback
     from chiptag.inference.serve import serve as start
 
-    start(run, ServeOptions(host=host, port=port, device=str(resolve_device(device)), engine=engine,
+    # the device is resolved here, once; the service, the predictor and its input object take it as it is
+    start(run, ServeOptions(host=host, port=port, device=resolve_device(device, "--device"), engine=engine,
                             max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
                             max_file_bytes=int(max_file_mb * MB), max_request_bytes=int(max_request_mb * MB),
                             max_pixels=max_pixels, timeout_s=timeout))

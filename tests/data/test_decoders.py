@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from chiptag.data.decoders import device_batches, image_batches, nvjpeg_can_take, resolve_decoder
+from chiptag.data.decoders import device_batches, nvjpeg_can_take, resolve_decoder
 from chiptag.data.images import ImageDataset, Preprocessing
+from chiptag.data.inputs import ImageInput
 from chiptag.errors import ChiptagError
 
 
@@ -47,7 +48,7 @@ def _mixed_inputs(tiny_data, tmp_path):
 def test_device_path_gives_the_cpu_batches_with_the_same_errors(tiny_data, tmp_path, view, workers):
     paths = _mixed_inputs(tiny_data, tmp_path)
     data = ImageDataset(paths, Preprocessing(32), view=view, keep_errors=True)
-    cpu = list(image_batches(data, 4, 0, "cpu", decoder="cpu"))
+    cpu = list(ImageInput(Preprocessing(32)).batches(paths, 4, 0, view=view, keep_errors=True))
     dev = list(device_batches(data, 4, workers, "cpu"))  # the nvjpeg path, decoding with the CPU kernel
     assert [b[1].tolist() for b in dev] == [b[1].tolist() for b in cpu]
     assert [b[2] for b in dev] == [b[2] for b in cpu]
@@ -77,6 +78,6 @@ def test_decoder_choice():
 def test_nvjpeg_on_cuda_is_within_a_few_levels_of_libjpeg(tiny_data, tmp_path):
     paths = _mixed_inputs(tiny_data, tmp_path)
     data = ImageDataset(paths, Preprocessing(32), keep_errors=True)
-    cpu = torch.cat([b[0] for b in image_batches(data, 4, 0, "cpu", decoder="cpu")])
+    cpu = torch.cat([b[0] for b in ImageInput(Preprocessing(32)).batches(paths, 4, 0, keep_errors=True)])
     gpu = torch.cat([b[0].cpu() for b in device_batches(data, 4, 0, "cuda")])
     assert (gpu.int() - cpu.int()).abs().max() <= 8  # IDCT differences (not yet measured on a GPU)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from chiptag.data.images import ImageDataset, Preprocessing, collate, normalize, preprocess, read_rgb
+from chiptag.data.images import ImageDataset, Preprocessing, collate, normalize
+from chiptag.data.inputs import ImageInput
 from chiptag.errors import ChiptagError
 
 
@@ -37,8 +38,8 @@ def test_input_path_gives_the_reference_numbers(tiny_data, size, view):
     # torchvision's libjpeg and Pillow's decode the same JPEG to within one grey level; the uint8 resize is
     # within one more of the float reference
     assert torch.allclose(normalize(raw, pre), ref, atol=(1.5 if size == 48 else 2.5) / 255 / 0.2)
-    if view == 0:  # the single-image helper is the same path
-        assert torch.equal(torch.stack([preprocess(read_rgb(p), pre) for p in paths]), normalize(raw, pre))
+    images = ImageInput(pre)  # one chip at a time (the server's way) is the same path
+    assert torch.equal(images.stack([images.chip(p, view=view) for p in paths]), normalize(raw, pre))
 
 
 def test_unreadable_image_raises_or_comes_back_as_an_error(tiny_data, tmp_path):

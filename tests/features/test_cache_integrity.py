@@ -9,6 +9,7 @@ import torch
 
 from chiptag.features import cache as cachefile
 from chiptag.data.images import Preprocessing
+from chiptag.data.inputs import ImageInput
 from chiptag.features.extraction import Extractor, cached_features, fingerprint
 from chiptag.features.backends import torch_forward
 from chiptag.models.backbones import build_backbone, state_fingerprint
@@ -21,7 +22,8 @@ def small_net():
 
 
 def features(bb, paths, cache):
-    ex = Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing, torch_forward(bb.net, torch.device("cpu"), False),
+    ex = Extractor(bb.name, state_fingerprint(bb.net), ImageInput(bb.preprocessing),
+                   torch_forward(bb.net, torch.device("cpu"), False),
                    batch_size=32, num_workers=0, show_progress=False)
     feats, info = cached_features(ex, paths, cache)
     return feats, info.to_dict()

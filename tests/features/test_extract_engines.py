@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chiptag.errors import ChiptagError
-from chiptag.features.backends import make_forward, onnx_file, resolve_engine
+from chiptag.data.inputs import ImageInput
+from chiptag.features.backends import SERVE_ENGINES, make_forward, onnx_file, resolve_engine
 from chiptag.features.extraction import Extractor, extract
 from chiptag.models.backbones import build_backbone, state_fingerprint
 
@@ -41,7 +42,7 @@ def test_extract_with_either_engine_agrees(backbone, tiny_data, tmp_path):
     paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:10]
     kw = dict(cache_dir=tmp_path, backbone_name="resnet18", backbone_hash=state_fingerprint(backbone.net),
               image_size=32)
-    a, b = (extract(Extractor("resnet18", kw["backbone_hash"], backbone.preprocessing,
+    a, b = (extract(Extractor("resnet18", kw["backbone_hash"], ImageInput(backbone.preprocessing),
                               make_forward(backbone.net, engine, "cpu", **kw), batch_size=4, show_progress=False),
                     paths) for engine in ("torch", "onnxruntime"))
     assert a.dtype == b.dtype == torch.float32 and a.shape == (10, backbone.dim)
@@ -67,3 +68,18 @@ def test_engine_choice():
         resolve_engine("tensorrt", torch.device("cpu"))
     with pytest.raises(ChiptagError, match="onnxruntime runs on CPU"):
         resolve_engine("onnxruntime", torch.device("meta"))
+
+
+def test_one_engine_rule_for_extraction_predict_and_serve():
+    """serve's names are the same rule plus bf16, the eager forward under autocast (CUDA only)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # deciding needs no CUDA device
+    assert resolve_engine("auto", cuda) == "torch"  # extraction and predict: eager (bf16 autocast) on CUDA
+    assert resolve_engine("auto", cuda, "--engine", SERVE_ENGINES) == "bf16"  # serve names it by its dtype
+    assert resolve_engine("auto", cpu, "--engine", SERVE_ENGINES) == "onnxruntime"
+    assert resolve_engine("auto", torch.device("meta"), "--engine", SERVE_ENGINES) == "torch"
+    with pytest.raises(ChiptagError, match="features.engine: unknown engine 'bf16'"):
+        resolve_engine("bf16", cuda)  # not a features.engine / predict --engine value
+    with pytest.raises(ChiptagError, match="--engine bf16 runs on CUDA only"):
+        resolve_engine("bf16", cpu, "--engine", SERVE_ENGINES)
+    with pytest.raises(ChiptagError, match="--engine: onnxruntime runs on CPU"):
+        resolve_engine("onnxruntime", cuda, "--engine", SERVE_ENGINES)

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from chiptag.cli import app
-from chiptag.data.images import d4, preprocess, read_rgb
+from chiptag.data.images import d4
 from chiptag.errors import ChiptagError
 from chiptag.features.views import mean_probabilities
 from chiptag.inference.predictor import Predictor
@@ -42,7 +42,7 @@ def test_onnxruntime_predictions_equal_the_eager_predictor(run_dir, chips, tmp_p
     ref = eager.predict(chips, tta=tta, batch_size=6)
     assert np.abs(got - ref).max() <= TOLERANCE
     # and both are the one rule, written out: the mean over D4 views of the eager float32 model's probabilities
-    x = torch.stack([preprocess(read_rgb(c), eager.preprocessing) for c in chips])
+    x = eager.images.stack([eager.images.chip(c) for c in chips])
     with torch.inference_mode():
         model = eager.model.to(memory_format=torch.contiguous_format).float()
         want = (mean_probabilities(model.tagger(d4(x, v)) for v in range(8)) if tta else model(x)).numpy()

@@ -22,7 +22,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from chiptag.cli import app
-from chiptag.data.images import preprocess, read_rgb
 from chiptag.errors import ChiptagError
 from chiptag.inference.export import export_run, run_exported
 from chiptag.inference.predictor import Predictor
@@ -61,7 +60,7 @@ def test_predictor_needs_only_the_checkpoint(run_dir, chips, tmp_path):
     probs = p.predict(chips, batch_size=7)  # batches that do not divide the input
     assert probs.shape == (len(chips), len(p.tags)) and probs.dtype == np.float32
     assert np.all((probs >= 0) & (probs <= 1))
-    x = torch.stack([preprocess(read_rgb(c), p.preprocessing) for c in chips]).to(p.device)
+    x = p.images.stack([p.images.chip(c) for c in chips])  # on p.device
     with torch.inference_mode():  # the same device as the Predictor: like is compared with like
         expected = torch.sigmoid(p.model.tagger(x)).cpu().numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-6)
@@ -176,7 +175,7 @@ def test_export_matches_pytorch_on_real_chips(run_dir, chips, tmp_path, fmt, req
         r = invoke("export", run_dir, "--format", fmt, "--out", path)
         assert r.exit_code == 0, r.output
     p = Predictor.from_run(run_dir, device="cpu")  # exported files run on the CPU here: compare with the CPU
-    x = torch.stack([preprocess(read_rgb(c), p.preprocessing) for c in chips[:5]])
+    x = p.images.stack([p.images.chip(c) for c in chips[:5]])
     expected = p.predict_tensor(x).numpy()
     for batch in (x[:1], x):  # the batch dimension is dynamic
         got = run_exported(fmt, path, batch.numpy())

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from chiptag.cli import app
 from chiptag.inference.predictor import Predictor
-from chiptag.inference.service import ServeOptions, Service, resolve_engine
+from chiptag.features.backends import SERVE_ENGINES, resolve_engine
+from chiptag.inference.service import ServeOptions, Service
 
 LIMITS = dict(engine="torch", max_images=4, max_file_bytes=60_000, max_request_bytes=150_000,
               max_pixels=1_000_000, max_wait_ms=5)
@@ -219,7 +220,7 @@ def test_timeout_is_408(run_dir, chips):
 
 def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
     pytest.importorskip("onnxruntime")
-    assert resolve_engine("auto", torch.device("cpu")) == "onnxruntime"  # faster served, idle (serve_load*.json)
+    assert resolve_engine("auto", torch.device("cpu"), "--engine", SERVE_ENGINES) == "onnxruntime"  # faster served, idle (serve_load*.json)
     threads = torch.get_num_threads()
     service = Service(run_dir, ServeOptions(device="cpu", engine="onnxruntime"))
     try:
@@ -242,3 +243,24 @@ def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
 def test_cli_errors_are_one_line(run_dir, args, words):
     r = CliRunner().invoke(app, [str(run_dir) if a == "RUN" else a for a in args])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
+
+
+def test_serve_loads_no_training_code(run_dir):
+    """`chiptag serve` (the CLI command, its Service and app; uvicorn's loop left out) imports nothing of
+    chiptag.training: a server carries only what predicting needs."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import uvicorn
+uvicorn.run = lambda app, **kw: print("app built:", type(app).__name__)  # everything up to listening
+from chiptag.cli import app
+app(["serve", {str(run_dir)!r}, "--device", "cpu", "--engine", "torch"], standalone_mode=False)
+print("loaded:", sorted(m for m in sys.modules if m.startswith("chiptag.training")))
+"""
+    src = Path(__file__).resolve().parents[2] / "src"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(src)})
+    assert r.returncode == 0, r.stderr
+    assert "app built: FastAPI" in r.stdout and "loaded: []" in r.stdout, r.stdout

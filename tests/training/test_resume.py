@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from chiptag import config as config_mod
+from chiptag.data.inputs import ImageInput
 from chiptag.features import extraction as features
 from chiptag.features.cache import decode
 from chiptag.models import checkpoint
@@ -117,7 +118,7 @@ def test_interrupted_extraction_resumes_from_saved_chunks(tiny_data, tmp_path, m
     raw["features"]["batch_size"] = 16
     cfg = config_mod.from_dict(raw)
     monkeypatch.setattr(features, "CHUNK_IMAGES", 40)
-    real_save, real_batches, real_read = features.PartialCache.save, features.image_batches, images.read_rgb
+    real_save, real_batches, real_read = features.PartialCache.save, ImageInput.batches, images.read_rgb
     loaders, decoded, armed = [], [], {"on": True}
 
     def save(self, start, feats):  # signal while the first chunk is saved (after 3 batches: 48 images)
@@ -126,16 +127,16 @@ def test_interrupted_extraction_resumes_from_saved_chunks(tiny_data, tmp_path, m
             armed["on"] = False
             os.kill(os.getpid(), signal.SIGINT)
 
-    def image_batches(data, *args, **kwargs):
-        loaders.append(len(data))
-        return real_batches(data, *args, **kwargs)
+    def batches(self, paths, *args, **kwargs):
+        loaders.append(len(paths))
+        return real_batches(self, paths, *args, **kwargs)
 
     def read_rgb(path):
         decoded.append(path)
         return real_read(path)
 
     monkeypatch.setattr(features.PartialCache, "save", save)
-    monkeypatch.setattr(features, "image_batches", image_batches)
+    monkeypatch.setattr(ImageInput, "batches", batches)
     monkeypatch.setattr(images, "read_rgb", read_rgb)
     with pytest.raises(Interrupted, match="feature extraction stopped at image 48/120") as stopped:
         run_train(cfg)
@@ -164,7 +165,7 @@ def _extractor_and_paths(cfg):
     from chiptag.training.settings import Settings
 
     bb = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).backbone
-    ex = features.Extractor(bb.name, state_fingerprint(bb.net), bb.preprocessing,
+    ex = features.Extractor(bb.name, state_fingerprint(bb.net), ImageInput(bb.preprocessing),
                             torch_forward(bb.net, torch.device("cpu")), show_progress=False)
     return ex, load_dataset(cfg.data).paths
 

@@ -1,4 +1,4 @@
-"""The two decoders behind the one input path (data.images): `cpu` and `nvjpeg`.
+"""The two decoders behind the one input object (data.inputs.ImageInput): `cpu` and `nvjpeg`.
 
 cpu: workers (or a prefetch thread) decode with libjpeg (torchvision, Pillow as fallback) and resize on uint8;
 batches leave them as uint8 (N, 3, S, S).
@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from chiptag.data.images import ImageDataset, batches, d4, fit, normalize, prefetched, read_rgb
+from chiptag.data.images import ImageDataset, d4, fit, prefetched, read_rgb
 from chiptag.errors import ChiptagError
 from chiptag.interrupt import ignore_sigint_in_worker
 
@@ -141,32 +141,3 @@ def device_batches(data: ImageDataset, batch_size: int, num_workers: int, device
                                              worker_init_fn=ignore_sigint_in_worker)
     for items in loader:
         yield decode_batch(items, data, device)
-
-
-class DecodedOnDevice:
-    """Training batches for the nvjpeg decoder: a DataLoader over FileBytes (its sampler, shuffling generator and
-    workers as usual), each batch decoded on the device -> (normalised images, targets). Quacks like the
-    DataLoader it wraps (len, dataset, sampler) for the epoch loop."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, data: ImageDataset, targets: torch.Tensor,
-                 device: torch.device | str):
-        self.loader, self.data, self.targets, self.device = loader, data, targets, torch.device(device)
-        self.dataset, self.sampler = loader.dataset, loader.sampler
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for items in self.loader:
-            x, idx, _ = decode_batch(items, self.data, self.device)
-            yield normalize(x, self.data.pre), self.targets[idx]
-
-
-def image_batches(data: ImageDataset, batch_size: int, num_workers: int, device: torch.device | str = "cpu", *,
-                  prefetch: int = 2, decoder: str = "cpu"):
-    """The one batch source for extraction and prediction: (uint8 images, indices, errors) per batch. A
-    generator, so closing it early (a stop request) shuts the workers down at once."""
-    if decoder == "nvjpeg":
-        yield from device_batches(data, batch_size, num_workers, device, prefetch)
-    else:
-        yield from batches(data, batch_size, num_workers, device, prefetch)

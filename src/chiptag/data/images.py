@@ -1,10 +1,9 @@
-"""The one input path: file -> RGB uint8 -> resized -> D4 view -> batch -> normalised on the device.
+"""The steps of the one input path: file or bytes -> RGB uint8 -> resized -> D4 view -> batch -> normalised.
 
-Feature extraction, end-to-end training (fine-tuning), evaluation and prediction all read images through
-`ImageDataset` and `normalize`, so a chip is seen identically everywhere. The split keeps the per-image work
-in a decode worker to the minimum: a chip already at the model's size leaves the worker as uint8 (a quarter
-of the bytes through shared memory, no float work), and normalisation (the weights' own mean/std) runs once
-per batch, vectorised, next to the forward.
+Consumers do not call these one by one: they hold a data.inputs.ImageInput, which runs them in this order for
+every one of them. The split keeps the per-image work in a decode worker to the minimum: a chip already at the
+model's size leaves the worker as uint8 (a quarter of the bytes through shared memory, no float work), and
+normalisation (the weights' own mean/std) runs once per batch, vectorised, next to the forward.
 """
 
 from __future__ import annotations
@@ -191,11 +190,6 @@ def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     return (x - mean) / std
 
 
-def preprocess(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """One decoded chip -> its normalised float 3xSxS input (the dataset + normalize path, for one image)."""
-    return normalize(fit(img, pre).unsqueeze(0), pre).squeeze(0)
-
-
 def d4(x: torch.Tensor, view: int) -> torch.Tensor:
     """One of the 8 flips/rotations of the square (view 0 is the identity). Works on (..., H, W)."""
     if not 0 <= view < 8:
@@ -239,18 +233,6 @@ class ImageDataset(torch.utils.data.Dataset):
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """-> (images uint8 (N, 3, S, S), indices, errors)."""
     return torch.stack([x for x, _, _ in batch]), torch.tensor([i for _, i, _ in batch]), [e for _, _, e in batch]
-
-
-class WithTargets:
-    """collate_fn for training on images: -> (normalised batch, the targets of its rows). A class, not a
-    closure, so DataLoader workers can pickle it."""
-
-    def __init__(self, targets: np.ndarray, pre: Preprocessing):
-        self.targets, self.pre = torch.as_tensor(targets, dtype=torch.float32), pre
-
-    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, idx, _ = collate(batch)
-        return normalize(x, self.pre), self.targets[idx]
 
 
 def prefetched(dataset, batch_size: int, depth: int = 2, collate_fn=None) -> Iterator:

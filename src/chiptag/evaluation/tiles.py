@@ -1,9 +1,9 @@
-"""Chip tiles for the error sheets: decoded through the training input path, laid out in inches.
+"""Chip tiles for the error sheets: decoded through the one input object (data.inputs), laid out in inches.
 
-A tile is the chip as the model saw it (read_rgb + resize to the run's image_size: the whole chip, no crop), a
-two-line title above it and its tags below it: black = true and predicted, red "missed" = true but not predicted,
-blue "extra" = predicted but not true (a word as well as a colour, so the sheet reads in greyscale too). A chip
-that cannot be read becomes a grey tile that says why; a sheet never fails on one image.
+A tile is the chip as the model saw it (ImageInput.chip: decoded and resized to the run's image_size in its
+data.resize mode), a two-line title above it and its tags below it: black = true and predicted, red "missed" =
+true but not predicted, blue "extra" = predicted but not true (a word as well as a colour, so the sheet reads in
+greyscale too). A chip that cannot be read becomes a grey tile that says why; a sheet never fails on one image.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 import yaml
 
 from chiptag.config import DataConfig
-from chiptag.data.images import read_rgb, resize
+from chiptag.data.images import Preprocessing, read_rgb
+from chiptag.data.inputs import ImageInput
 from chiptag.runs.layout import RunDir
 
 COLOURS = {"ok": "#202020", "missed": "#c62828", "extra": "#1565c0"}
@@ -61,6 +62,13 @@ class TileReader:
     mode: str = "squash"  # the run's data.resize: a tile is the square the model saw
     decoded: int = 0
     cache: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+    # The model's input object for size and mode. Its mean/std (ImageNet's) only colour pad's borders: the run's
+    # own are in the checkpoint, which a report does not load for this. None: no size known, chips as they are.
+    images: ImageInput | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        if self.size:
+            self.images = ImageInput(Preprocessing(self.size, resize=self.mode))
 
     @classmethod
     def for_run(cls, run_dir: Path, size: int | None) -> TileReader:
@@ -85,9 +93,8 @@ class TileReader:
             return self._grey(), self.problem
         self.decoded += 1
         try:
-            img = read_rgb(self.image_dir / f"{name}{self.extension}")
-            if self.size:
-                img = resize(img, self.size, self.mode)
+            path = self.image_dir / f"{name}{self.extension}"
+            img = self.images.chip(path) if self.images is not None else read_rgb(path)
         except Exception as exc:  # noqa: BLE001 - ChiptagError names the file; anything else is shown too
             return self._grey(), str(exc) or exc.__class__.__name__
         arr = img.permute(1, 2, 0).numpy()

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from chiptag import distributed
-from chiptag.data.decoders import image_batches
-from chiptag.data.images import ImageDataset, Preprocessing, normalize
+from chiptag.data.images import Preprocessing
+from chiptag.data.inputs import ImageInput
 from chiptag.errors import ChiptagError
 from chiptag.features.backends import Forward
 from chiptag.features.cache import PartialCache, load_features, save_features, stored
@@ -38,18 +38,17 @@ CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on
 @dataclass
 class Extractor:
     """A backbone ready to extract: its forward (an engine from features.backends), what identifies its
-    numbers in the cache (name, parameter hash, preprocessing), and how to feed it."""
+    numbers in the cache (name, parameter hash, and its input's preprocessing and decoder), and how to feed it
+    (`images`: the one input object, which holds the preprocessing, the device and the decoder)."""
 
     name: str
     backbone_hash: str
-    pre: Preprocessing
+    images: ImageInput
     forward: Forward
-    device: torch.device = torch.device("cpu")
     batch_size: int = 64
     num_workers: int = 0
     show_progress: bool = True
     label: str = "extract"
-    decoder: str = "cpu"  # cpu (libjpeg in workers) or nvjpeg (batches decoded on the GPU): data.decoders
 
 
 @dataclass
@@ -130,21 +129,19 @@ def default_workers(requested: int | str, device: str | torch.device | None = No
 def _feature_batches(ex: Extractor, paths: Sequence[Path], view: int) -> Iterator[torch.Tensor]:
     """Backbone forward over images, batch by batch -> (B, dim) float32 on CPU, through the one input path.
     One loader for all of `paths`: its workers live as long as the extraction (no restart per saved chunk)."""
-    data = ImageDataset(paths, ex.pre, view=view)
     with progress_bar(len(paths), ex.label, enabled=ex.show_progress) as advance, \
-            closing(image_batches(data, ex.batch_size, ex.num_workers, ex.device, decoder=ex.decoder)) as stream:
+            closing(ex.images.batches(paths, ex.batch_size, ex.num_workers, view=view)) as stream:
         for x, _, _ in stream:
             with torch.inference_mode():  # not around the yield: the consumer's mode is its own
-                # uint8 crosses to the device (a quarter of the bytes) and is normalised there
                 # float32 here: the cache's scaled float16 keeps what plain float16 would flush to 0
-                f = ex.forward(normalize(x.to(ex.device, non_blocking=True), ex.pre)).float().cpu()
+                f = ex.forward(ex.images.to_model(x)).float().cpu()
             yield f
             advance(len(f))
 
 
 def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
             should_stop: Callable[[], object] | None = None) -> torch.Tensor:
-    """Backbone forward over images -> (N, dim) float32 on CPU, through the one input path (data.images).
+    """Backbone forward over images -> (N, dim) float32 on CPU, through the one input object (data.inputs).
 
     should_stop: polled after each batch; when true, returns the rows done so far (fewer than len(paths))."""
     chunks = []
@@ -207,13 +204,14 @@ def cached_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None
         t0 = time.perf_counter()
         feats = distributed.shard_extract(sharded, paths)
         return feats, FeatureInfo("off", time.perf_counter() - t0)
-    key = fingerprint(ex.backbone_hash, ex.pre, paths, view, ex.decoder)
-    path = Path(cache_dir) / f"{ex.name}-{ex.pre.image_size}px-v{view}-{key[:20]}.pt"
-    info = FeatureInfo("miss", path=str(path), decoder=ex.decoder)
+    pre, decoder = ex.images.pre, ex.images.decoder
+    key = fingerprint(ex.backbone_hash, pre, paths, view, decoder)
+    path = Path(cache_dir) / f"{ex.name}-{pre.image_size}px-v{view}-{key[:20]}.pt"
+    info = FeatureInfo("miss", path=str(path), decoder=decoder)
     if path.is_file():
         feats, problem = load_features(path, key, len(paths))
         if feats is not None:
-            return feats, FeatureInfo("hit", 0.0, path=str(path), decoder=ex.decoder)
+            return feats, FeatureInfo("hit", 0.0, path=str(path), decoder=decoder)
         console.print(f"[yellow]warning:[/] feature cache {path} is not usable: {problem}; recomputing it")
         info.recomputed_because = problem
         path.unlink(missing_ok=True)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from chiptag.data.decoders import resolve_decoder
 from chiptag.data.images import Preprocessing
+from chiptag.data.inputs import ImageInput
 from chiptag.features.backends import LazyForward, make_forward
 from chiptag.features.extraction import Extractor, FeatureInfo, cached_features
 from chiptag.models.backbones import state_fingerprint
@@ -24,14 +24,16 @@ from chiptag.models.backbones import state_fingerprint
 
 def make_extractor(net: nn.Module, name: str, pre: Preprocessing, fcfg, device: torch.device,
                    **options) -> Extractor:
-    """An Extractor for `net` with the engine `fcfg.engine` (config.FeaturesConfig), built on first use.
-    options: num_workers, show_progress, label."""
+    """An Extractor for `net` with the engine `fcfg.engine` (config.FeaturesConfig), built on first use, fed by
+    the one input object with the decoder `fcfg.decoder` resolved for `device`. options: num_workers,
+    show_progress, label."""
+    device = torch.device(device)
+    images = ImageInput.resolve(pre, device, fcfg.decoder)
     bhash = state_fingerprint(net)
     forward = LazyForward(lambda: make_forward(
         net, fcfg.engine, device, cache_dir=fcfg.cache_dir, backbone_name=name, backbone_hash=bhash,
         image_size=pre.image_size, channels_last=fcfg.channels_last))
-    return Extractor(name, bhash, pre, forward, device, batch_size=fcfg.batch_size,
-                     decoder=resolve_decoder(fcfg.decoder, torch.device(device)), **options)
+    return Extractor(name, bhash, images, forward, batch_size=fcfg.batch_size, **options)
 
 
 def view_features(ex: Extractor, paths: Sequence[Path], cache_dir: Path | None,

@@ -4,7 +4,7 @@
     probs = p.predict(paths, tta=True)        # (N, n_tags) float32 probabilities
     tags = p.tag_strings(probs)               # "clear primary ..." at the run's tuned thresholds
 
-Images go through the same input path and engines as feature extraction (data.images + data.decoders,
+Images go through the same input object and engines as feature extraction (data.inputs.ImageInput,
 features.backends), and TTA is the same rule as on cached features (features.views.mean_probabilities), so a
 chip is seen identically and predicted as fast as its features are extracted.
 """
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from chiptag.data.decoders import image_batches, resolve_decoder
-from chiptag.data.images import ImageDataset, Preprocessing, d4, normalize
+from chiptag.data.images import Preprocessing, d4
+from chiptag.data.inputs import ImageInput
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation.label_rules import LabelRules
@@ -55,7 +55,10 @@ def default_cache_dir() -> Path:
 class Predictor:
     """engine: as feature extraction (features.backends): auto = ONNX Runtime on CPU (the whole tagger exported
     once, cached under `cache_dir` by the hash of its weights), eager torch elsewhere (bf16 autocast on CUDA).
-    The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes)."""
+    The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes).
+
+    device: a torch.device is used as given (a command resolved it once: chiptag.device.resolve_device); a name
+    (auto, cpu, cuda:0) is resolved here, for the Python API."""
 
     # The checkpoint's description, without its weights, when built by from_run (Service shows its backbone).
     card: checkpoint.Checkpoint | None = None
@@ -65,15 +68,15 @@ class Predictor:
                  rules: LabelRules | None = None):
         if len(thresholds) != len(tags):
             raise ChiptagError(f"{len(thresholds)} thresholds for {len(tags)} tags")
-        self.device = resolve_device(device)  # auto: CUDA when available, as `chiptag predict`
+        # auto: CUDA when available, as `chiptag predict`
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = ProbabilityModel(tagger).eval()
         self.engine = resolve_engine(engine, self.device, what="engine")
         self._fallback = engine == "auto"  # an auto ONNX export that fails falls back to eager torch
-        self.decoder = resolve_decoder("auto", self.device)
+        self.images = ImageInput.resolve(pre, self.device)  # the decoder for this device: nvjpeg on CUDA
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.tags = list(tags)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self.preprocessing = pre
         self.rules = rules or LabelRules()  # the run's label structure (config `labels`), applied in binarize
         self._forward: Forward | None = None
 
@@ -89,6 +92,11 @@ class Predictor:
         predictor.card = replace(ckpt, state_dict=None)  # its weights are in the model: not kept twice
         return predictor
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the checkpoint says its inputs are (size, mean/std, resize mode): the input object's."""
+        return self.images.pre
+
     def logits(self) -> Forward:
         """normalised images (N, 3, S, S) -> logits (N, n_tags), on the engine; built on first use."""
         if self._forward is None:
@@ -96,7 +104,7 @@ class Predictor:
         return self._forward
 
     def _build_forward(self) -> Forward:
-        tagger, size = self.model.tagger, self.preprocessing.image_size
+        tagger, size = self.model.tagger, self.images.pre.image_size
         if self.engine == "onnxruntime":
             path = onnx_file(self.cache_dir / "predict", "tagger", state_fingerprint(tagger), size)
             try:
@@ -121,17 +129,17 @@ class Predictor:
                 num_workers: int | str = "auto", errors: dict[int, str] | None = None,
                 show_progress: bool = False) -> np.ndarray:
         """Image files -> (N, n_tags) float32 probabilities, in the order of `paths`, through the same input
-        path as feature extraction (decoder, loader, normalisation). num_workers auto: as extraction.
+        object as feature extraction (decoder, loader, normalisation). num_workers auto: as extraction.
 
         An image that cannot be read raises ChiptagError naming it, unless `errors` (a dict) is given: then its
         row is NaN and errors[index] holds the message, and the other images are still predicted."""
         paths = [Path(p) for p in paths]
         probs = np.full((len(paths), len(self.tags)), np.nan, dtype=np.float32)
-        data = ImageDataset(paths, self.preprocessing, keep_errors=True)  # never raises: errors come back
         workers = default_workers(num_workers, self.device)
         label = "predict (TTA x8)" if tta else "predict"
-        with progress_bar(len(paths), label, enabled=show_progress) as advance, closing(image_batches(
-                data, batch_size, workers, self.device, decoder=self.decoder)) as stream:
+        # keep_errors: an unreadable image never raises in the loader; its message comes back with the batch
+        with progress_bar(len(paths), label, enabled=show_progress) as advance, closing(self.images.batches(
+                paths, batch_size, workers, keep_errors=True)) as stream:
             for x, idx, msgs in stream:
                 ok = torch.tensor([not m for m in msgs], dtype=torch.bool)
                 for i, m in zip(idx.tolist(), msgs):
@@ -140,7 +148,7 @@ class Predictor:
                     if m:
                         errors[i] = m
                 if ok.any():
-                    x = normalize(x[ok.to(x.device)].to(self.device, non_blocking=True), self.preprocessing)
+                    x = self.images.to_model(x[ok.to(x.device)])
                     probs[idx[ok].numpy()] = self.predict_tensor(x, tta).numpy()
                 advance(len(idx))
         return probs

@@ -2,14 +2,14 @@
 
 Uploads take the path `chiptag predict` takes, in memory: the bytes (never a path a client named) are checked by
 data.image_check.check_image (header checks, the pixel cap against decompression bombs, truncated and corrupt
-JPEGs), decoded by data.images.decode_rgb (read_rgb's decoder) and resized by data.images.fit in the run's
-resize mode; batches are normalised by data.images.normalize and run through Predictor.predict_tensor. So a
-chip gets the same probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
+JPEGs), then the Predictor's input object (data.inputs.ImageInput) decodes and resizes them exactly as it reads
+a file (`chip`) and normalises each batch (`stack`) for Predictor.predict_tensor. So a chip gets the same
+probabilities over HTTP as from the CLI (tests/inference/test_serve_api.py checks it to 1e-6).
 
 Engines are the Predictor's: `torch` (eager float32 on CPU), `onnxruntime` (CPU: the tagger exported once,
 cached by its weights' hash; about 1e-6 from torch), `bf16` (CUDA: eager under bf16 autocast). `auto` picks bf16
 on CUDA and ONNX Runtime on CPU (the faster engine on an idle machine, as for `chiptag predict`; the recorded
-pair: benchmarks/results/serve_load.json and serve_load-torch.json).
+pair: benchmarks/results/serve_load.json and serve_load-torch.json); the rule is features.backends.resolve_engine.
 """
 
 from __future__ import annotations
@@ -26,16 +26,13 @@ import torch
 from PIL import Image
 
 from chiptag.data.image_check import check_image
-from chiptag.data.images import collate, decode_rgb, fit, normalize
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
-from chiptag.device import resolve_device
-from chiptag.features.backends import onnxruntime_available
+from chiptag.features.backends import SERVE_ENGINES, resolve_engine
 from chiptag.inference.batcher import MicroBatcher
 from chiptag.inference.predictor import Predictor
 from chiptag.runs.layout import RunDir
 
-ENGINES = ("auto", "torch", "onnxruntime", "bf16")
 MB = 1024 * 1024
 INLINE_PIXELS = 512 * 512  # an upload this small is decoded on the event loop: a thread hop costs more (serve.py)
 RESIZE_MODES = {"squash": "whole image resized to image_size x image_size (aspect not kept, no crop)",
@@ -47,7 +44,7 @@ RESIZE_MODES = {"squash": "whole image resized to image_size x image_size (aspec
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str = "cpu"  # resolved already ("cpu", "cuda", "cuda:0"); the CLI turns "auto" into one of these
+    device: torch.device = torch.device("cpu")  # resolved once by the command (chiptag.device.resolve_device)
     engine: str = "auto"
     max_batch: int = 64  # images per forward
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
@@ -57,6 +54,9 @@ class ServeOptions:
     max_pixels: int = 40_000_000  # decompression-bomb guard, checked on the header before any decode
     timeout_s: float = 60.0  # a request (upload + decode + forward) that takes longer gets a 408
     max_connections: int = 128  # uvicorn answers 503 beyond this many concurrent connections
+
+    def __post_init__(self):  # a resolved device may come by name ("cpu", "cuda:0"); "auto" is the command's job
+        object.__setattr__(self, "device", torch.device(self.device))
 
 
 class UploadError(Exception):
@@ -69,23 +69,6 @@ def require_serve_deps() -> None:
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
         raise ChiptagError(f"chiptag serve needs {', '.join(missing)}: pip install 'chiptag[serve]'")
-
-
-def resolve_engine(engine: str, device: torch.device) -> str:
-    if engine not in ENGINES:
-        raise ChiptagError(f"--engine: unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
-    if engine == "auto":
-        if device.type == "cuda":
-            return "bf16"
-        # ONNX Runtime on CPU, as `chiptag predict`: on an idle 2-core machine it served 154.1 img/s against
-        # 111.2 for eager torch (benchmarks/serve_load.py, 8 clients x 1 chip, demo run)
-        return "onnxruntime" if onnxruntime_available() else "torch"
-    if engine == "onnxruntime" and (device.type != "cpu" or not onnxruntime_available()):
-        raise ChiptagError("--engine onnxruntime needs --device cpu and onnxruntime installed "
-                           "(pip install 'chiptag[export]'); or use --engine torch")
-    if engine == "bf16" and device.type != "cuda":
-        raise ChiptagError("--engine bf16 runs on CUDA only; use --engine torch or onnxruntime on CPU")
-    return engine
 
 
 def _summary(run: Path) -> dict:
@@ -109,12 +92,21 @@ class Service:
 
     def __init__(self, run: str | Path, opts: ServeOptions):
         self.run, self.opts = Path(run), opts
+<<<<<<< HEAD
         device = resolve_device(opts.device, "--device")
         self.engine = resolve_engine(opts.engine, device)
+=======
+        self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
+        self.engine = resolve_engine(opts.engine, opts.device, "--engine", SERVE_ENGINES)
+>>>>>>> input-object
         # torch and bf16 are the Predictor's eager engine (bf16 autocast on CUDA), onnxruntime its ORT engine
-        self.predictor = Predictor.from_run(self.run, device=device,
+        self.predictor = Predictor.from_run(self.run, device=opts.device,
                                             engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
+<<<<<<< HEAD
         self.backbone = self.predictor.card.backbone  # the checkpoint is read once, by from_run
+=======
+        self.images = self.predictor.images  # decode, resize and normalise exactly as `chiptag predict`
+>>>>>>> input-object
         self.summary = _summary(self.run)
         self.run_id = self.summary.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name)
         self.batcher: MicroBatcher | None = None
@@ -138,7 +130,7 @@ class Service:
                 self._probs = self._probabilities()
                 self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000,
                                             expecting=self.expecting, setup=self._batcher_setup)
-                size = self.predictor.preprocessing.image_size
+                size = self.images.pre.image_size
                 self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
                 self.ready = True
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
@@ -161,10 +153,8 @@ class Service:
             torch.set_num_threads(1)
 
     def forward(self, chips: Sequence[torch.Tensor], tta: bool) -> np.ndarray:
-        """Decoded chips (ImageDataset items) -> probabilities, the way Predictor.predict batches them."""
-        x, _, _ = collate([(c, i, "") for i, c in enumerate(chips)])
-        x = normalize(x.to(self.predictor.device), self.predictor.preprocessing)
-        return self._probs(x, tta).numpy()
+        """Decoded chips (from `decode`) -> probabilities, the way Predictor.predict batches them."""
+        return self._probs(self.images.stack(chips), tta).numpy()
 
     @staticmethod
     def small(raw: bytes) -> bool:
@@ -183,7 +173,7 @@ class Service:
         if info.kind is not None:
             raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
         try:
-            return fit(decode_rgb(raw, name), self.predictor.preprocessing)
+            return self.images.chip(raw, name=name)
         except ChiptagError as exc:
             raise UploadError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a decoder's own error fails only this upload
@@ -197,7 +187,7 @@ class Service:
                 "probabilities": {t: float(p) for t, p in zip(self.predictor.tags, probs)}, "error": None}
 
     def model_info(self) -> dict:
-        s, pre = self.summary, self.predictor.preprocessing
+        s, pre = self.summary, self.images.pre
         metrics, baseline = s.get("metrics", {}), s.get("baseline", {})
         return {
             "run_id": self.run_id,

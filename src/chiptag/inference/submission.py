@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from chiptag.atomic import replacing
 from chiptag.data.image_check import validate_images
@@ -43,7 +44,7 @@ class PredictOptions:
     image_dirs: Sequence[Path] = ()  # where a CSV's images are looked up (default: beside it, Planet's layout)
     ext: str | None = None  # image extension (default: common ones)
     batch_size: int = 64
-    device: str = "auto"
+    device: str | torch.device = "auto"  # a torch.device is used as given (the CLI resolved it once)
     num_workers: int | str = "auto"  # decode workers (auto: as feature extraction on this device)
     engine: str = "auto"  # features.backends engines: auto = ONNX Runtime on CPU, eager torch (bf16) on CUDA
     show_progress: bool = True

@@ -21,7 +21,7 @@ from chiptag import config as config_mod, distributed
 from chiptag.atomic import replacing, write_json, write_text
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
-from chiptag.data.decoders import resolve_decoder
+from chiptag.data.inputs import ImageInput
 from chiptag.data.problems import Report
 from chiptag.data.split import load_split, make_split, save_split
 from chiptag.data.validate import preflight
@@ -151,17 +151,19 @@ def train(r: OpenRun, device: torch.device) -> dict:
     if s.uses_features:
         feats, info = extract_features(r, net.backbone, device)
     t_extract = time.perf_counter() - t_extract
+    # fine-tuning reads the images themselves: the decoder (cpu, or nvjpeg on CUDA) is chosen here, once
+    images = None if s.model.freeze else ImageInput.resolve(net.backbone.preprocessing, device, s.features.decoder)
 
     folds = plan_folds(r, tracker, device)
     t_train = time.perf_counter()
-    results = [folds_mod.load_done(fold, ds.table.y) or train_fold(r, fold, net, feats, card)
+    results = [folds_mod.load_done(fold, ds.table.y) or train_fold(r, fold, net, feats, images, card)
                for fold in folds]
     t_train = time.perf_counter() - t_train
 
     # One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
     # rows, the checkpoint, the summary, the report, the tracker.
     tagger, model, loss_fn, epoch = final_model(results, net, folds, device)
-    test = evaluate(model, inputs_for(r, splits, net, feats, device).test, loss_fn, device)
+    test = evaluate(model, last_phase_inputs(r, splits, feats, images, device).test, loss_fn, device)
     val_idx = np.concatenate([res.val_idx for res in results])
     val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
     report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
@@ -243,31 +245,34 @@ def plan_folds(r: OpenRun, tracker, device: torch.device) -> list[Fold]:
     return folds
 
 
-def inputs_for(r: OpenRun, splits: dict, net: Network, feats: torch.Tensor | None,
-               device: torch.device) -> phases_mod.Inputs:
+def last_phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput | None,
+                      device: torch.device) -> phases_mod.Inputs:
     """What the last phase iterates for these splits: cached features (frozen) or images (fine-tuning)."""
-    return phases_mod.plan(r.s.optim, r.s.model.freeze, *_phase_inputs(r, splits, net, feats, device))[-1].inputs
+    return phases_mod.plan(r.s.optim, r.s.model.freeze, *_phase_inputs(r, splits, feats, images, device))[-1].inputs
 
 
-def _phase_inputs(r: OpenRun, splits: dict, net: Network, feats, device: torch.device):
+def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput | None,
+                  device: torch.device) -> tuple[phases_mod.Inputs | None, phases_mod.Inputs | None]:
+    """(cached-feature batches when there are features, image batches when the backbone trains)."""
     s = r.s
-    features = images = None
+    features = image_batches = None
     if feats is not None:
         features = phases_mod.feature_inputs(feats, r.ds.table.y, splits, s.optim.batch_size, s.seed,
                                              s.features.tta, device)
-    if not s.model.freeze:
-        images = phases_mod.image_inputs(r.ds, splits, net.backbone.preprocessing, s.optim.batch_size, s.seed,
-                                         default_workers(s.num_workers),
-                                         resolve_decoder(s.features.decoder, device), device)
-    return features, images
+    if images is not None:
+        image_batches = phases_mod.image_inputs(r.ds, splits, images, s.optim.batch_size, s.seed,
+                                                default_workers(s.num_workers))
+    return features, image_batches
 
 
-def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, card: ModelCard) -> FoldResult:
+def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, images: ImageInput | None,
+               card: ModelCard) -> FoldResult:
     """One fold through the epoch loop (training.loop.fit), resumed from its resume.pt when there; its best
-    weights evaluated on its validation rows."""
+    weights evaluated on its validation rows. feats: the cached features (None: none); images: the input object
+    when the backbone trains (None: frozen)."""
     s, t0 = r.s, time.perf_counter()
     splits = {"train": fold.train, "val": fold.val, "test": r.splits["test"]}
-    phases = phases_mod.plan(s.optim, s.model.freeze, *_phase_inputs(r, splits, net, feats, fold.device))
+    phases = phases_mod.plan(s.optim, s.model.freeze, *_phase_inputs(r, splits, feats, images, fold.device))
     if fold.of_k:
         fold.run.path.mkdir(exist_ok=True)
         torch.manual_seed(s.seed + fold.k)  # each head its own start; the same on every rerun

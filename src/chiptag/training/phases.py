@@ -17,14 +17,11 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
 from chiptag.data.dataset import Dataset
-from chiptag.data.decoders import DecodedOnDevice, FileBytes, as_list
-from chiptag.data.images import ImageDataset, Preprocessing, WithTargets
+from chiptag.data.inputs import ImageInput, labelled_loader
 from chiptag.features.views import RandomViewSampler, TensorBatches, ViewAverage
-from chiptag.interrupt import ignore_sigint_in_worker
 from chiptag.models.head import Tagger
 from chiptag.models.stages import unfreeze
 from chiptag.training.epoch import Step
@@ -114,27 +111,13 @@ def feature_inputs(feats: torch.Tensor, y: np.ndarray, splits: dict, batch_size:
     return Inputs(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]), gen)
 
 
-def image_inputs(ds: Dataset, splits: dict, pre: Preprocessing, batch_size: int, seed: int, workers: int,
-                 decoder: str = "cpu", device: torch.device | str = "cpu") -> Inputs:
-    """DataLoaders over the images of each split (the one input path: data.images, data.decoders), normalised
-    in batches. decoder nvjpeg: workers read bytes, batches are decoded on `device`."""
+def image_inputs(ds: Dataset, splits: dict, images: ImageInput, batch_size: int, seed: int, workers: int) -> Inputs:
+    """(normalised images, targets) batches of each split through the one input object (data.inputs: its
+    decoder and device are resolved already)."""
     gen = torch.Generator().manual_seed(seed)
-    init = ignore_sigint_in_worker if workers else None
 
     def loader(idx, shuffle):
-        data = ImageDataset([ds.paths[i] for i in idx], pre)
-        source = FileBytes(data.paths) if decoder == "nvjpeg" else data
-        collate = as_list if decoder == "nvjpeg" else WithTargets(ds.table.y[idx], pre)
-        if shuffle and distributed.active():  # each rank its shard; batch_size stays the global batch
-            sampler = DistributedSampler(source, shuffle=True, seed=seed)
-            dl = DataLoader(source, batch_size=max(1, batch_size // distributed.world()), sampler=sampler,
-                            num_workers=workers, worker_init_fn=init, collate_fn=collate)
-        else:
-            dl = DataLoader(source, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                            generator=gen if shuffle else None, worker_init_fn=init, collate_fn=collate,
-                            pin_memory=torch.device(device).type == "cuda")
-        if decoder != "nvjpeg":
-            return dl
-        return DecodedOnDevice(dl, data, torch.as_tensor(ds.table.y[idx], dtype=torch.float32), device)
+        return labelled_loader(images, [ds.paths[i] for i in idx], ds.table.y[idx], batch_size,
+                               shuffle=shuffle, generator=gen, seed=seed, num_workers=workers)
 
     return Inputs(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False), gen)
