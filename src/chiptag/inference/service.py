@@ -92,21 +92,12 @@ class Service:
 
     def __init__(self, run: str | Path, opts: ServeOptions):
         self.run, self.opts = Path(run), opts
-<<<<<<< HEAD
-        device = resolve_device(opts.device, "--device")
-        self.engine = resolve_engine(opts.engine, device)
-=======
-        self.backbone = checkpoint.load(checkpoint_file(self.run))["backbone"]  # the weights are not kept twice
         self.engine = resolve_engine(opts.engine, opts.device, "--engine", SERVE_ENGINES)
->>>>>>> input-object
         # torch and bf16 are the Predictor's eager engine (bf16 autocast on CUDA), onnxruntime its ORT engine
         self.predictor = Predictor.from_run(self.run, device=opts.device,
                                             engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
-<<<<<<< HEAD
         self.backbone = self.predictor.card.backbone  # the checkpoint is read once, by from_run
-=======
         self.images = self.predictor.images  # decode, resize and normalise exactly as `chiptag predict`
->>>>>>> input-object
         self.summary = _summary(self.run)
         self.run_id = self.summary.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name)
         self.batcher: MicroBatcher | None = None
