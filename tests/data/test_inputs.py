@@ -4,7 +4,6 @@ chips with their targets."""
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
