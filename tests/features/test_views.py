@@ -58,13 +58,14 @@ def test_eight_views_train_and_evaluate_with_tta(tiny_data, tmp_path):
 
 def test_views_differ_and_view_zero_is_the_plain_cache(tiny_data, tmp_path):
     from chiptag.models.backbones import build_backbone
+    from chiptag.data.inputs import ImageInput
     from chiptag.features.views import make_extractor, view_features
 
     cfg = _config(tiny_data, tmp_path, views=8, engine="torch")
     torch.manual_seed(0)
     bb = build_backbone("resnet18", None, 32, progress=False)
     paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:6]
-    ex = make_extractor(bb.net, bb.name, bb.preprocessing, cfg.features, torch.device("cpu"), show_progress=False)
+    ex = make_extractor(bb.net, bb.name, ImageInput(bb.preprocessing), cfg.features, show_progress=False)
     eight, _ = view_features(ex, paths, tmp_path / "c", views=8)
     one, info = view_features(ex, paths, tmp_path / "c", views=1)
     assert eight.shape == (8, 6, bb.dim) and info.cache == "hit"

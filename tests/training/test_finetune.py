@@ -51,7 +51,7 @@ def test_efficientnet_stages_and_bad_count():
 def test_unfreeze_after_trains_head_then_top_stage(tiny_config, monkeypatch):
     cfg = tiny_config(freeze=False, epochs=2, unfreeze_after=1, unfreeze_stages=1, backbone_lr_mult=0.5)
     cfg.training.grad_accum_steps = 2
-    fresh = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).tagger
+    fresh = build_network(Settings.from_config(cfg).network, 17, cfg.training.seed).tagger
     # Keep the last epoch's weights instead of the best epoch's, so the final checkpoint shows what the
     # fine-tuning phase changed whichever epoch validation prefers.
     monkeypatch.setattr("chiptag.training.main.resume_mod.load_trained_state", lambda tagger, state: None)

@@ -164,7 +164,7 @@ def _extractor_and_paths(cfg):
     from chiptag.training.main import build_network
     from chiptag.training.settings import Settings
 
-    bb = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).backbone
+    bb = build_network(Settings.from_config(cfg).network, 17, cfg.training.seed).backbone
     ex = features.Extractor(bb.name, state_fingerprint(bb.net), ImageInput(bb.preprocessing),
                             torch_forward(bb.net, torch.device("cpu")), show_progress=False)
     return ex, load_dataset(cfg.data).paths

@@ -46,7 +46,7 @@ def test_frozen_backbone_never_changes(tiny_config):
     from chiptag.training.main import build_network
     from chiptag.training.settings import Settings
 
-    fresh = build_network(Settings.from_config(cfg).model, 17, cfg.training.seed).tagger
+    fresh = build_network(Settings.from_config(cfg).network, 17, cfg.training.seed).tagger
     s = run_train(cfg)
     ckpt = checkpoint.load(f"{s['run_dir']}/checkpoint.pt")
     trained = checkpoint.load_tagger(ckpt)

@@ -9,6 +9,7 @@ import torch
 
 from chiptag import config as config_mod
 from chiptag.atomic import write_json
+from chiptag.data.inputs import ImageInput
 from chiptag.data.split import load_split
 from chiptag.data.validate import load_dataset
 from chiptag.errors import ChiptagError
@@ -28,7 +29,8 @@ def _feature_probabilities(cfg, ckpt: checkpoint.Checkpoint, tagger, paths):
     # Same views as training: with views 8 and tta, the metrics average the 8 views' probabilities.
     views = cfg.features.views if ckpt.frozen and cfg.features.tta else 1
     device = torch.device("cpu")
-    ex = make_extractor(tagger.backbone, ckpt.backbone, ckpt.preprocessing, cfg.features, device,
+    images = ImageInput.resolve(ckpt.preprocessing, device, cfg.features.decoder)
+    ex = make_extractor(tagger.backbone, ckpt.backbone, images, cfg.features,
                         num_workers=default_workers(cfg.training.num_workers, device),
                         show_progress=cfg.training.progress, label="features")
     feats, _ = view_features(ex, paths, cache, views)

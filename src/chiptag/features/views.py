@@ -15,24 +15,20 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from chiptag.data.images import Preprocessing
 from chiptag.data.inputs import ImageInput
 from chiptag.features.backends import LazyForward, make_forward
 from chiptag.features.extraction import Extractor, FeatureInfo, cached_features
 from chiptag.models.backbones import state_fingerprint
 
 
-def make_extractor(net: nn.Module, name: str, pre: Preprocessing, fcfg, device: torch.device,
-                   **options) -> Extractor:
+def make_extractor(net: nn.Module, name: str, images: ImageInput, fcfg, **options) -> Extractor:
     """An Extractor for `net` with the engine `fcfg.engine` (config.FeaturesConfig), built on first use, fed by
-    the one input object with the decoder `fcfg.decoder` resolved for `device`. options: num_workers,
-    show_progress, label."""
-    device = torch.device(device)
-    images = ImageInput.resolve(pre, device, fcfg.decoder)
+    the one input object (its device and decoder chosen by the caller, once per command). options:
+    num_workers, show_progress, label."""
     bhash = state_fingerprint(net)
     forward = LazyForward(lambda: make_forward(
-        net, fcfg.engine, device, cache_dir=fcfg.cache_dir, backbone_name=name, backbone_hash=bhash,
-        image_size=pre.image_size, channels_last=fcfg.channels_last))
+        net, fcfg.engine, images.device, cache_dir=fcfg.cache_dir, backbone_name=name, backbone_hash=bhash,
+        image_size=images.pre.image_size, channels_last=fcfg.channels_last))
     return Extractor(name, bhash, images, forward, batch_size=fcfg.batch_size, **options)
 
 

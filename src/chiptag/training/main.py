@@ -43,7 +43,7 @@ from chiptag.training import folds as folds_mod, phases as phases_mod, resume as
 from chiptag.training.epoch import NonFiniteLoss, evaluate, pos_weight
 from chiptag.training.folds import Fold, FoldResult
 from chiptag.training.loop import fit
-from chiptag.training.settings import ModelSpec, Settings
+from chiptag.training.settings import NetworkSpec, Settings
 from chiptag.training.summary import Outcome, build_summary, print_result
 
 
@@ -113,7 +113,7 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
     ds, validation = preflight(s.data)
     splits = make_split(s.data, ds)
     if distributed.is_main():
-        label = model_label(s.model.name, s.model.backbone)  # the backbone actually trained
+        label = model_label(s.network.name, s.network.backbone)  # the backbone actually trained
         run = new_run_dir(s.output.runs_dir, s.output.run_name, label)
     else:
         run = RunDir(distributed.scratch_dir())
@@ -133,12 +133,12 @@ def train(r: OpenRun, device: torch.device) -> dict:
                       f"{'; '.join(missing)}")
     rules = LabelRules.from_config(s.labels, tags)
     tracker = make_tracker(s.tracking, r.run.path) if distributed.is_main() else MultiTracker([])
-    tracker.start(r.run.name, s.model.name, s.config)  # before heavy work: a bad tracker fails fast
-    out.print(f"run [bold]{r.run.name}[/]: {s.model.name} ({s.model.backbone}, weights={s.model.weights}, "
-              f"freeze={s.model.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
+    tracker.start(r.run.name, s.network.name, s.config)  # before heavy work: a bad tracker fails fast
+    out.print(f"run [bold]{r.run.name}[/]: {s.network.name} ({s.network.backbone}, weights={s.network.weights}, "
+              f"freeze={s.network.freeze}) on {device}; {len(splits['train'])}/{len(splits['val'])}/"
               f"{len(splits['test'])} train/val/test images, {len(tags)} tags")
 
-    net = build_network(s.model, len(tags), s.seed, s.progress)
+    net = build_network(s.network, len(tags), s.seed, s.progress)
     net.tagger.to(device)
     n_params = count_parameters(net.tagger)
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
@@ -146,13 +146,14 @@ def train(r: OpenRun, device: torch.device) -> dict:
     card = ModelCard(net.backbone.name, net.backbone.weights_id, net.head, tags, net.backbone.preprocessing,
                      s.config)
 
+    # every image read in this run (feature extraction, fine-tuning) goes through this one input object: the
+    # decoder (cpu, or nvjpeg on CUDA) is chosen here, once
+    images = ImageInput.resolve(net.backbone.preprocessing, device, s.features.decoder)
     t_extract = time.perf_counter()
     feats, info = None, FeatureInfo("not used (freeze: false)")
     if s.uses_features:
-        feats, info = extract_features(r, net.backbone, device)
+        feats, info = extract_features(r, net.backbone, images)
     t_extract = time.perf_counter() - t_extract
-    # fine-tuning reads the images themselves: the decoder (cpu, or nvjpeg on CUDA) is chosen here, once
-    images = None if s.model.freeze else ImageInput.resolve(net.backbone.preprocessing, device, s.features.decoder)
 
     folds = plan_folds(r, tracker, device)
     t_train = time.perf_counter()
@@ -196,7 +197,7 @@ def train(r: OpenRun, device: torch.device) -> dict:
     return summary
 
 
-def build_network(spec: ModelSpec, n_tags: int, seed: int, progress: bool = False) -> Network:
+def build_network(spec: NetworkSpec, n_tags: int, seed: int, progress: bool = False) -> Network:
     """The backbone (weights loaded, classifier replaced) with a new head on top."""
     if spec.freeze and spec.weights is None:
         console.print("[yellow]warning:[/] freeze: true with weights: null trains a head on a random backbone "
@@ -208,15 +209,14 @@ def build_network(spec: ModelSpec, n_tags: int, seed: int, progress: bool = Fals
     return Network(bb, head, Tagger(bb.net, head.build(), frozen=spec.freeze))
 
 
-def extract_features(r: OpenRun, bb: Backbone, device: torch.device) -> tuple[torch.Tensor, FeatureInfo]:
+def extract_features(r: OpenRun, bb: Backbone, images: ImageInput) -> tuple[torch.Tensor, FeatureInfo]:
     """The frozen backbone over every image (and D4 view), once: from the feature cache when it is there."""
     fs = r.s.features
-    ex = make_extractor(bb.net, bb.name, bb.preprocessing, fs, device,
-                        num_workers=default_workers(r.s.num_workers, device),
+    ex = make_extractor(bb.net, bb.name, images, fs, num_workers=default_workers(r.s.num_workers, images.device),
                         show_progress=r.s.progress, label=f"features {bb.name}")
     feats, info = view_features(ex, r.ds.paths, fs.cache_dir, fs.views)
     info.engine, info.tta = fs.engine, feats.shape[0] > 1 and fs.tta
-    warning = feature_warning(feats, bb.name, r.s.model.weights)
+    warning = feature_warning(feats, bb.name, r.s.network.weights)
     if warning:
         console.print(f"[yellow]warning:[/] {warning}")
     info.degenerate = degenerate(feats)
@@ -245,13 +245,13 @@ def plan_folds(r: OpenRun, tracker, device: torch.device) -> list[Fold]:
     return folds
 
 
-def last_phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput | None,
+def last_phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput,
                       device: torch.device) -> phases_mod.Inputs:
     """What the last phase iterates for these splits: cached features (frozen) or images (fine-tuning)."""
-    return phases_mod.plan(r.s.optim, r.s.model.freeze, *_phase_inputs(r, splits, feats, images, device))[-1].inputs
+    return phases_mod.plan(r.s.optim, r.s.network.freeze, *_phase_inputs(r, splits, feats, images, device))[-1].inputs
 
 
-def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput | None,
+def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput,
                   device: torch.device) -> tuple[phases_mod.Inputs | None, phases_mod.Inputs | None]:
     """(cached-feature batches when there are features, image batches when the backbone trains)."""
     s = r.s
@@ -259,20 +259,20 @@ def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: 
     if feats is not None:
         features = phases_mod.feature_inputs(feats, r.ds.table.y, splits, s.optim.batch_size, s.seed,
                                              s.features.tta, device)
-    if images is not None:
+    if not s.network.freeze:  # the backbone trains: it sees the images themselves
         image_batches = phases_mod.image_inputs(r.ds, splits, images, s.optim.batch_size, s.seed,
                                                 default_workers(s.num_workers))
     return features, image_batches
 
 
-def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, images: ImageInput | None,
+def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, images: ImageInput,
                card: ModelCard) -> FoldResult:
     """One fold through the epoch loop (training.loop.fit), resumed from its resume.pt when there; its best
-    weights evaluated on its validation rows. feats: the cached features (None: none); images: the input object
-    when the backbone trains (None: frozen)."""
+    weights evaluated on its validation rows. feats: the cached features (None: no head phase); images: the
+    run's input object (read when the backbone trains)."""
     s, t0 = r.s, time.perf_counter()
     splits = {"train": fold.train, "val": fold.val, "test": r.splits["test"]}
-    phases = phases_mod.plan(s.optim, s.model.freeze, *_phase_inputs(r, splits, feats, images, fold.device))
+    phases = phases_mod.plan(s.optim, s.network.freeze, *_phase_inputs(r, splits, feats, images, fold.device))
     if fold.of_k:
         fold.run.path.mkdir(exist_ok=True)
         torch.manual_seed(s.seed + fold.k)  # each head its own start; the same on every rerun
@@ -347,4 +347,4 @@ def _last_good(run: RunDir) -> str:
 def _failed(r: OpenRun, message: str) -> None:
     """A run that stopped on an error says so (chiptag runs lists it as failed, not unfinished)."""
     if distributed.is_main():
-        r.run.write_failure(r.s.model.name, r.s.active_model_index, message)
+        r.run.write_failure(r.s.network.name, r.s.active_model_index, message)

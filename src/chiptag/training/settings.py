@@ -16,7 +16,7 @@ OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class NetworkSpec:
     """What to build: the active entry's backbone and head, and whether the backbone stays frozen."""
 
     name: str  # the entry's name (run dir label, tracker, summary)
@@ -67,7 +67,7 @@ class Optimisation:
 @dataclass(frozen=True)
 class Settings:
     data: DataConfig  # labels, images, split
-    model: ModelSpec
+    network: NetworkSpec  # the active `models` entry: what to build
     optim: Optimisation
     features: FeaturesConfig  # the frozen backbone's pass: cache, views, engine, decoder
     output: OutputConfig  # where run dirs go
@@ -85,17 +85,17 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:
         entry, tr, sc = cfg.model, cfg.training, cfg.training.scheduler
-        model = ModelSpec(entry.name, entry.backbone, entry.weights, entry.image_size, cfg.data.resize,
+        network = NetworkSpec(entry.name, entry.backbone, entry.weights, entry.image_size, cfg.data.resize,
                           entry.hidden_dim, entry.dropout, entry.freeze)
         optim = Optimisation(
             entry.optimizer, entry.learning_rate, entry.weight_decay, sc.name, sc.factor, sc.patience, sc.min_lr,
             entry.epochs, cfg.batch_size(), entry.pos_weight, tr.pos_weight_max, entry.unfreeze_after,
             entry.unfreeze_stages, entry.backbone_lr_mult, entry.batchnorm, tr.grad_accum_steps, tr.amp,
             tr.channels_last)
-        return cls(cfg.data, model, optim, cfg.features, cfg.output, cfg.tracking, tr.select, tr.folds, tr.seed, tr.device, tr.num_workers,
+        return cls(cfg.data, network, optim, cfg.features, cfg.output, cfg.tracking, tr.select, tr.folds, tr.seed, tr.device, tr.num_workers,
                    tr.progress, cfg.labels.model_dump(), cfg.active_model_index, cfg.to_dict())
 
     @property
     def uses_features(self) -> bool:
         """Whether a head phase trains on cached features (a frozen backbone, or head epochs before unfreezing)."""
-        return self.model.freeze or self.optim.unfreeze_after > 0
+        return self.network.freeze or self.optim.unfreeze_after > 0

@@ -41,8 +41,8 @@ def build_summary(s: Settings, run: RunDir, ds: Dataset, splits: dict, net, outc
     return {
         "run_id": run.name, "run_dir": str(run.path), "status": "completed", "chiptag_version": __version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "active_model_index": s.active_model_index,
-        "model": s.model.name, "backbone": bb.name, "weights": s.model.weights, "weights_id": bb.weights_id,
-        "frozen": s.model.freeze, "image_size": bb.preprocessing.image_size, "head": net.head.describe(),
+        "model": s.network.name, "backbone": bb.name, "weights": s.network.weights, "weights_id": bb.weights_id,
+        "frozen": s.network.freeze, "image_size": bb.preprocessing.image_size, "head": net.head.describe(),
         "parameters": outcome.parameters, "optimizer": optimizer, "scheduler": scheduler,
         "epochs": s.optim.epochs, "best_epoch": outcome.best_epoch,
         "pos_weight": None if pw is None else dict(zip(tags, map(float, pw))),
