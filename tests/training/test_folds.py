@@ -105,11 +105,29 @@ def test_kfold_run_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert meta["members"] == "3"
     row = list_runs(run.path.parent)[0]
     assert row.status == "completed" and row.epochs.endswith("x 3 folds")
+    # One backbone per run dir: each fold's checkpoint keeps its head and refers to the run's checkpoint.
+    raw = torch.load(run.fold(1).checkpoint, map_location="cpu", weights_only=True)
+    assert raw["backbone_file"] == "../checkpoint.pt" and all(k.startswith("head.") for k in raw["state_dict"])
     # A single run on the same split and the k-fold run: thresholds on the single run's val (inside the OOF set).
     single = run_train(config_mod.from_dict(make_config_dict(tiny_data, tmp_path, epochs=2)))
+    assert disk(run.path) <= 1.3 * disk(single["run_dir"])  # 3 folds + the ensemble: one backbone
     ens = make_ensemble([single["run_dir"], run.path], tmp_path / "ens")
     assert ens["n_images"]["val"] == single["n_images"]["val"]
     assert list(evaluate_run(tmp_path / "ens")) == ["test"]  # its val was in the k-fold run's training folds
+    # Both runs froze the same (seeded) backbone: the ensemble's file holds it once.
+    assert RunDir(tmp_path / "ens").checkpoint.stat().st_size < 1.2 * RunDir(single["run_dir"]).checkpoint.stat().st_size
+
+
+def disk(path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def test_a_fold_dir_moved_out_of_its_run_names_the_missing_backbone(tiny_data, tmp_path):
+    s = run_train(folds_config(tiny_data, tmp_path, k=2, epochs=1))
+    moved = tmp_path / "fold-1"
+    RunDir(s["run_dir"]).fold(1).path.rename(moved)
+    with pytest.raises(ChiptagError, match="takes its backbone from .*checkpoint.pt, which is missing"):
+        Predictor.from_run(moved)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from chiptag.errors import ChiptagError
 from chiptag.evaluation import report
 from chiptag.evaluation.label_rules import LabelRules, tune_and_score
 from chiptag.models import checkpoint
+from chiptag.models.backbones import state_fingerprint
 from chiptag.models.head import MeanProbability, Tagger
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
@@ -74,8 +75,18 @@ def _mean_probs(members: list[dict], split: str, names: list[str]) -> tuple[np.n
     return members[0]["probs"][f"{split}_targets"][[first[n] for n in names]], total / len(members)
 
 
+def _share_backbones(taggers: list[Tagger]) -> None:
+    """Members whose backbones hold the same weights (runs that differ in their heads only) share one module,
+    so the ensemble's file stores that backbone once: torch.save writes a storage once, however many keys of
+    the state_dict point at it."""
+    seen: dict[str, torch.nn.Module] = {}
+    for t in taggers:
+        t.backbone = seen.setdefault(state_fingerprint(t.backbone), t.backbone)
+
+
 def _checkpoint(members: list[dict], thresholds: np.ndarray, config: dict) -> checkpoint.Checkpoint:
     taggers = [checkpoint.load_tagger(m["ckpt"]) for m in members]
+    _share_backbones(taggers)
     model = Tagger(torch.nn.Identity(), MeanProbability(taggers), frozen=False)
     first = members[0]["ckpt"]
     # The format asks every checkpoint for a head; an ensemble's is its first member's (build_tagger builds the

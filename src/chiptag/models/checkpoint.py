@@ -9,12 +9,14 @@ On disk (format 1) a checkpoint is a plain dict (torch.load(weights_only=True) r
 format_version, chiptag_version, backbone, weights_id, head, tags, thresholds, preprocessing, frozen, config,
 state_dict, epoch; `members` (K) for a k-fold run (one backbone, K heads averaged); `ensemble` (a list of
 member checkpoints without state_dict or config; their weights are in the ensemble's state_dict) for
-`chiptag ensemble`.
+`chiptag ensemble`; `backbone_file` for a checkpoint that keeps its head alone and takes its (frozen) backbone's
+weights from another checkpoint (a k-fold run's fold-k/checkpoint.pt: the run's one backbone is in the run's
+checkpoint.pt, not copied K times). `load` joins them, so such a checkpoint predicts like any other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,18 +67,26 @@ class Checkpoint(ModelCard):
     epoch: int | None = None  # the best epoch; None for an ensemble of runs
     members: int | None = None  # a k-fold run: K heads on one backbone, their mean probability
     ensemble: tuple[Checkpoint, ...] = ()  # `chiptag ensemble`: whole models, their mean probability
+    # The checkpoint (relative to this one's folder) that holds the backbone's weights; this one's state_dict
+    # then holds the head alone. None: every weight is here.
+    backbone_file: str | None = None
     chiptag_version: str = __version__  # of the chiptag that wrote it ("?" where a file does not say)
 
     @classmethod
-    def of(cls, tagger: Tagger, card: ModelCard, thresholds: Sequence[float] | None, epoch: int) -> Checkpoint:
+    def of(cls, tagger: Tagger, card: ModelCard, thresholds: Sequence[float] | None, epoch: int,
+           backbone_file: str | None = None) -> Checkpoint:
         """thresholds None: a checkpoint written during training, before thresholds are tuned (0.5 each, the
-        threshold the best epoch was chosen at); the final one carries the tuned thresholds."""
+        threshold the best epoch was chosen at); the final one carries the tuned thresholds. backbone_file: keep
+        the head's weights alone, the backbone's are in that checkpoint (see the module's docstring)."""
         if thresholds is None:
             thresholds = [0.5] * len(card.tags)
         members = len(tagger.head.members) if isinstance(tagger.head, MeanProbability) else None
+        state = tagger.state_dict()
+        if backbone_file is not None:
+            state = {k: v for k, v in state.items() if k.startswith("head.")}
         return cls(**{f.name: getattr(card, f.name) for f in fields(ModelCard)},
-                   thresholds=[float(t) for t in thresholds], frozen=tagger.frozen, state_dict=tagger.state_dict(),
-                   epoch=epoch, members=members)
+                   thresholds=[float(t) for t in thresholds], frozen=tagger.frozen, state_dict=state,
+                   epoch=epoch, members=members, backbone_file=backbone_file)
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk layout (format 1), plain types only; keys that do not apply are left out, as always."""
@@ -95,6 +105,8 @@ class Checkpoint(ModelCard):
             obj["members"] = self.members
         if self.ensemble:
             obj["ensemble"] = [m.to_dict() for m in self.ensemble]
+        if self.backbone_file is not None:
+            obj["backbone_file"] = self.backbone_file
         return obj
 
     @classmethod
@@ -133,7 +145,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "backbone": str, "weights_id": str, "head": lambda d: HeadSpec(**_mapping(d)),
     "tags": lambda v: [str(t) for t in v], "preprocessing": lambda d: Preprocessing.from_dict(_mapping(d)),
     "config": _mapping, "thresholds": lambda v: [float(t) for t in v], "frozen": bool, "state_dict": _mapping,
-    "epoch": int, "members": int, "chiptag_version": str,
+    "epoch": int, "members": int, "chiptag_version": str, "backbone_file": str,
 }
 
 
@@ -146,14 +158,26 @@ def _parse(obj: dict, key: str, parse: Callable[[Any], Any], source: str) -> Any
         raise ChiptagError(f"{source} is damaged: bad {key} ({exc.__class__.__name__}: {exc})") from None
 
 
-def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float] | None, epoch: int) -> None:
-    """The tagger's weights with its card (thresholds None: see Checkpoint.of)."""
-    Checkpoint.of(tagger, card, thresholds, epoch).save(path)
+def save(path: Path, tagger: Tagger, card: ModelCard, thresholds: Sequence[float] | None, epoch: int,
+         backbone_file: str | None = None) -> None:
+    """The tagger's weights with its card (thresholds None, backbone_file: see Checkpoint.of)."""
+    Checkpoint.of(tagger, card, thresholds, epoch, backbone_file).save(path)
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, *, with_backbone: bool = True) -> Checkpoint:
+    """The checkpoint at `path`. One that keeps its head alone gets its backbone's weights from its
+    `backbone_file` (with_backbone=False: its own weights only, e.g. to read a fold's head back)."""
     path = Path(path)
-    return Checkpoint.from_dict(read_torch_file(path, "checkpoint"), str(path))
+    ckpt = Checkpoint.from_dict(read_torch_file(path, "checkpoint"), str(path))
+    if ckpt.backbone_file is None or not with_backbone:
+        return ckpt
+    source = path.parent / ckpt.backbone_file
+    if not source.is_file():
+        raise ChiptagError(f"{path} keeps its head alone and takes its backbone from {source}, which is missing "
+                           "(a k-fold run that has not finished, or a fold dir moved out of its run)")
+    shared = load(source).state_dict or {}
+    backbone = {k: v for k, v in shared.items() if k.startswith("backbone.")}
+    return replace(ckpt, state_dict={**backbone, **ckpt.state_dict}, backbone_file=None)
 
 
 def build_tagger(ckpt: Checkpoint) -> Tagger:
