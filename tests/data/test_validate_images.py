@@ -154,3 +154,19 @@ def test_validate_images_for_prediction(tmp_path):
     assert usable == [0]
     assert {p.kind for p in report.bad} == {"zero_bytes", "image_missing"}
     assert "c.jpg" in report.error_message()
+
+
+def test_animated_gif_behind_jpg_name_is_noted_and_batches_with_the_others(tmp_path):
+    """One animated GIF among the chips crashed the batch stack of train and predict; now its first frame is
+    used and validation says so (row and frame count), like the other conversions it handles on read."""
+    from chiptag.data.images import Preprocessing
+    from chiptag.data.inputs import ImageInput
+
+    frames = [chip(20 + k) for k in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    ds, k, report = image_problem(tmp_path, buf.getvalue())
+    assert k["multi_frame"] == [(7, "GIF, 3 frames")] and not report.bad
+    assert "its first frame is used" in report.format() and "bad" in ds.table.names
+    (x, idx, errors), = ImageInput(Preprocessing(32)).batches(ds.paths, 8, 0)
+    assert x.shape == (6, 3, 32, 32) and errors == [""] * 6

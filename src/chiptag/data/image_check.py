@@ -47,12 +47,21 @@ class ImageInfo:
     format: str | None = None
     mode: str | None = None
     size: tuple[int, int] | None = None
+    frames: int = 1  # >1: an animated or multi-page image, of which the decoders use the first frame
 
 
 def mode_label(im: Image.Image) -> str:
     """The source mode as counted in the report. Pillow opens 48-bit RGB PNGs as mode RGB (raw mode RGB;16B)."""
     raw = str(im.tile[0].args) if im.tile else ""
     return "16-bit" if im.mode in SIXTEEN_BIT or ";16" in raw else im.mode
+
+
+def frame_count(im: Image.Image) -> int:
+    """Frames (pages) in an opened image. A JPEG's extra MPO pictures (a camera's preview) are not counted:
+    libjpeg reads the primary picture, which is the image."""
+    if im.format in ("JPEG", "MPO"):
+        return 1
+    return int(getattr(im, "n_frames", 1) or 1)
 
 
 def _jpeg_complete(f) -> bool:
@@ -85,6 +94,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
     fmt = mode = size = None
+    frames = 1
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
@@ -95,6 +105,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
                 fmt, mode, size = im.format, mode_label(im), im.size
                 if size[0] * size[1] > max_pixels:
                     return ImageInfo("bomb", f"{size[0]}x{size[1]} px > {max_pixels:,}", fmt, mode, size)
+                frames = frame_count(im)  # GIF and TIFF count by seeking, hence before the checks rewind f
                 _deep_check(im, f, scan_jpeg)
     except FileNotFoundError:
         return ImageInfo("image_missing")
@@ -112,7 +123,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
         except ChiptagError as exc:
             msg = str(exc) if isinstance(source, bytes) else str(exc).replace(str(source), "the file")
             return ImageInfo("corrupt", msg[:160], fmt, mode, size)
-    return ImageInfo(None, "", fmt, mode, size)
+    return ImageInfo(None, "", fmt, mode, size, frames)
 
 
 def _usual_side(sizes: Iterable[tuple[int, int]]) -> int | None:
@@ -159,6 +170,8 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
         wanted = EXTENSION_FORMATS.get(Path(p).suffix.lower())
         if wanted and info.format and info.format != wanted:
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
+        if info.frames > 1:
+            report.add("multi_frame", p, rows[i], f"{info.format}, {info.frames} frames")
         if info.mode and info.mode != "RGB":
             report.converted[info.mode] += 1
     return bad

@@ -42,6 +42,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "crlf": ("note", "CRLF (Windows) line ends in the label table (handled)"),
     "whitespace": ("note", "stray whitespace around names or tags (stripped)"),
     "format_mismatch": ("note", "file content does not match its extension (decoded by content)"),
+    "multi_frame": ("note", "multi-frame image (animated GIF/WebP/PNG, multi-page TIFF): its first frame is used"),
 }
 EXAMPLES = 3
 
