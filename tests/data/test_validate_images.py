@@ -130,6 +130,33 @@ def test_decompression_bomb_cap_is_configurable(tmp_path):
     assert "bad" not in ds.table.names
 
 
+def _png_header(w: int, h: int) -> bytes:
+    """A gray PNG that says it is w x h (its pixel data is a stub: the checks read the header only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+
+
+def test_pixel_cap_errors_quote_the_configured_cap_and_a_higher_cap_is_honoured(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its own limit (178,956,970 px) while opening them: the report quoted that
+    limit instead of data.max_image_pixels, and a cap raised above it was not honoured."""
+    from chiptag.data.image_check import check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    huge = _png_header(20_000, 10_000)  # 200M px
+    info = check_image(huge, max_pixels=5000)
+    assert (info.kind, info.detail) == ("bomb", "200,000,000 px > 5,000")
+    assert check_image(huge, max_pixels=300_000_000).kind is None  # the configured cap allows it
+    assert check_image(_png_header(30_000, 30_000), max_pixels=300_000_000).detail == "900,000,000 px > 300,000,000"
+    _, k, _ = image_problem(tmp_path, huge, max_image_pixels=1_000_000)
+    assert k["bomb"][0][0] == 7 and k["bomb"][0][1].endswith(" px > 1,000,000")  # 20000x10000: Pillow's is raised
+
+
 def test_unreadable_permissions(tmp_path, monkeypatch):
     import builtins
 

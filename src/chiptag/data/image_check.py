@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -54,6 +56,24 @@ def mode_label(im: Image.Image) -> str:
     """The source mode as counted in the report. Pillow opens 48-bit RGB PNGs as mode RGB (raw mode RGB;16B)."""
     raw = str(im.tile[0].args) if im.tile else ""
     return "16-bit" if im.mode in SIXTEEN_BIT or ";16" in raw else im.mode
+
+
+_CAP_LOCK = threading.Lock()
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Make data.max_image_pixels the one cap. Pillow refuses images over twice its own global limit (89.5M
+    pixels) while opening them, before chiptag sees their size: raised (never lowered) to the configured cap, an
+    image the config allows is neither refused at validation nor by the Pillow decoder that follows."""
+    with _CAP_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _bomb_detail(exc: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow's refusal, told against the configured cap (its message quotes its own limit)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,} px > {max_pixels:,}" if found else f"over {max_pixels:,} px"
 
 
 def frame_count(im: Image.Image) -> int:
@@ -95,6 +115,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
     fmt = mode = size = None
     frames = 1
+    allow_pixels(max_pixels)
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
@@ -111,8 +132,8 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
         return ImageInfo("image_missing")
     except PermissionError:
         return ImageInfo("image_unreadable", "permission denied")
-    except Image.DecompressionBombError as exc:
-        return ImageInfo("bomb", str(exc).split(".")[0])
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit, which is at least the cap
+        return ImageInfo("bomb", _bomb_detail(exc, max_pixels))
     except UnidentifiedImageError:
         return ImageInfo("not_an_image", "unknown format")
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:  # Pillow's ways of saying "broken"
