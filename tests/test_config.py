@@ -66,6 +66,8 @@ def test_wrong_type_is_one_line():
 def test_index_out_of_range():
     msg = _error(_raw(), ["active_model_index=5"])
     assert "active_model_index 5 is out of range" in msg and "0..1" in msg
+    msg = _error(_raw(), ["active_model_index=-1"])  # was taken as Python's "last entry"
+    assert "active_model_index -1 is out of range" in msg and "0..1" in msg
 
 
 def test_split_fractions_must_sum_to_one():

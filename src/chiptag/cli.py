@@ -88,7 +88,9 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
              ) -> None:
     """Check CONFIG's label table and every image; list problems by kind. Exit 2 if training would stop."""
     from chiptag import config as config_mod
+    from chiptag.data.split import check_plan
     from chiptag.data.validate import preflight
+    from chiptag.evaluation.label_rules import unknown_tags
 
     cfg = config_mod.load(config, set_ or [])
     cfg.data.full_check = cfg.data.full_check or full
@@ -100,6 +102,14 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
     if report.bad and policy == "error":
         raise ChiptagError(f"{len(report.bad)} problem(s); training would stop (data.on_bad_image=error). "
                            "Fix them or set data.on_bad_image=skip.")
+    # what train checks next (its split, the k-fold cut, the label rules' tags): validate says ok only if train
+    # would get past them
+    _, warnings = check_plan(cfg.data, ds, cfg.training.folds)
+    missing = unknown_tags(cfg.labels.model_dump(), ds.table.tags)
+    if missing:
+        warnings.append(f"label rules name tags this data does not have, left out: {'; '.join(missing)}")
+    for w in warnings:
+        print(f"warning: {w}")
     skipped = report.skipped_rows(len(ds.table))
     print(f"ok: {len(ds.table)} usable rows" + (f", {skipped} would be skipped" if skipped else ""))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -67,3 +68,35 @@ def test_undecodable_bytes_name_the_upload():
     with pytest.raises(ChiptagError, match="cannot read image notes.txt"):
         decode_rgb(b"not an image", "notes.txt")
     assert check_image(io.BytesIO(b"").getvalue()).kind == "zero_bytes"
+
+
+def _frames(seed: int, n: int = 3, size: int = 40) -> list[Image.Image]:
+    """n frames that differ clearly (each its own random chip), so a decoder that mixes or stacks frames shows."""
+    return [chip(seed + k, size) for k in range(n)]
+
+
+def _multi_frame(fmt: str, frames: list[Image.Image]) -> bytes:
+    buf = io.BytesIO()
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], **extra)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, ext", [("GIF", ".gif"), ("GIF", ".jpg"), ("WEBP", ".webp"), ("WEBP", ".jpg"),
+                                      ("TIFF", ".tif"), ("PNG", ".png")])
+def test_multi_frame_images_give_their_first_frame_from_a_file_and_from_bytes(tmp_path, fmt, ext):
+    """An animated GIF decoded to (frames, 3, H, W) and crashed train/predict ('stack expects each tensor to be
+    equal size'); every multi-frame image now gives its first frame, the same through a file and an upload, and
+    validation notes it."""
+    frames = _frames(11)
+    raw = _multi_frame(fmt, frames)
+    path = tmp_path / f"anim{ext}"
+    path.write_bytes(raw)
+    first = _multi_frame(fmt, frames[:1])  # the first frame saved alone, in the same format (GIF: its palette)
+    expected = decode_rgb(first, "first")
+    from_file, from_bytes = read_rgb(path), decode_rgb(raw, "up" + ext)
+    assert from_file.shape == (3, 40, 40) and from_file.dtype == torch.uint8
+    assert torch.equal(from_file, from_bytes) and torch.equal(from_file, expected)
+    info = check_image(path)
+    assert info.kind is None and info.frames == 3 and check_image(raw) == info
+    assert check_image(first).frames == 1

@@ -90,6 +90,36 @@ def test_tags_outside_vocabulary(tmp_path):
     assert ds.table.tags == vocab and "g3" not in ds.table.names
 
 
+def test_image_names_outside_the_image_folder_are_errors_naming_the_row(tmp_path):
+    """`../x` and absolute names were read (and trained on) without a word, from anywhere on the disk."""
+    from validate_helpers import chip, jpeg_bytes
+
+    outside = ["../escape", str(tmp_path / "abs")]
+    data = make_data(tmp_path, [(outside[0], "clear primary"), (outside[1], "haze primary"),
+                                ("sub/g9", "clear primary")], dict.fromkeys([*outside, "sub/g9"]))
+    (tmp_path / "data" / "escape.jpg").write_bytes(jpeg_bytes(chip(1)))  # both exist: only the name is wrong
+    (tmp_path / "abs.jpg").write_bytes(jpeg_bytes(chip(2)))
+    (tmp_path / "data" / "train-jpg" / "sub").mkdir()
+    (tmp_path / "data" / "train-jpg" / "sub" / "g9.jpg").write_bytes(jpeg_bytes(chip(3)))
+    with pytest.raises(ChiptagError) as err:
+        preflight(data)
+    msg = str(err.value)
+    assert "resolves outside data.images" in msg and "row 7: " in msg and "row 8: " in msg and "'../escape'" in msg
+    ds, report = preflight(skip(data))
+    assert [r for r, _ in kinds(report)["outside_images"]] == [7, 8]  # a subfolder of data.images is fine
+    assert ds.table.names == ["g0", "g1", "g2", "g3", "g4", "sub/g9"] and "image_missing" not in kinds(report)
+
+
+def test_a_rare_tag_one_edit_from_a_common_one_is_named_with_its_rows(tmp_path):
+    """`primray` on one row silently became a tag of its own; now a warning names both tags and the row, and the
+    data is still used as it is (a real rare tag is not refused)."""
+    rows = [(f"p{i}", "clear primary") for i in range(8)] + [("typo", "clear primray"), ("rare", "clear blow_down")]
+    ds, report = preflight(make_data(tmp_path, rows))
+    assert kinds(report)["tag_typo"] == [(15, "'primray' on 1 row(s) (15) is one edit from 'primary' (12 rows)")]
+    assert "primray" in ds.table.tags and not report.bad  # warned, not refused
+    assert "worth a look" in report.format() and "'primray'" in report.format()
+
+
 def test_onehot_problems_are_all_listed(tmp_path):
     text = "image_name,clear,haze\ng0,1,0\ng1,2,0\ng2,0,yes\ng3,0,0\ng4,0,1\n"
     data = make_data(tmp_path, text=text)

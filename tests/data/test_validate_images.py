@@ -130,6 +130,33 @@ def test_decompression_bomb_cap_is_configurable(tmp_path):
     assert "bad" not in ds.table.names
 
 
+def _png_header(w: int, h: int) -> bytes:
+    """A gray PNG that says it is w x h (its pixel data is a stub: the checks read the header only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+
+
+def test_pixel_cap_errors_quote_the_configured_cap_and_a_higher_cap_is_honoured(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its own limit (178,956,970 px) while opening them: the report quoted that
+    limit instead of data.max_image_pixels, and a cap raised above it was not honoured."""
+    from chiptag.data.image_check import check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    huge = _png_header(20_000, 10_000)  # 200M px
+    info = check_image(huge, max_pixels=5000)
+    assert (info.kind, info.detail) == ("bomb", "200,000,000 px > 5,000")
+    assert check_image(huge, max_pixels=300_000_000).kind is None  # the configured cap allows it
+    assert check_image(_png_header(30_000, 30_000), max_pixels=300_000_000).detail == "900,000,000 px > 300,000,000"
+    _, k, _ = image_problem(tmp_path, huge, max_image_pixels=1_000_000)
+    assert k["bomb"][0][0] == 7 and k["bomb"][0][1].endswith(" px > 1,000,000")  # 20000x10000: Pillow's is raised
+
+
 def test_unreadable_permissions(tmp_path, monkeypatch):
     import builtins
 
@@ -154,3 +181,19 @@ def test_validate_images_for_prediction(tmp_path):
     assert usable == [0]
     assert {p.kind for p in report.bad} == {"zero_bytes", "image_missing"}
     assert "c.jpg" in report.error_message()
+
+
+def test_animated_gif_behind_jpg_name_is_noted_and_batches_with_the_others(tmp_path):
+    """One animated GIF among the chips crashed the batch stack of train and predict; now its first frame is
+    used and validation says so (row and frame count), like the other conversions it handles on read."""
+    from chiptag.data.images import Preprocessing
+    from chiptag.data.inputs import ImageInput
+
+    frames = [chip(20 + k) for k in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    ds, k, report = image_problem(tmp_path, buf.getvalue())
+    assert k["multi_frame"] == [(7, "GIF, 3 frames")] and not report.bad
+    assert "its first frame is used" in report.format() and "bad" in ds.table.names
+    (x, idx, errors), = ImageInput(Preprocessing(32)).batches(ds.paths, 8, 0)
+    assert x.shape == (6, 3, 32, 32) and errors == [""] * 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,29 @@ def test_checkpoint_from_other_version_missing_keys_or_truncated_is_a_clear_erro
     state.write_bytes(b"\0" * 10)
     with pytest.raises(ChiptagError, match="cannot be resumed"):
         resume.load(state)
+
+
+def test_resumed_extraction_gives_bit_for_bit_the_uninterrupted_features(small_net, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    """Chunks saved before an interrupt were float16-encoded with their own scales, then re-encoded with the
+    global ones: a resumed extraction's features (and so its metrics) differed from an uninterrupted one's."""
+    from chiptag.features import extraction
+    from chiptag.interrupt import Interrupted
+
+    paths = sorted((tiny_data / "train-jpg").glob("*.jpg"))
+    straight, _ = features(small_net, paths, tmp_path / "straight")
+    polls = {"n": 0}
+
+    def stop_at_third_batch():
+        polls["n"] += 1
+        return signal.SIGTERM if polls["n"] == 3 else None
+
+    monkeypatch.setattr(extraction, "stop_requested", stop_at_third_batch)
+    with pytest.raises(Interrupted, match=f"stopped at image 96/{len(paths)}"):
+        features(small_net, paths, tmp_path / "resumed")
+    monkeypatch.setattr(extraction, "stop_requested", lambda: None)
+    resumed, info = features(small_net, paths, tmp_path / "resumed")
+    assert info["resumed_from"] == 96
+    assert torch.equal(resumed, straight)
+    on_disk = [torch.load(one_file(tmp_path / d), weights_only=True) for d in ("straight", "resumed")]
+    assert all(torch.equal(on_disk[0][k], on_disk[1][k]) for k in ("features", "scale"))

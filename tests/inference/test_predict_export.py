@@ -292,3 +292,21 @@ def test_export_metadata_says_how_images_were_made_square(run_dir, tmp_path):
     del raw["preprocessing"]["resize"]  # as written before data.resize existed
     torch.save(raw, tmp_path / "old.pt")
     assert metadata(ckpt_mod.load(tmp_path / "old.pt"))["resize"] == "squash"  # those checkpoints squashed
+
+
+def test_predict_reads_an_animated_gif_by_its_first_frame(run_dir, chips, tmp_path):
+    """An animated GIF among the chips (here behind a .jpg name) crashed the whole batch; now it is predicted
+    from its first frame, exactly as that frame alone, and the command says so."""
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    frames = [Image.open(chips[i]).convert("RGB") for i in (3, 4, 5)]
+    frames[0].save(folder / "anim.jpg", "GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(folder / "still.gif", "GIF")  # the first frame alone, through the same GIF palette
+    shutil.copy(chips[0], folder / "plain.jpg")
+    out = tmp_path / "p.csv"
+    r = invoke("predict", run_dir, folder, "--out", out, "--workers", "0", "--probabilities", tmp_path / "pr.csv")
+    assert r.exit_code == 0, r.output
+    assert "first frame used for 1 multi-frame image(s), e.g. anim.jpg (GIF, 3 frames)" in r.output
+    probs = pd.read_csv(tmp_path / "pr.csv").set_index("image_name")
+    assert probs.loc["anim"].tolist() == probs.loc["still"].tolist()
+    assert not (tmp_path / "p.errors.csv").exists()

@@ -172,3 +172,39 @@ def test_a_record_without_weights_says_so():
     member = replace(checkpoint.load(OLD), state_dict=None)
     with pytest.raises(ChiptagError, match="holds no weights"):
         checkpoint.load_tagger(member)
+
+
+class _Custom:  # a class torch.load(weights_only=True) refuses: what a pickled whole model looks like
+    pass
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", r"the file is empty \(0 bytes\), not a checkpoint"),
+    (b"these are words, not weights\n" * 4, "not a checkpoint, or a damaged one"),
+    (b"xyz", "not a checkpoint, or a damaged one"),
+    ("custom", "it holds Python objects besides tensors"),
+])
+def test_a_file_that_is_no_checkpoint_says_so_without_unsafe_advice(tmp_path, content, says):
+    """Before: `EOFError: ` for an empty file, and torch's advice to retry with weights_only=False (which runs the
+    file's code) for garbage or pickled objects."""
+    path = tmp_path / "checkpoint.pt"
+    if content == "custom":
+        torch.save({"model": _Custom()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ChiptagError, match=f"cannot read checkpoint {path}: {says}") as err:
+        checkpoint.load(path)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_garbage_weights_file_is_named_as_such(tmp_path):
+    from chiptag.models.weights import read_state_dict
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))  # e.g. an image saved under the weights' name
+    with pytest.raises(ChiptagError, match=f"cannot read weights file {path}: not a weights file") as err:
+        read_state_dict(path)
+    assert "weights_only" not in str(err.value)
+    torch.save({"model": _Custom()}, path)
+    with pytest.raises(ChiptagError, match=r"not a weights file chiptag loads .* torch.save\(model.state_dict"):
+        read_state_dict(path)

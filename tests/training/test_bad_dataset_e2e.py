@@ -125,3 +125,55 @@ def test_predict_prevalidates_images(tiny_config, tiny_data, tmp_path):
     assert r["rows"] == 5 and r["errors"] == 1
     errors = pd.read_csv(tmp_path / "sub.errors.csv")
     assert errors["image_name"].tolist() == ["cut"] and "truncated" in errors["error"][0]
+
+
+def _config_file(tmp_path: Path, root: Path, **data) -> Path:
+    raw = make_config_dict(root, tmp_path)
+    raw["data"].update(data)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_validate_runs_the_checks_train_runs(tiny_data, tmp_path):
+    """`validate` said ok for data `train` then refused (1 row: no train/val/test split; more folds than rows)."""
+    lines = (tiny_data / "train_classes.csv").read_text(encoding="utf-8").splitlines()
+
+    def rows(n: int) -> Path:
+        root = tmp_path / f"rows{n}"
+        root.mkdir(exist_ok=True)
+        (root / "train_classes.csv").write_text("\n".join(lines[:n + 1]) + "\n", encoding="utf-8")
+        return _config_file(tmp_path, root, images=str(tiny_data / "train-jpg"))
+
+    res = CliRunner().invoke(app, ["validate", "-c", str(rows(1))])
+    assert res.exit_code == 2 and "need at least 3 labelled images" in res.output and "ok:" not in res.output
+    res = CliRunner().invoke(app, ["validate", "-c", str(rows(12)), "--set", "training.folds=20"])
+    assert res.exit_code == 2 and "into 20 folds" in res.output and "ok:" not in res.output
+    assert CliRunner().invoke(app, ["validate", "-c", str(rows(12))]).exit_code == 0
+
+
+def test_a_tag_without_training_positives_is_warned_and_its_figures_are_na(tiny_data, tmp_path, capsys):
+    """A tag only on a test row got a tuned threshold and per-class figures as if the model had learnt it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    lines = (tiny_data / "train_classes.csv").read_text(encoding="utf-8").splitlines()
+    names = [line.split(",")[0] for line in lines[1:]]
+    lines[-1] += " newtag"  # on the last chip only, which the given split puts in test
+    (root / "train_classes.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split, part in (("train", names[:84]), ("val", names[84:102]), ("test", names[102:])):
+        (root / f"{split}.txt").write_text("\n".join(part) + "\n", encoding="utf-8")
+    split = {"files": {"train": "train.txt", "val": "val.txt", "test": "test.txt"}}
+    path = _config_file(tmp_path, root, images=str(tiny_data / "train-jpg"), split=split)
+    res = CliRunner().invoke(app, ["validate", "-c", str(path)])
+    out = res.output.replace("\n", " ")
+    assert res.exit_code == 0 and "tag(s) with no positive in the training rows (train): " in out
+    assert "newtag (0 val, 1 test)" in out and "reported as n/a" in out
+    summary = run_train(config_mod.load(path))
+    assert "newtag (0 val, 1 test)" in capsys.readouterr().err.replace("\n", " ")
+    for s in ("val", "test"):
+        row = summary["metrics"][s]["per_class"]["newtag"]
+        assert row["f2"] is None and row["precision"] is None and row["recall"] is None
+        assert row["no_training_positives"] and row["support"] == (1 if s == "test" else 0)
+    assert "no_training_positives" not in summary["metrics"]["test"]["per_class"]["primary"]
+    md = (Path(summary["run_dir"]) / "report" / "report.md").read_text(encoding="utf-8")
+    assert "| newtag | " in md and md.split("| newtag | ")[1].split("\n")[0].endswith("| n/a | n/a | n/a |")

@@ -222,7 +222,7 @@ class Config(_Strict):
         if not self.models:
             raise ValueError("models: the list is empty; add at least one model entry")
         n = len(self.models)
-        if not -n <= self.active_model_index < n:
+        if not 0 <= self.active_model_index < n:  # -1 is no "last entry": run dirs and the runs table name it
             raise ValueError(f"active_model_index {self.active_model_index} is out of range: models has {n} "
                              f"entries (valid: 0..{n - 1})")
         return self

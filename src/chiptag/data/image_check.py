@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -47,12 +49,39 @@ class ImageInfo:
     format: str | None = None
     mode: str | None = None
     size: tuple[int, int] | None = None
+    frames: int = 1  # >1: an animated or multi-page image, of which the decoders use the first frame
 
 
 def mode_label(im: Image.Image) -> str:
     """The source mode as counted in the report. Pillow opens 48-bit RGB PNGs as mode RGB (raw mode RGB;16B)."""
     raw = str(im.tile[0].args) if im.tile else ""
     return "16-bit" if im.mode in SIXTEEN_BIT or ";16" in raw else im.mode
+
+
+_CAP_LOCK = threading.Lock()
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Make data.max_image_pixels the one cap. Pillow refuses images over twice its own global limit (89.5M
+    pixels) while opening them, before chiptag sees their size: raised (never lowered) to the configured cap, an
+    image the config allows is neither refused at validation nor by the Pillow decoder that follows."""
+    with _CAP_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _bomb_detail(exc: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow's refusal, told against the configured cap (its message quotes its own limit)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,} px > {max_pixels:,}" if found else f"over {max_pixels:,} px"
+
+
+def frame_count(im: Image.Image) -> int:
+    """Frames (pages) in an opened image. A JPEG's extra MPO pictures (a camera's preview) are not counted:
+    libjpeg reads the primary picture, which is the image."""
+    if im.format in ("JPEG", "MPO"):
+        return 1
+    return int(getattr(im, "n_frames", 1) or 1)
 
 
 def _jpeg_complete(f) -> bool:
@@ -85,6 +114,8 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
     fmt = mode = size = None
+    frames = 1
+    allow_pixels(max_pixels)
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
@@ -95,13 +126,14 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
                 fmt, mode, size = im.format, mode_label(im), im.size
                 if size[0] * size[1] > max_pixels:
                     return ImageInfo("bomb", f"{size[0]}x{size[1]} px > {max_pixels:,}", fmt, mode, size)
+                frames = frame_count(im)  # GIF and TIFF count by seeking, hence before the checks rewind f
                 _deep_check(im, f, scan_jpeg)
     except FileNotFoundError:
         return ImageInfo("image_missing")
     except PermissionError:
         return ImageInfo("image_unreadable", "permission denied")
-    except Image.DecompressionBombError as exc:
-        return ImageInfo("bomb", str(exc).split(".")[0])
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit, which is at least the cap
+        return ImageInfo("bomb", _bomb_detail(exc, max_pixels))
     except UnidentifiedImageError:
         return ImageInfo("not_an_image", "unknown format")
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:  # Pillow's ways of saying "broken"
@@ -112,7 +144,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
         except ChiptagError as exc:
             msg = str(exc) if isinstance(source, bytes) else str(exc).replace(str(source), "the file")
             return ImageInfo("corrupt", msg[:160], fmt, mode, size)
-    return ImageInfo(None, "", fmt, mode, size)
+    return ImageInfo(None, "", fmt, mode, size, frames)
 
 
 def _usual_side(sizes: Iterable[tuple[int, int]]) -> int | None:
@@ -159,6 +191,8 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
         wanted = EXTENSION_FORMATS.get(Path(p).suffix.lower())
         if wanted and info.format and info.format != wanted:
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
+        if info.frames > 1:
+            report.add("multi_frame", p, rows[i], f"{info.format}, {info.frames} frames")
         if info.mode and info.mode != "RGB":
             report.converted[info.mode] += 1
     return bad

@@ -124,18 +124,24 @@ def read_rgb(path: str | Path) -> torch.Tensor:
 
 def decode_rgb(raw: bytes, name: str | Path) -> torch.Tensor:
     """Image bytes -> 3xHxW uint8 RGB, exactly as read_rgb decodes a file's bytes (the server decodes uploads
-    in memory with it); errors name `name`."""
+    in memory with it); errors name `name`. A multi-frame image (animated GIF/WebP/PNG, multi-page TIFF) gives
+    its first frame."""
     if raw[:2] == b"\xff\xd8":
         img = _strict_jpeg(name, raw)
         if img is not None:
             return img
     try:
         buffer = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        return _to_uint8(decode_image(buffer, mode=ImageReadMode.RGB))
+        img = decode_image(buffer, mode=ImageReadMode.RGB)
     except Exception:  # torchvision cannot decode some inputs (some CMYK, 16-bit gray); Pillow is the fallback
         pass
+    else:
+        # An animated GIF decodes to (frames, 3, H, W); its first frame is the image, as Pillow reads the first
+        # frame of an animated WebP or PNG and the first page of a TIFF. Validation notes such files
+        # (data.image_check: multi_frame), so the frames left unused are not silently lost.
+        return _to_uint8(img[0] if img.ndim == 4 else img)
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with Image.open(io.BytesIO(raw)) as im:  # a multi-frame file: Pillow reads frame 0 unless told to seek
             arr = _pillow_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ChiptagError(f"cannot read image {name}: {exc}") from None

@@ -1,9 +1,9 @@
 """Validation report: problems grouped by kind, with counts and the first examples (file and CSV row).
 
-Severities: `fatal` problems make the table unusable (always an error); `bad` items are unusable rows or
-images (policy `data.on_bad_image` decides: stop, or skip them and list them); `note` items were handled
-on read (a BOM, CRLF, stray spaces, a PNG behind a .jpg name) and are only reported; conversions to RGB are
-counted per source mode.
+Severities: `bad` items are unusable rows or images (policy `data.on_bad_image` decides: stop, or skip them
+and list them); `warn` items are used as they are but look like a mistake (a tag that looks like a typo of
+another): named with their rows, never refused; `note` items were handled on read (a BOM, CRLF, stray spaces, a
+PNG behind a .jpg name) and are only reported; conversions to RGB are counted per source mode.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "empty_tags": ("bad", "empty tag list"),
     "unknown_tag": ("bad", "tag outside the run's vocabulary"),
     "onehot_value": ("bad", "one-hot cell that is not 0 or 1"),
+    "outside_images": ("bad", "image name that resolves outside data.images (../, an absolute path): never read"),
     "image_missing": ("bad", "image file missing"),
     "image_unreadable": ("bad", "image file not readable (permissions)"),
     "zero_bytes": ("bad", "image file is empty (0 bytes)"),
@@ -41,7 +42,10 @@ KINDS: dict[str, tuple[str, str]] = {
     "bom": ("note", "UTF-8 byte-order mark at the start of the label table (ignored)"),
     "crlf": ("note", "CRLF (Windows) line ends in the label table (handled)"),
     "whitespace": ("note", "stray whitespace around names or tags (stripped)"),
+    "tag_typo": ("warn", "rare tag one edit away from a common one: a typo? (trained as a tag of its own; fix "
+                         "the rows if it is one)"),
     "format_mismatch": ("note", "file content does not match its extension (decoded by content)"),
+    "multi_frame": ("note", "multi-frame image (animated GIF/WebP/PNG, multi-page TIFF): its first frame is used"),
 }
 EXAMPLES = 3
 
@@ -102,6 +106,10 @@ class Report:
         if self.bad:
             lines.append(f"{len(self.bad)} problem(s) that make rows or images unusable:")
             lines += self._lines(self.bad)
+        warnings = self.of_severity("warn")
+        if warnings:
+            lines.append("worth a look (used as they are):")
+            lines += self._lines(warnings)
         notes = self.of_severity("note")
         if notes or self.converted:
             lines.append("handled on read (no action needed):")

@@ -130,6 +130,40 @@ def make_split(data: DataConfig, ds: Dataset) -> dict[str, np.ndarray]:
     return given_split(ds.table.names, ds.left_out, files, data.extension)
 
 
+def untrained_tags(y: np.ndarray, train_rows: np.ndarray, tags: list[str]) -> list[str]:
+    """Tags with no positive among the rows a model trains on: it cannot learn them, so their per-class figures
+    are undefined (evaluation.metrics reports them as None, `n/a`)."""
+    return [t for t, n in zip(tags, np.asarray(y)[np.asarray(train_rows, dtype=np.int64)].sum(axis=0)) if n == 0]
+
+
+def untrained_warning(y: np.ndarray, splits: dict[str, np.ndarray], untrained: list[str], tags: list[str],
+                      trained_on: tuple[str, ...] = ("train",)) -> str:
+    """The warning train and validate print for `untrained` tags, with where their rows went."""
+    col = {t: j for j, t in enumerate(tags)}
+    where = []
+    for t in untrained:
+        counts = [f"{int(y[splits[s], col[t]].sum())} {s}" for s in SPLITS if s not in trained_on]
+        where.append(f"{t} ({', '.join(counts)})")
+    return (f"{len(untrained)} tag(s) with no positive in the training rows ({' + '.join(trained_on)}): "
+            f"{'; '.join(where)}. The model cannot learn them; their per-class figures are reported as n/a. "
+            "Add examples, or drop the tag from the label table.")
+
+
+def check_plan(data: DataConfig, ds: Dataset, folds: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The checks `train` runs on validated data before it trains, for `chiptag validate`: the split (given lists
+    or a stratified draw: too few rows, an empty split and bad lists are errors) and, with training.folds, the
+    k-fold cut; -> (splits, warnings: tags the training rows have no positive of)."""
+    splits = make_split(data, ds)
+    trained_on: tuple[str, ...] = ("train",)
+    if folds:
+        pool = np.concatenate([splits["train"], splits["val"]])
+        fold_indices(ds.table.y, pool, folds, seed=data.split.seed)
+        trained_on = ("train", "val")  # k-fold: the heads together train on every non-test row
+    rows = np.concatenate([splits[s] for s in trained_on])
+    untrained = untrained_tags(ds.table.y, rows, ds.table.tags)
+    return splits, [untrained_warning(ds.table.y, splits, untrained, ds.table.tags, trained_on)] if untrained else []
+
+
 def fold_indices(y: np.ndarray, pool: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
     """`pool` (indices into y: every non-test image) cut into k iterative-stratified folds -> k sorted index
     arrays into y, disjoint, covering pool. Fold i validates model i; the other folds train it."""

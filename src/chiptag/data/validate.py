@@ -8,6 +8,7 @@ all, `skip` returns the dataset without the unusable rows and images. Prediction
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -106,6 +107,23 @@ def _duplicates(path: Path, names: list[str], keys: list, report: Report) -> tup
     return bad, repeats
 
 
+def _outside(image_dir: Path, path: Path) -> bool:
+    """Whether an image path built from a name leaves data.images (`../x`, `/abs/x`). Judged on the text of the
+    path, not by resolving links: a symlinked image folder or symlinked chips are fine."""
+    base = os.path.normpath(image_dir)
+    return os.path.commonpath([base, os.path.normpath(path)]) != base
+
+
+def _typo_warnings(path: Path, table: labels_mod.LabelTable, keep: list[int], report: Report) -> None:
+    """Tags that look like a typo of a common tag, named with both tags and the rows (CSV row numbers)."""
+    counts = dict(zip(table.tags, table.y.sum(axis=0).tolist()))
+    for rare, common, rows in labels_mod.typo_suspects(table):
+        at = [keep[r] + 2 for r in rows]
+        listed = ", ".join(map(str, at[:10])) + (" ..." if len(at) > 10 else "")
+        report.add("tag_typo", path, at[0], f"{rare!r} on {len(at)} row(s) ({listed}) is one edit from "
+                                            f"{common!r} ({counts[common]} rows)")
+
+
 def _build_table(path: Path, df: pd.DataFrame, keep: list[int], fmt: str, data: DataConfig, tag_cols: list[str],
                  vocabulary: Sequence[str] | None) -> labels_mod.LabelTable:
     sub = df.iloc[keep].reset_index(drop=True)
@@ -144,8 +162,13 @@ def preflight(data: DataConfig, *, vocabulary: Sequence[str] | None = None) -> t
     if not image_dir.is_dir():
         raise ChiptagError(f"data.images: image folder not found: {image_dir}")
     paths = [image_dir / f"{n}{data.extension}" for n in names]
+    outside = {i for i, n in enumerate(names) if n and _outside(image_dir, paths[i])}
+    for i in sorted(outside):
+        report.add("outside_images", path, i + 2, f"{names[i]!r} -> {os.path.normpath(paths[i])}")
+    bad |= outside
     seen: set[str] = set()
-    check = [i for i, n in enumerate(names) if n and not (n in seen or seen.add(n))]  # each file once
+    check = [i for i, n in enumerate(names)  # each file once; never one outside data.images
+             if n and i not in outside and not (n in seen or seen.add(n))]
     bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
                            max_pixels=data.max_image_pixels, expected_size=data.expected_size,
                            min_side=data.min_side, full=data.full_check)
@@ -157,6 +180,8 @@ def preflight(data: DataConfig, *, vocabulary: Sequence[str] | None = None) -> t
     if not keep:
         raise ChiptagError(f"no usable rows left in {path} after skipping:\n{report.format()}")
     table = _build_table(path, df, keep, fmt, data, tag_cols, vocabulary)
+    if vocabulary is None:  # a run's vocabulary (evaluation) already makes any other tag an error
+        _typo_warnings(path, table, keep, report)
     left_out = frozenset(names[i] for i in bad) - set(table.names)
     return Dataset(table, [paths[i] for i in keep], path, image_dir, left_out), report
 

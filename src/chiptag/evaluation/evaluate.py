@@ -10,7 +10,7 @@ import torch
 from chiptag import config as config_mod
 from chiptag.atomic import write_json
 from chiptag.data.inputs import ImageInput
-from chiptag.data.split import load_split
+from chiptag.data.split import load_split, untrained_tags
 from chiptag.data.validate import load_dataset
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
@@ -59,6 +59,8 @@ def evaluate_run(run_dir: Path) -> dict:
         probs_of = _feature_probabilities(cfg, ckpt, tagger, ds.paths)
     thresholds = np.asarray(ckpt.thresholds)
     rules = LabelRules.from_config(ckpt.label_rules, ckpt.tags)
+    trained_on = ("train", "val") if _trained_on_val(ckpt) else ("train",)
+    untrained = untrained_tags(ds.table.y, np.concatenate([splits[s] for s in trained_on]), ds.table.tags)
     result = {}
     # A k-fold ensemble saw every non-test chip in training (each head all but one fold): its val figure is the
     # out-of-fold F2 of the separate heads in summary.json, which the ensemble cannot reproduce; test it is.
@@ -69,7 +71,7 @@ def evaluate_run(run_dir: Path) -> dict:
     for s in scored:
         idx = splits[s]
         probs = rules.condition(probs_of(idx))
-        m = metrics.split_metrics(ds.table.y[idx], probs, thresholds, ds.table.tags)
+        m = metrics.split_metrics(ds.table.y[idx], probs, thresholds, ds.table.tags, untrained=untrained)
         result[s] = m
         out.print(f"{s:>4}: F2 {m['f2']:.4f} (stored thresholds)  {m['f2_at_0.5']:.4f} @0.5  ({len(idx)} images)")
     write_json(run.evaluation, result)

@@ -73,15 +73,17 @@ def decode(probs: np.ndarray, thresholds, rules: LabelRules) -> np.ndarray:
 
 
 def tune_and_score(val: tuple[np.ndarray, np.ndarray], scored: dict[str, tuple[np.ndarray, np.ndarray]],
-                   tags: Sequence[str], rules: LabelRules) -> tuple[np.ndarray, dict]:
+                   tags: Sequence[str], rules: LabelRules, *,
+                   untrained: Sequence[str] = ()) -> tuple[np.ndarray, dict]:
     """Thresholds tuned on val = (targets, probs) under the rules; -> (thresholds, {split: split_metrics}) for
     every (targets, probs) in `scored`. Each split's entry also says what F2 the same thresholds give without
-    the rules (`f2_without_rules`), the rules' effect at a glance."""
+    the rules (`f2_without_rules`), the rules' effect at a glance. `untrained`: tags the training rows had no
+    positive of, whose per-class figures are undefined (metrics.split_metrics)."""
     y_val, p_val = val
     thresholds = tune_thresholds(y_val, rules.condition(p_val))
     out = {}
     for name, (y, p) in scored.items():
-        m = metrics.split_metrics(y, rules.condition(p), thresholds, tags)
+        m = metrics.split_metrics(y, rules.condition(p), thresholds, tags, untrained=untrained)
         if rules:
             m["f2_without_rules"] = metrics.f2_samples(y, metrics.binarize(p, thresholds))
         out[name] = m

@@ -204,11 +204,20 @@ def pr_curves(y_true, probs, tags) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
-def split_metrics(y_true, probs, thresholds, tags: Sequence[str]) -> dict:
+def split_metrics(y_true, probs, thresholds, tags: Sequence[str], *, untrained: Sequence[str] = ()) -> dict:
     """classification_metrics at `thresholds` plus the sample F2 at 0.5 everywhere (what the checkpoint
-    choice uses): one split's entry in summary.json."""
+    choice uses): one split's entry in summary.json.
+
+    untrained: tags the training rows had no positive of. A model that never saw a tag has no precision, recall
+    or F2 for it to speak of (whatever its threshold happens to give on these rows): they are None (reports
+    show `n/a`), marked `no_training_positives`. The headline figures still count every tag."""
     m = classification_metrics(y_true, probs, thresholds, tags)
     m["f2_at_0.5"] = f2_samples(y_true, binarize(probs, 0.5))
+    unknown = sorted(set(untrained) - set(m["per_class"]))
+    if unknown:
+        raise ChiptagError(f"untrained tags not among the tags: {', '.join(unknown)}")
+    for tag in untrained:
+        m["per_class"][tag].update(precision=None, recall=None, f2=None, no_training_positives=True)
     return m
 
 

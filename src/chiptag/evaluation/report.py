@@ -95,6 +95,11 @@ def _curves_figure(history: list[dict], best_epoch: int | None):
     return fig
 
 
+def _figure(value: float | None) -> str:
+    """A per-class figure for the table: `n/a` where it is undefined (None)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _f2_bars_figure(tags: list[str], series: dict[str, list[float]]):
     from matplotlib.figure import Figure
 
@@ -127,7 +132,9 @@ def _pr_figure(tags: list[str], probs: dict, per_class: dict):
             if tag in curves[s]:
                 ax.plot(curves[s][tag]["recall"], curves[s][tag]["precision"], style, lw=1.2, label=s)
         row = per_class[tag]
-        if row["support"]:  # the operating point the stored threshold gives on test
+        if row.get("no_training_positives"):
+            ax.text(0.5, 0.5, "no positives in training: n/a", ha="center", va="center", fontsize=8)
+        elif row["support"]:  # the operating point the stored threshold gives on test
             ax.plot(row["recall"], row["precision"], "o", color="k", ms=4, label=f"t={row['threshold']:.2f}")
         else:
             ax.text(0.5, 0.5, "no positives in test", ha="center", va="center", fontsize=8)
@@ -172,7 +179,11 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
     for tag in sorted(tags, key=lambda t: (-test_pc[t]["support"] - val_pc[t]["support"], t)):
         r = test_pc[tag]
         lines.append(f"| {tag} | {summary['thresholds'][tag]:.2f} | {val_pc[tag]['support']} | {r['support']} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f2']:.3f} |")
+                     f"{_figure(r['precision'])} | {_figure(r['recall'])} | {_figure(r['f2'])} |")
+    untrained = [t for t in tags if test_pc[t].get("no_training_positives")]
+    if untrained:
+        lines += ["", f"n/a: no positive in the training rows ({', '.join(untrained)}): the model never saw the "
+                      "tag, so its figures are undefined."]
     lines += ["", "## Plots", ""]
     for name, path in figures.items():
         lines += [f"![{name.replace('_', ' ')}]({path.name})", ""]
@@ -209,11 +220,13 @@ def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
         figures["training_curves"] = _save(_curves_figure(history, summary.get("best_epoch")),
                                            out_dir / FIGURES["training_curves"])
     probs = load_eval_probs(run_dir)
-    bars = {"tuned thresholds": [per_class[t]["f2"] for t in tags]}
+    # a tag the model never saw has no F2 (None in summary.json): no bar
+    untrained = {t for t in tags if per_class[t].get("no_training_positives")}
+    bars = {"tuned thresholds": [np.nan if per_class[t]["f2"] is None else per_class[t]["f2"] for t in tags]}
     note = ""
     if probs is not None and list(probs["tags"]) == tags:
         at_half = metrics.classification_metrics(probs["test_targets"], probs["test_probs"], 0.5, tags)
-        bars["threshold 0.5"] = [at_half["per_class"][t]["f2"] for t in tags]
+        bars["threshold 0.5"] = [np.nan if t in untrained else at_half["per_class"][t]["f2"] for t in tags]
     else:
         probs = None
         note = (f"Precision-recall curves and error sheets need {RunDir(run_dir).eval_probs.name} in the run "

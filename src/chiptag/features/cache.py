@@ -9,7 +9,10 @@ A cache file is trusted only when it loads, its fingerprint is the one asked for
 the SHA-256 of its features equals the stored one (torch.load does not check its zip CRCs, so a flipped bit
 in the tensor data would otherwise load silently). Extraction writes `<final>.partial/<start>.pt` chunks as it
 goes; the final file appears (by rename) only when every chunk is there, so a partial cache is never read as
-complete, and an interrupted extraction resumes from its last chunk.
+complete, and an interrupted extraction resumes from its last chunk. Chunks hold float32, exactly what the
+backbone gave: the one float16 encoding happens when the final file is written, over all rows at once, so a
+resumed extraction gives bit for bit the features of an uninterrupted one (chunks encoded with their own
+scales and re-encoded with the global ones were rounded twice: rows differed by up to 4.9e-4).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def digest(t: torch.Tensor) -> str:
 
 
 ENCODING = "float16-scaled"
+CHUNK_ENCODING = "float32"  # the chunks of an extraction in progress: lossless until the final encode
 
 
 def encode(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,22 +52,28 @@ def stored(feats: torch.Tensor) -> torch.Tensor:
     return decode(*encode(feats))
 
 
-def save_features(path: Path, key: str, feats: torch.Tensor, names: list[str]) -> None:
-    values, scale = encode(feats)
-    torch_save({"fingerprint": key, "features": values, "scale": scale, "encoding": ENCODING, "names": names,
+def save_features(path: Path, key: str, feats: torch.Tensor, names: list[str], *, exact: bool = False) -> None:
+    """exact: float32 as given, with unit scales (CHUNK_ENCODING, for chunks); else the scaled float16 cache."""
+    if exact:
+        values, scale, encoding = feats.float().contiguous(), torch.ones(feats.shape[1:]), CHUNK_ENCODING
+    else:
+        (values, scale), encoding = encode(feats), ENCODING
+    torch_save({"fingerprint": key, "features": values, "scale": scale, "encoding": encoding, "names": names,
                 "sha256": digest(values) + digest(scale)}, path)
 
 
-def load_features(path: Path, key: str, n: int | None = None) -> tuple[torch.Tensor | None, str]:
-    """-> (features, "") when the file is complete and intact, else (None, what is wrong with it)."""
+def load_features(path: Path, key: str, n: int | None = None, *,
+                  exact: bool = False) -> tuple[torch.Tensor | None, str]:
+    """-> (features, "") when the file is complete and intact, else (None, what is wrong with it). exact: a
+    chunk written with save_features(exact=True)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or damaged zip/pickle: any failure means "do not use"
         return None, f"unreadable ({exc.__class__.__name__})"
     if not isinstance(obj, dict) or not {"fingerprint", "features", "sha256"} <= set(obj):
         return None, "not a chiptag feature cache (or written by an older chiptag without a checksum)"
-    if obj.get("encoding") != ENCODING or "scale" not in obj:
-        return None, "written by an older chiptag (plain float16 features)"
+    if obj.get("encoding") != (CHUNK_ENCODING if exact else ENCODING) or "scale" not in obj:
+        return None, f"written by an older chiptag ({obj.get('encoding') or 'plain float16'} features)"
     if obj["fingerprint"] != key:
         return None, "fingerprint mismatch (written for other images, weights or preprocessing)"
     feats = obj["features"]
@@ -88,7 +98,7 @@ class PartialCache:
         done = 0
         for f in sorted(self.dir.glob("*.pt")) if self.dir.is_dir() else []:
             start = int(f.stem) if f.stem.isdigit() else -1
-            feats, why = load_features(f, self.key) if start == done else (None, "not contiguous")
+            feats, why = load_features(f, self.key, exact=True) if start == done else (None, "not contiguous")
             if feats is None:
                 dropped.append(f"{f.name}: {why}")
                 f.unlink(missing_ok=True)
@@ -99,7 +109,7 @@ class PartialCache:
 
     def save(self, start: int, feats: torch.Tensor) -> None:
         if len(feats):
-            save_features(self.dir / f"{start:09d}.pt", self.key, feats, [])
+            save_features(self.dir / f"{start:09d}.pt", self.key, feats, [], exact=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -32,7 +32,7 @@ from chiptag.progress import console, progress_bar
 CACHE_VERSION = 4  # 2: sha256 of the features; 3: per-dimension scaled float16, data.resize;
 #                   4: resize on uint8, the decoder in the fingerprint
 TINY_FEATURES = 1e-6  # largest |feature| below this: a head's weights barely move, as if they were zero
-CHUNK_IMAGES = 2048  # progress is saved at least every this many images (and on SIGINT/SIGTERM)
+CHUNK_IMAGES = 2048  # progress is saved about every this many images, in whole batches (and on SIGINT/SIGTERM)
 
 
 @dataclass
@@ -155,8 +155,11 @@ def extract(ex: Extractor, paths: Sequence[Path], *, view: int = 0,
 
 def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Path, view: int,
                        info: FeatureInfo) -> torch.Tensor:
-    """Extract in CHUNK_IMAGES chunks saved next to `path`, continuing from a previous interrupted extraction.
-    A stop request (SIGINT/SIGTERM) saves the rows done so far as a last, shorter chunk."""
+    """Extract in chunks of about CHUNK_IMAGES saved next to `path`, continuing from a previous interrupted
+    extraction. A stop request (SIGINT/SIGTERM) saves the rows done so far as a last, shorter chunk. Chunks end
+    on batch boundaries, so a resumed extraction runs the very batches an uninterrupted one runs (a forward's
+    last bits may depend on the batch it ran in), and they are exact (features.cache): resumed features are
+    bit for bit the uninterrupted ones."""
     partial = PartialCache(path, key)
     chunks, dropped = partial.load()
     for note in dropped:
@@ -167,10 +170,9 @@ def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Pat
         console.print(f"resuming feature extraction at image {done}/{len(paths)} ({partial.dir})")
     pending: list[torch.Tensor] = []
 
-    def flush(rows: int) -> None:
+    def flush() -> None:
         nonlocal done, pending
-        buf = torch.cat(pending)
-        part, pending = buf[:rows], ([buf[rows:]] if rows < len(buf) else [])
+        part, pending = torch.cat(pending), []
         partial.save(done, part)
         chunks.append(part)
         done += len(part)
@@ -178,16 +180,16 @@ def _extract_resumable(ex: Extractor, paths: Sequence[Path], key: str, path: Pat
     with closing(_feature_batches(ex, paths[done:], view)) as stream:
         for f in stream:
             pending.append(f)
-            while sum(len(t) for t in pending) >= CHUNK_IMAGES:
-                flush(CHUNK_IMAGES)
+            if sum(len(t) for t in pending) >= CHUNK_IMAGES:
+                flush()
             signum = stop_requested()
             if signum and pending:
-                flush(sum(len(t) for t in pending))
+                flush()
             if signum and done < len(paths):
                 raise Interrupted(signum, f"feature extraction stopped at image {done}/{len(paths)}; progress "
                                           f"saved in {partial.dir}")
     if pending:
-        flush(sum(len(t) for t in pending))
+        flush()
     feats = stored(torch.cat(chunks) if chunks else torch.empty(0, 0))  # exactly what a cache hit returns
     save_features(path, key, feats, [p.name for p in paths])
     partial.clear()

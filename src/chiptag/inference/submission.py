@@ -145,6 +145,10 @@ def _prevalidate(found: list[int], paths: list) -> tuple[list[int], dict[int, st
     report, usable = validate_images([paths[i] for i in found], check_size=False)
     if report.converted:
         console.print("converted to RGB: " + ", ".join(f"{m} {n}" for m, n in sorted(report.converted.items())))
+    multi = report.by_kind().get("multi_frame", [])
+    if multi:  # animated GIF/WebP, multi-page TIFF: predicted from the first frame, as training reads them
+        console.print(f"first frame used for {len(multi)} multi-frame image(s), e.g. {Path(multi[0].file).name} "
+                      f"({multi[0].detail})")
     at = {str(paths[i]): i for i in found}
     bad = {at[p.file]: KINDS[p.kind][1] + (f" ({p.detail})" if p.detail else "") for p in report.bad}
     return [found[j] for j in usable], bad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,14 +14,27 @@ from chiptag.errors import ChiptagError
 
 def read_torch_file(path: Path, what: str, raw: bytes | None = None):
     """torch.load(weights_only=True) of `path` (or of its bytes `raw`, already read), with one-line errors naming
-    `what` and the file: checkpoints and weights files both load through here."""
+    `what` and the file: checkpoints and weights files both load through here. A file that is not one never
+    gets torch's advice to retry with weights_only=False: that would run whatever code the file holds."""
     path = Path(path)
     if raw is None and not path.is_file():
         raise ChiptagError(f"{what} not found: {path}")
+    size = len(raw) if raw is not None else path.stat().st_size
+    if size == 0:
+        raise ChiptagError(f"cannot read {what} {path}: the file is empty (0 bytes), not a {what}")
     try:
-        return torch.load(io.BytesIO(raw) if raw is not None else path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChiptagError(f"cannot read {what} {path}: {exc.__class__.__name__}: {exc}") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise about a file we refuse
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(raw) if raw is not None else path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's own messages end in advice that is unsafe here
+        if "Unsupported global" in str(exc):  # a whole pickled model, an optimizer, custom classes
+            advice = " Save the weights alone: torch.save(model.state_dict(), path)" if what == "weights file" else ""
+            raise ChiptagError(f"cannot read {what} {path}: it holds Python objects besides tensors and plain "
+                               f"containers, so it is not a {what} chiptag loads (loading it would run code from "
+                               f"the file).{advice}") from None
+        # a text file, random bytes, a truncated or damaged zip
+        raise ChiptagError(f"cannot read {what} {path}: not a {what}, or a damaged one (not a complete file "
+                           f"torch.save wrote; {exc.__class__.__name__})") from None
 
 
 def read_state_dict(path: Path) -> tuple[dict, str]:

@@ -23,7 +23,7 @@ from chiptag.config import Config
 from chiptag.data.dataset import Dataset
 from chiptag.data.inputs import ImageInput
 from chiptag.data.problems import Report
-from chiptag.data.split import load_split, make_split, save_split
+from chiptag.data.split import load_split, make_split, save_split, untrained_tags, untrained_warning
 from chiptag.data.validate import preflight
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
@@ -156,6 +156,10 @@ def train(r: OpenRun, device: torch.device) -> dict:
     t_extract = time.perf_counter() - t_extract
 
     folds = plan_folds(r, tracker, device)
+    untrained = untrained_tags(ds.table.y, np.concatenate([fold.train for fold in folds]), tags)
+    if untrained:  # a tuned threshold and per-class scores for a tag the model never saw would mean nothing
+        trained_on = ("train", "val") if s.folds else ("train",)
+        console.print(f"[yellow]warning:[/] {untrained_warning(ds.table.y, splits, untrained, tags, trained_on)}")
     t_train = time.perf_counter()
     results = [folds_mod.load_done(fold, ds.table.y) or train_fold(r, fold, net, feats, images, card)
                for fold in folds]
@@ -169,7 +173,8 @@ def train(r: OpenRun, device: torch.device) -> dict:
     val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
     report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
                            ds.table.names, {"val": val_idx, "test": splits["test"]}, tags)
-    thresholds, m = tune_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags, rules)
+    thresholds, m = tune_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags, rules,
+                                   untrained=untrained)
     m["val"]["loss"], m["test"]["loss"] = _val_loss(results), test["loss"]
     if distributed.is_main():
         checkpoint.save(r.run.checkpoint, tagger, card, thresholds.tolist(), epoch)
