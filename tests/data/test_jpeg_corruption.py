@@ -118,3 +118,11 @@ def test_validate_lists_damaged_chips_with_their_files(tmp_path):
     assert sorted(Path(p.file).name for p in listed) == sorted(f"{n}.jpg" for n in bad)
     assert all(p.row is not None and "extraneous bytes" in p.detail for p in listed)
     assert not set(bad) & set(ds.table.names) and "pad" in ds.table.names
+
+
+def test_scan_byte_damaged_into_an_unknown_marker_is_found_by_the_quick_check(tmp_path):
+    raw = bytearray(GOOD)
+    raw[SCAN + 500:SCAN + 502] = b"\xff\x89"  # a marker libjpeg does not know, inside the scan
+    assert _libjpeg_says(bytes(raw)) == "Unsupported marker type 0x89"
+    info = check_image(bytes(raw))  # the default pre-flight check, not only validate --full
+    assert info.kind == "truncated" and "Unsupported marker type 0x89" in info.detail

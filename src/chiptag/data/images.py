@@ -43,8 +43,8 @@ CORRUPT_HINT = (" — `chiptag validate --full` lists every such file; data.full
 # write after the last scan: the SQ908 camera leaves 8 (libjpeg-turbo reads ~6 ahead, so k bytes of padding are
 # reported as k - 6), webcams 1-10; Pillow 13, simplejpeg 1.9 and torchvision 0.29 (all libjpeg-turbo) write
 # none, in every mode tried. A scan whose entropy data is damaged desynchronises the Huffman decoder, which then
-# finishes its blocks early and leaves a whole block's bytes or more behind (on generated chips: a median of
-# 71, at most 16 in 3 of 1,567 such corruptions) - its pixels are garbage. So only up to MAX_JPEG_PADDING bytes
+# finishes its blocks early and leaves a whole block's bytes or more behind (generated 256 px chips: a median
+# of 71, at most 16 in 4 of 1,557 such corruptions, benchmarks/jpeg_corruption.py) - its pixels are garbage. So only up to MAX_JPEG_PADDING bytes
 # before EOI are harmless; more, or leftovers before any other marker (a restart interval or an earlier
 # progressive scan that ended early; the strict decode stops there, so the rest is unchecked), are corrupt,
 # like every other libjpeg data warning (pixels invented: a grey or smeared lower part).
@@ -110,7 +110,16 @@ def jpeg_corruption(raw: bytes) -> str | None:
     try:
         simplejpeg.decode_jpeg(raw, strict=True, min_height=1, min_width=1)
     except ValueError as exc:
-        return _explained(str(exc)) if _jpeg_warning(str(exc)) == "corrupt" else None
+        kind = _jpeg_warning(str(exc))
+        if kind is None:
+            # libjpeg-turbo cannot read it at all: a flavour it lacks, or (far more often) a byte of the scan
+            # damaged into a marker it does not know ("Unsupported marker type"). decode_rgb's fallbacks
+            # decide, as they would when the image is read, so such a file is a bad image here already.
+            try:
+                decode_rgb(raw, "")
+            except ChiptagError:
+                return f"{exc} (no decoder reads the image data)"
+        return _explained(str(exc)) if kind == "corrupt" else None
     return None
 
 
