@@ -87,7 +87,7 @@ def main() -> None:
              for k, v in sorted(outcomes.items())}
     c = np.asarray(counts)
     result = {"command": "python " + " ".join(sys.argv), "chips": a.n, "size": a.size, "outcomes": table,
-              "extraneous_before_eoi": {"n": int(len(c)), "median": float(np.median(c)),
+              "extraneous_before_eoi": {"n": len(c), "median": float(np.median(c)),
                                         f"at_most_{MAX_JPEG_PADDING}": int((c <= MAX_JPEG_PADDING).sum())}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1), encoding="utf-8")

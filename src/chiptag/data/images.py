@@ -39,15 +39,15 @@ RESIZE_MODES = ("squash", "pad", "crop")
 CORRUPT_HINT = (" — `chiptag validate --full` lists every such file; data.full_check: true with "
                 "data.on_bad_image: skip leaves them out of training")
 # libjpeg's "N extraneous bytes before marker 0xXX" counts the bytes left between the point where the decoder had
-# read every block of a scan and the next marker. A few of them before EOI (0xd9) are padding some encoders
-# write after the last scan: the SQ908 camera leaves 8 (libjpeg-turbo reads ~6 ahead, so k bytes of padding are
-# reported as k - 6), webcams 1-10; Pillow 13, simplejpeg 1.9 and torchvision 0.29 (all libjpeg-turbo) write
-# none, in every mode tried. A scan whose entropy data is damaged desynchronises the Huffman decoder, which then
-# finishes its blocks early and leaves a whole block's bytes or more behind (generated 256 px chips: a median
-# of 71, at most 16 in 4 of 1,557 such corruptions, benchmarks/jpeg_corruption.py) - its pixels are garbage. So only up to MAX_JPEG_PADDING bytes
-# before EOI are harmless; more, or leftovers before any other marker (a restart interval or an earlier
-# progressive scan that ended early; the strict decode stops there, so the rest is unchecked), are corrupt,
-# like every other libjpeg data warning (pixels invented: a grey or smeared lower part).
+# read every block of a scan and the next marker. A few of them before EOI (0xd9) are padding some encoders write
+# after the last scan: the SQ908 camera leaves 8 (libjpeg-turbo reads ~6 ahead, so k bytes of padding are reported
+# as k - 6), webcams 1-10; Pillow 13, simplejpeg 1.9 and torchvision 0.29 (all libjpeg-turbo) write none, in every
+# mode tried. A scan whose entropy data is damaged desynchronises the Huffman decoder, which then finishes its
+# blocks early and leaves a whole block's bytes or more behind (generated 256 px chips: a median of 71, at most 16
+# in 4 of 1,557 such corruptions, benchmarks/jpeg_corruption.py) - its pixels are garbage. So only up to
+# MAX_JPEG_PADDING bytes before EOI are harmless; more, or leftovers before any other marker (a restart interval or
+# an earlier progressive scan that ended early; the strict decode stops there, so the rest is unchecked), are
+# corrupt, like every other libjpeg data warning (pixels invented: a grey or smeared lower part).
 MAX_JPEG_PADDING = 16
 _EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0x([0-9a-f]{2})", re.IGNORECASE)
 
