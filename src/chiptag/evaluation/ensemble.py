@@ -105,9 +105,9 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
     y_test, p_test = _mean_probs(members, "test", test_names)
     config = config_mod.load(first["run"].config).to_dict()  # data and split settings: what evaluate reads
     # the ensemble is a new model: it keeps the label rules only as its own validation rows say (labels.apply)
-    thresholds, m, rules = choose_and_score((y_val, p_val), {"val": (y_val, p_val), "test": (y_test, p_test)},
-                                            tags, config["labels"])
-    config["labels"] = rules.labels(config["labels"])
+    thresholds, m, decision = choose_and_score((y_val, p_val), {"val": (y_val, p_val), "test": (y_test, p_test)},
+                                               tags, config["labels"])
+    config["labels"] = decision.labels(config["labels"])
     run = RunDir(out_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(first["run"].config, run.config)
@@ -128,8 +128,8 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
                                                                                    for x in members),
                "head": f"mean of {len(members)} runs", "epochs": "-", "best_epoch": None, "members": listed,
                "tags": tags, "n_images": {"val": len(val_names), "test": len(test_names)},
-               "metrics": m, "baseline": s["baseline"], "label_rules": rules.rules.to_dict(tags),
-               "label_rules_decision": rules.to_dict(),
+               "metrics": m, "baseline": s["baseline"], "label_rules": decision.rules.to_dict(tags),
+               "label_rules_decision": decision.to_dict(),
                "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
                "timings": {"total_s": time.perf_counter() - t0}, "history": []}
     write_json(run.summary, summary)
@@ -137,5 +137,5 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
               + "".join(f"  member {x['model']} ({x['backbone']}): test F2 {x['test_f2']:.4f}\n" for x in listed)
               + f"  ensemble: val F2 {m['val']['f2']:.4f}, test F2 {m['test']['f2']:.4f} (tuned thresholds), "
                 f"baseline {s['baseline']['test']['f2']:.4f}"
-              + (f"\n  label rules: {rules.describe()}" if rules.val_f2_with_rules is not None else ""))
+              + (f"\n  label rules: {decision.describe()}" if decision.val_f2_with_rules is not None else ""))
     return summary

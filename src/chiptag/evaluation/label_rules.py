@@ -54,7 +54,7 @@ class LabelRules:
                    for trigger, ruled in (labels.get("implies_none") or {}).items() if trigger in col]
         confidence = None
         if labels.get("form") == "soft":
-            confidence = float(labels["confidence"]) if labels.get("confidence") is not None else SOFT_CONFIDENCES[0]
+            confidence = SOFT_CONFIDENCES[0] if labels.get("confidence") is None else float(labels["confidence"])
         return cls([g for g in groups if len(g) >= 2], implies, confidence)
 
     def __bool__(self) -> bool:

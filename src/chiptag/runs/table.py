@@ -148,8 +148,8 @@ def format_duration(seconds: float | None) -> str:
 
 
 COLUMNS = ("#", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
-           "baseline F2", "Δ", "label rules (val F2)", "pos_weight", "optimizer", "scheduler", "epochs", "head layers", "frozen",
-           "duration", "tracker", "status")
+           "baseline F2", "Δ", "label rules (val F2)", "pos_weight", "optimizer", "scheduler", "epochs",
+           "head layers", "frozen", "duration", "tracker", "status")
 
 
 def delta_cell(r: RunRow) -> str:
@@ -164,8 +164,8 @@ def _cells(r: RunRow) -> list[str]:
     f = (lambda v: "" if v is None else f"{v:.4f}")
     status = r.status if not r.note or r.status == "completed" else f"{r.status}: {r.note}"
     return ["" if r.index is None else str(r.index), r.run_id, r.model, r.backbone, r.image_size, r.views,
-            f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.label_rules, r.pos_weight, r.optimizer, r.scheduler, r.epochs,
-            r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
+            f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.label_rules, r.pos_weight, r.optimizer,
+            r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
 
 
 def to_markdown(rows: list[RunRow]) -> str:

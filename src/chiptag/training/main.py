@@ -170,11 +170,11 @@ def train(r: OpenRun, device: torch.device) -> dict:
                            ds.table.names, {"val": val_idx, "test": splits["test"]}, tags)
     # the label rules are kept only where they score higher on validation (labels.apply); the checkpoint's
     # `labels` section carries the choice, so predict, serve, evaluate and export decode as the run chose
-    thresholds, m, rules = choose_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags,
-                                            s.labels)
+    thresholds, m, decision = choose_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags,
+                                               s.labels)
     m["val"]["loss"], m["test"]["loss"] = _val_loss(results), test["loss"]
     if distributed.is_main():
-        card = replace(card, config={**card.config, "labels": rules.labels(s.labels)})
+        card = replace(card, config={**card.config, "labels": decision.labels(s.labels)})
         checkpoint.save(r.run.checkpoint, tagger, card, thresholds.tolist(), epoch)
 
     train_rows = np.unique(np.concatenate([fold.train for fold in folds]))  # the summary's pos_weight
@@ -184,8 +184,8 @@ def train(r: OpenRun, device: torch.device) -> dict:
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(s, r.run, ds, splits, net, Outcome(epoch if len(results) == 1 else None, history,
                                                                scores, timings, info, pw, n_params))
-    summary["label_rules"] = rules.rules.to_dict(tags)  # what predictions decode with (empty: none kept)
-    summary["label_rules_decision"] = rules.to_dict()
+    summary["label_rules"] = decision.rules.to_dict(tags)  # what predictions decode with (empty: none kept)
+    summary["label_rules_decision"] = decision.to_dict()
     if len(results) > 1:
         summary["folds"] = folds_mod.folds_section(results, m)
         summary["n_images"]["oof"] = int(len(val_idx))
