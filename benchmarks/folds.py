@@ -78,7 +78,7 @@ def config(a: argparse.Namespace, data: Path, seed: int, folds: int, rules: bool
            "training": {"seed": seed, "device": "cpu", "progress": False, "folds": folds,
                         "scheduler": {"factor": 0.5, "patience": 3}},
            "features": {"cache_dir": str(a.work / "cache")}, "output": {"runs_dir": str(a.work / "runs")},
-           "labels": PLANET_RULES if rules else {}}
+           "labels": {**PLANET_RULES, "apply": "always"} if rules else {}}  # rules on: applied, hard
     return config_mod.from_dict(raw)
 
 

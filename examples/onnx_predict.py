@@ -42,15 +42,22 @@ def load_model(path: str):
 
 def apply_rules(probs: np.ndarray, tags: list[str], rules: dict) -> np.ndarray:
     """chiptag's label rules (chiptag.evaluation.label_rules), before the thresholds: an exclusive group's most
-    probable tag gets 1 and the others 0; a trigger that holds (>= 0.5 after that) sets its ruled-out tags to 0."""
+    probable tag gets 1 and the others 0; a trigger that holds (>= 0.5 after that) sets its ruled-out tags to 0.
+    `apply: never`: the run kept no rules. `form: soft`: only a group whose top probability reaches
+    `confidence` is decided, and a trigger holds at >= `confidence`."""
     p, col = probs.astype(np.float64).copy(), {t: i for i, t in enumerate(tags)}
+    if rules.get("apply") == "never":
+        return p
+    soft = rules.get("form") == "soft"
+    sure = float(rules.get("confidence") or 0.5) if soft else 0.0
     for group in rules.get("exclusive", []):
         idx = [col[t] for t in group]
         pick = np.zeros((len(p), len(idx)))
         pick[np.arange(len(p)), p[:, idx].argmax(axis=1)] = 1.0
-        p[:, idx] = pick
+        decide = p[:, idx].max(axis=1) >= sure
+        p[np.ix_(decide, idx)] = pick[decide]
     for trigger, ruled in rules.get("implies_none", {}).items():
-        holds = p[:, col[trigger]] >= 0.5
+        holds = p[:, col[trigger]] >= max(sure, 0.5)
         p[np.ix_(holds, [col[t] for t in ruled])] = 0.0
     return p
 

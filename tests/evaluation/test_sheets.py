@@ -243,4 +243,9 @@ def test_sheets_decide_tags_under_the_runs_label_rules(run_copy):
     cfg = yaml.safe_load((run_copy / "config.yaml").read_text())
     cfg["labels"] = {"exclusive": [weather], "implies_none": {}}
     (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert (_load_test(run_copy, summary, probs).pred[:, cols].sum(axis=1) == 1).all()
+    # the rules the run kept on validation (summary.json, as its checkpoint), not the ones it was configured with
+    assert _load_test(run_copy, summary, probs).pred[:, cols].sum(axis=1).min() == len(weather)
+    kept = {**summary, "label_rules": {"exclusive": [weather], "implies_none": {}}}
+    assert (_load_test(run_copy, kept, probs).pred[:, cols].sum(axis=1) == 1).all()
+    older = {k: v for k, v in summary.items() if k != "label_rules_decision"}  # a run from before the choice
+    assert (_load_test(run_copy, older, probs).pred[:, cols].sum(axis=1) == 1).all()

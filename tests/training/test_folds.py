@@ -149,7 +149,8 @@ def test_kfold_resumes_inside_a_fold(tiny_data, tmp_path, monkeypatch):
 
 
 def test_kfold_with_label_rules_decodes_one_weather_tag(tiny_data, tmp_path):
-    labels = {"exclusive": [WEATHER], "implies_none": {"cloudy": ["primary", "agriculture", "road", "water"]}}
+    labels = {"exclusive": [WEATHER], "implies_none": {"cloudy": ["primary", "agriculture", "road", "water"]},
+              "apply": "always"}
     s = run_train(folds_config(tiny_data, tmp_path, k=2, labels=labels))
     assert s["label_rules"]["exclusive"] == [WEATHER]
     assert "f2_without_rules" in s["metrics"]["test"]

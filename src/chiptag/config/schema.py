@@ -79,9 +79,23 @@ class LabelsConfig(_Strict):
 
     exclusive: list[list[str]] = []
     implies_none: dict[str, list[str]] = {}
+    # Whether the rules decide the tags. auto: thresholds are tuned with and without them on the validation rows
+    # (out-of-fold rows for k-fold) and the run keeps whichever scores the higher F2 there (a tie keeps none);
+    # always / never skip that choice. The summary, report and runs table show both validation figures; the
+    # checkpoint carries the kept choice, so predict, serve, evaluate and the ONNX metadata follow it.
+    apply: Literal["auto", "always", "never"] = "auto"
+    # hard: a group's pick on every chip; a trigger outside a group holds at probability >= 0.5. soft: only
+    # where the model is confident: a group on chips whose top probability in it reaches `confidence`, a
+    # trigger (its group's pick, or any tag) at >= `confidence`; other chips keep their probabilities, so a
+    # wrong pick on an uncertain chip costs no recall.
+    form: Literal["hard", "soft"] = "hard"
+    # The soft form's confidence; null: tuned on validation (0.5, 0.6, 0.7, 0.8, 0.9, 0.95).
+    confidence: float | None = Field(None, ge=0.5, le=1)
 
     @model_validator(mode="after")
     def _groups_disjoint(self) -> LabelsConfig:
+        if self.confidence is not None and self.form != "soft":
+            raise ValueError("labels.confidence is the soft form's: set labels.form: soft, or leave it out")
         seen: set[str] = set()
         for group in self.exclusive:
             if len(group) < 2:

@@ -2,7 +2,8 @@
 
 The members must share tags, test split, preprocessing and label rules; thresholds are tuned on the validation
 images they all have predictions for (a split's val; a k-fold run's out-of-fold set holds it). Nothing is recomputed: each run's stored validation and test probabilities (eval_probs.npz)
-are averaged, thresholds are tuned on the averaged validation under the label rules, and test is scored once.
+are averaged, thresholds are tuned on the averaged validation (with the label rules where they score higher
+there, as labels.apply says), and test is scored once.
 The run dir holds one checkpoint with every member's weights (models.checkpoint: `ensemble`), so `predict`,
 `evaluate`, `export` and `runs` take it like any run.
 """
@@ -22,7 +23,7 @@ from chiptag import __version__, config as config_mod
 from chiptag.atomic import write_json
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import report
-from chiptag.evaluation.label_rules import LabelRules, tune_and_score
+from chiptag.evaluation.label_rules import LabelRules, choose_and_score
 from chiptag.models import checkpoint
 from chiptag.models.backbones import state_fingerprint
 from chiptag.models.head import MeanProbability, Tagger
@@ -47,7 +48,9 @@ def _check_same(members: list[dict]) -> None:
     checks = [("tags", lambda m: m["ckpt"].tags),
               ("test split", lambda m: m["probs"]["test_names"].tolist()),
               ("preprocessing", lambda m: m["ckpt"].preprocessing),
-              ("label rules", lambda m: m["ckpt"].label_rules)]
+              # the groups and implied absences; whether each member kept them is its own validation's choice
+              ("label rules", lambda m: LabelRules.from_config({**m["ckpt"].label_rules, "apply": "always"},
+                                                               m["ckpt"].tags).structure(m["ckpt"].tags))]
     for m in members[1:]:
         for what, get in checks:
             if get(m) != get(first):
@@ -108,14 +111,16 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
     members = [_member(Path(p)) for p in paths]
     _check_same(members)
     first, tags = members[0], members[0]["ckpt"].tags
-    rules = LabelRules.from_config(first["ckpt"].label_rules, tags)
     val_names, test_names = shared_validation(members), first["probs"]["test_names"].tolist()
     y_val, p_val = _mean_probs(members, "val", val_names)
     y_test, p_test = _mean_probs(members, "test", test_names)
-    thresholds, m = tune_and_score((y_val, p_val), {"val": (y_val, p_val), "test": (y_test, p_test)}, tags, rules)
+    config = config_mod.load(first["run"].config).to_dict()  # data and split settings: what evaluate reads
+    # the ensemble is a new model: it keeps the label rules only as its own validation rows say (labels.apply)
+    thresholds, m, decision = choose_and_score((y_val, p_val), {"val": (y_val, p_val), "test": (y_test, p_test)},
+                                               tags, config["labels"])
+    config["labels"] = decision.labels(config["labels"])
     run = RunDir(out_dir)
     run.path.mkdir(parents=True, exist_ok=True)
-    config = config_mod.load(first["run"].config).to_dict()  # data and split settings: what evaluate reads
     shutil.copyfile(first["run"].config, run.config)
     shutil.copytree(first["run"].split, run.split, dirs_exist_ok=True)
     _checkpoint(members, thresholds, config).save(run.checkpoint)
@@ -134,12 +139,14 @@ def make_ensemble(paths: list[Path], out_dir: Path) -> dict:
                                                                                    for x in members),
                "head": f"mean of {len(members)} runs", "epochs": "-", "best_epoch": None, "members": listed,
                "tags": tags, "n_images": {"val": len(val_names), "test": len(test_names)},
-               "metrics": m, "baseline": s["baseline"], "label_rules": rules.to_dict(tags),
+               "metrics": m, "baseline": s["baseline"], "label_rules": decision.rules.to_dict(tags),
+               "label_rules_decision": decision.to_dict(),
                "thresholds": dict(zip(tags, map(float, np.round(thresholds, 4)))),
                "timings": {"total_s": time.perf_counter() - t0}, "history": []}
     write_json(run.summary, summary)
     out.print(f"ensemble of {len(members)} runs -> {run.path}\n"
               + "".join(f"  member {x['model']} ({x['backbone']}): test F2 {x['test_f2']:.4f}\n" for x in listed)
               + f"  ensemble: val F2 {m['val']['f2']:.4f}, test F2 {m['test']['f2']:.4f} (tuned thresholds), "
-                f"baseline {s['baseline']['test']['f2']:.4f}")
+                f"baseline {s['baseline']['test']['f2']:.4f}"
+              + (f"\n  label rules: {decision.describe()}" if decision.val_f2_with_rules is not None else ""))
     return summary

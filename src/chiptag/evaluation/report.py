@@ -17,6 +17,7 @@ from chiptag.config import ReportConfig
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics
 from chiptag.evaluation import sheets as error_sheets
+from chiptag.evaluation.label_rules import describe_decision
 from chiptag.progress import console
 from chiptag.runs.layout import RunDir, model_label
 
@@ -172,7 +173,11 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
         lines.append(f"| {name} | {n.get(s, '?')} | {m[s]['f2']:.4f} | {m[s]['f2_at_0.5']:.4f} | "
                      f"{b[s]['f2']:.4f} |")
     lines += ["", f"Constant baseline: predict {{{', '.join(b.get('tags', []))}}} for every chip (chosen on "
-              "train).", "", "## Per class (test, at the tuned thresholds)", "",
+              "train)."]
+    decision = summary.get("label_rules_decision") or {}
+    if decision.get("val_f2_with_rules") is not None:  # config `labels`: which the run kept, and why
+        lines += ["", f"Label rules: {describe_decision(decision)}."]
+    lines += ["", "## Per class (test, at the tuned thresholds)", "",
               "| tag | threshold | val support | test support | precision | recall | F2 |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     test_pc, val_pc = m["test"]["per_class"], m["val"]["per_class"]

@@ -205,12 +205,15 @@ def _load_test(run_dir: Path, summary: dict, probs: dict) -> _Test:
         raise ChiptagError(f"{RunDir(run_dir).eval_probs}: {len(names)} test names, targets {y.shape}, "
                            f"{len(tags)} tags in summary.json: they should agree")
     reader = TileReader.for_run(run_dir, summary.get("image_size"))
-    p = _label_rules(run_dir, tags).condition(p)  # what the run decides: its label rules, as predict applies them
+    p = _label_rules(run_dir, summary, tags).condition(p)  # what the run decides, as predict does
     return _Test(names, y, p, metrics.binarize(p, thresholds), thresholds, tags, reader)
 
 
-def _label_rules(run_dir: Path, tags: list[str]) -> LabelRules:
-    """The run's `labels` section (config.yaml); none when it has none or the file is unusable."""
+def _label_rules(run_dir: Path, summary: dict, tags: list[str]) -> LabelRules:
+    """The rules the run kept (summary.json `label_rules`, the checkpoint's choice); a run from before the choice
+    existed: its config.yaml's `labels` section; none when it has none or the file is unusable."""
+    if isinstance(summary.get("label_rules_decision"), dict) and isinstance(summary.get("label_rules"), dict):
+        return LabelRules.from_config(summary["label_rules"], tags)
     try:
         raw = yaml.safe_load(RunDir(run_dir).config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):

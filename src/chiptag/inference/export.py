@@ -47,7 +47,8 @@ def metadata(ckpt: checkpoint.Checkpoint) -> dict[str, str]:
         "backbone": ckpt.backbone,
         "chiptag_version": __version__,
         # The label structure (exclusive groups, implied absences) is applied to the probabilities before the
-        # thresholds (chiptag.evaluation.label_rules); a k-fold run's graph already averages its members.
+        # thresholds (chiptag.evaluation.label_rules) where the run kept it: `apply` always | never (absent:
+        # always), `form` hard | soft with its `confidence`; a k-fold run's graph already averages its members.
         "label_rules": json.dumps(ckpt.label_rules),
         "members": str(ckpt.members or 1),
     }

@@ -32,6 +32,7 @@ class RunRow:
     f2: float | None = None  # test split, tuned thresholds: the headline
     f2_05: float | None = None  # test split, every threshold at 0.5
     baseline: float | None = None  # test F2 of the constant baseline
+    label_rules: str = ""  # config `labels`: which the run kept, and the validation F2 with and without them
     pos_weight: str = ""
     optimizer: str = ""
     scheduler: str = ""
@@ -57,6 +58,15 @@ def _views(s: dict) -> str:
     return f"{views}" + (" / TTA" if tta else "")
 
 
+def _label_rules(decision: Any) -> str:
+    """'hard kept: hard 0.8536 / none 0.8504' (validation F2 at thresholds tuned each way); '' without rules."""
+    if not isinstance(decision, dict) or decision.get("val_f2_with_rules") is None:
+        return ""
+    rules = "hard" if decision.get("confidence") is None else f"soft@{decision['confidence']:g}"
+    return (f"{rules if decision.get('kept') else 'none'} kept: {rules} {decision['val_f2_with_rules']:.4f} / "
+            f"none {decision['val_f2_without_rules']:.4f}")
+
+
 def row_from_summary(s: dict, run_id: str) -> RunRow:
     test = s["metrics"]["test"]
     best = s.get("best_epoch")
@@ -65,7 +75,7 @@ def row_from_summary(s: dict, run_id: str) -> RunRow:
         run_id=run_id, status=str(s.get("status", "completed")), index=s.get("active_model_index"),
         model=str(s["model"]), backbone=str(s.get("backbone", "")), image_size=str(s.get("image_size", "")),
         views=_views(s), f2=float(test["f2"]), f2_05=float(test["f2_at_0.5"]),
-        baseline=None if base is None else float(base),
+        baseline=None if base is None else float(base), label_rules=_label_rules(s.get("label_rules_decision")),
         pos_weight="on" if s.get("pos_weight") else "off", optimizer=str(s.get("optimizer", "")),
         scheduler=str(s.get("scheduler", "")),
         epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else "")
@@ -138,8 +148,8 @@ def format_duration(seconds: float | None) -> str:
 
 
 COLUMNS = ("#", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
-           "baseline F2", "Δ", "pos_weight", "optimizer", "scheduler", "epochs", "head layers", "frozen",
-           "duration", "tracker", "status")
+           "baseline F2", "Δ", "label rules (val F2)", "pos_weight", "optimizer", "scheduler", "epochs",
+           "head layers", "frozen", "duration", "tracker", "status")
 
 
 def delta_cell(r: RunRow) -> str:
@@ -154,8 +164,8 @@ def _cells(r: RunRow) -> list[str]:
     f = (lambda v: "" if v is None else f"{v:.4f}")
     status = r.status if not r.note or r.status == "completed" else f"{r.status}: {r.note}"
     return ["" if r.index is None else str(r.index), r.run_id, r.model, r.backbone, r.image_size, r.views,
-            f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.pos_weight, r.optimizer, r.scheduler, r.epochs,
-            r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
+            f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.label_rules, r.pos_weight, r.optimizer,
+            r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
 
 
 def to_markdown(rows: list[RunRow]) -> str:

@@ -28,7 +28,7 @@ from chiptag.data.validate import preflight
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation import metrics, report
-from chiptag.evaluation.label_rules import LabelRules, tune_and_score, unknown_tags
+from chiptag.evaluation.label_rules import choose_and_score, unknown_tags
 from chiptag.features.extraction import FeatureInfo, default_workers, degenerate, feature_warning
 from chiptag.features.views import ViewAverage, make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
@@ -131,7 +131,6 @@ def train(r: OpenRun, device: torch.device) -> dict:
     if missing:
         console.print(f"[yellow]warning:[/] label rules name tags this data does not have, left out: "
                       f"{'; '.join(missing)}")
-    rules = LabelRules.from_config(s.labels, tags)
     tracker = make_tracker(s.tracking, r.run.path) if distributed.is_main() else MultiTracker([])
     tracker.start(r.run.name, s.network.name, s.config)  # before heavy work: a bad tracker fails fast
     out.print(f"run [bold]{r.run.name}[/]: {s.network.name} ({s.network.backbone}, weights={s.network.weights}, "
@@ -173,10 +172,13 @@ def train(r: OpenRun, device: torch.device) -> dict:
     val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
     report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
                            ds.table.names, {"val": val_idx, "test": splits["test"]}, tags)
-    thresholds, m = tune_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags, rules,
-                                   untrained=untrained)
+    # the label rules are kept only where they score higher on validation (labels.apply); the checkpoint's
+    # `labels` section carries the choice, so predict, serve, evaluate and export decode as the run chose
+    thresholds, m, decision = choose_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags,
+                                               s.labels, untrained)
     m["val"]["loss"], m["test"]["loss"] = _val_loss(results), test["loss"]
     if distributed.is_main():
+        card = replace(card, config={**card.config, "labels": decision.labels(s.labels)})
         checkpoint.save(r.run.checkpoint, tagger, card, thresholds.tolist(), epoch)
 
     train_rows = np.unique(np.concatenate([fold.train for fold in folds]))  # the summary's pos_weight
@@ -186,7 +188,8 @@ def train(r: OpenRun, device: torch.device) -> dict:
     timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
     summary = build_summary(s, r.run, ds, splits, net, Outcome(epoch if len(results) == 1 else None, history,
                                                                scores, timings, info, pw, n_params))
-    summary["label_rules"] = rules.to_dict(tags)
+    summary["label_rules"] = decision.rules.to_dict(tags)  # what predictions decode with (empty: none kept)
+    summary["label_rules_decision"] = decision.to_dict()
     if len(results) > 1:
         summary["folds"] = folds_mod.folds_section(results, m)
         summary["n_images"]["oof"] = int(len(val_idx))
@@ -298,8 +301,8 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
               "n_val": int(len(fold.val)), "val_loss": ev["loss"], "seconds": time.perf_counter() - t0,
               "history": fitted.state.history}
     if fold.of_k:  # fold k's own figures (fold.json, the summary's per-fold table); one split's are the run's
-        _, m = tune_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])}, card.tags,
-                              LabelRules.from_config(s.labels, card.tags))
+        _, m, _ = choose_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])},
+                                   card.tags, s.labels)
         record.update({"val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"]})
     result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], fitted.state.best_state, record,
                         model=fitted.model)

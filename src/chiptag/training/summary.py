@@ -10,6 +10,7 @@ import torch
 
 from chiptag import __version__
 from chiptag.data.dataset import Dataset
+from chiptag.evaluation.label_rules import describe_decision
 from chiptag.evaluation.metrics import BASELINE_TOLERANCE
 from chiptag.features.extraction import FeatureInfo
 from chiptag.progress import console, out
@@ -69,6 +70,9 @@ def print_result(s: dict) -> None:
         f"baseline {b['test']['f2']:.4f}  (constant {{{', '.join(b['tags'])}}})\n"
         f"  run dir {s['run_dir']}  ({s['timings']['total_s']:.1f}s)"
     )
+    decision = s.get("label_rules_decision") or {}
+    if decision.get("val_f2_with_rules") is not None:
+        out.print(f"  label rules: {describe_decision(decision)}")
     gap = m["test"].get("f2_minus_baseline")
     if gap is not None and abs(gap) < BASELINE_TOLERANCE:
         console.print(f"[yellow]warning:[/] test F2 {m['test']['f2']:.4f} is within {BASELINE_TOLERANCE} of the "
