@@ -187,7 +187,7 @@ def choose_and_score(val: tuple[np.ndarray, np.ndarray], scored: dict[str, tuple
     kept = best is not None and (apply == "always" or (apply == "auto" and best[0] > none))
     rules = best[1] if kept else LabelRules()
     # tuning is deterministic: these thresholds are the ones the comparison above scored
-    thresholds, out = tune_and_score(val, scored, tags, rules, untrained)
+    thresholds, out = tune_and_score(val, scored, tags, rules, untrained=untrained)
     decision = RulesDecision(apply, form, kept, best[1].confidence if best else None,
                              None if best is None else float(best[0]), float(none), rules)
     return thresholds, out, decision
