@@ -301,7 +301,7 @@ def test_predict_reads_an_animated_gif_by_its_first_frame(run_dir, chips, tmp_pa
     folder.mkdir()
     frames = [Image.open(chips[i]).convert("RGB") for i in (3, 4, 5)]
     frames[0].save(folder / "anim.jpg", "GIF", save_all=True, append_images=frames[1:])
-    frames[0].save(folder / "still.gif", "GIF")  # the first frame alone, through the same GIF palette
+    frames[0].save(folder / "still.jpg", "GIF")  # the first frame alone, through the same GIF palette
     shutil.copy(chips[0], folder / "plain.jpg")
     out = tmp_path / "p.csv"
     r = invoke("predict", run_dir, folder, "--out", out, "--workers", "0", "--probabilities", tmp_path / "pr.csv")
