@@ -107,9 +107,13 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
 @app.command()
 @friendly
 def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run directories"),
-         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table (every column)"),
+         wide: bool = typer.Option(False, "--wide", help="every column (model, views, optimizer, scheduler, "
+                                   "head, tracker, ...) and whole failure messages"),
          sort: str = typer.Option("run", "--sort", help="run, f2, f2_05, model or duration")) -> None:
-    """The experiments table: one row per run in RUNS_DIR (broken and unfinished runs included)."""
+    """The experiments table: one row per run in RUNS_DIR (failed, damaged, broken and unfinished runs included).
+
+    Status: completed, damaged (summary but no usable checkpoint), failed, unfinished or broken, with the reason."""
     from chiptag.progress import out
     from chiptag.runs.table import list_runs, print_table, sort_rows, to_markdown
 
@@ -117,7 +121,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run direc
     if markdown:
         print(to_markdown(rows), end="")
     elif rows:
-        print_table(rows, title=str(runs_dir))
+        print_table(rows, title=str(runs_dir), wide=wide)
     else:
         out.print(f"no runs in {runs_dir}")
 
