@@ -40,6 +40,7 @@ from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir, model_label, new_run_dir
 from chiptag.tracking import MultiTracker, make_tracker
 from chiptag.training import folds as folds_mod, phases as phases_mod, resume as resume_mod
+from chiptag.training.checks import check_can_run
 from chiptag.training.epoch import NonFiniteLoss, evaluate, pos_weight
 from chiptag.training.folds import Fold, FoldResult
 from chiptag.training.loop import fit
@@ -106,10 +107,12 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
         if run.summary.is_file() and not run.resume.is_file():
             raise ChiptagError(f"--resume {run.path}: the run is already complete (summary.json is written)")
         s = Settings.from_config(config_mod.load(run.config))
+        check_can_run(s)  # the device may be gone on this machine
         ds, validation = preflight(s.data)
         out.print(f"resuming run [bold]{run.name}[/]")
         return OpenRun(s, ds, validation, load_split(ds.table.names, run.split), run)
     s = Settings.from_config(cfg)
+    check_can_run(s)  # backbone, weights, device: before validation runs or a run dir is made
     ds, validation = preflight(s.data)
     splits = make_split(s.data, ds)
     if distributed.is_main():
