@@ -31,6 +31,20 @@ def friendly(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from chiptag import __version__
+
+        print(f"chiptag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print chiptag's version and exit")) -> None:
+    """Train, evaluate, track and serve multilabel taggers for satellite image chips."""
+
+
 @app.command("demo-data")
 @friendly
 def demo_data(out: Path = typer.Argument(..., help="output folder (Kaggle layout)"),

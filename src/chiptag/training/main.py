@@ -194,7 +194,11 @@ def train(r: OpenRun, device: torch.device) -> dict:
                                 tags=np.asarray(tags))
     summary["validation"] = validation  # what was checked, converted and skipped (every item)
     write_json(r.run.summary, summary)  # complete before the tracker uploads it
+    out.print(f"drawing the report: plots and error sheets into {r.run.report_dir} ...")
+    t_report = time.perf_counter()
     report.report_after_training(r.run.path, tracker)
+    timings["report_s"] = time.perf_counter() - t_report
+    timings["total_s"] = time.perf_counter() - t_start  # the time printed at the end counts the report
     summary["tracker"] = tracker.finish(summary)
     write_json(r.run.summary, summary)  # with the tracker's link
     return summary
