@@ -11,6 +11,10 @@ import typer
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
 
+# predict and serve take the same engines (features.backends.INFERENCE_ENGINES)
+ENGINE_HELP = ("auto (ONNX Runtime on CPU, eager bf16 on CUDA), torch (eager: float32 on CPU, bf16 autocast on "
+               "CUDA), onnxruntime (CPU), bf16 (eager, CUDA only)")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, track and serve multilabel taggers for satellite image chips.")
 
@@ -197,8 +201,7 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
             batch_size: int = typer.Option(64, help="images per forward pass"),
             device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
             workers: str = typer.Option("auto", help="decoding worker processes (auto: as feature extraction)"),
-            engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, eager bf16 on CUDA), torch, "
-                                       "onnxruntime"),
+            engine: str = typer.Option("auto", help=ENGINE_HELP),
             ) -> None:
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
@@ -241,7 +244,7 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
           device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
-          engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, bf16 on CUDA), torch, onnxruntime, bf16"),
+          engine: str = typer.Option("auto", help=ENGINE_HELP),
           max_batch: int = typer.Option(64, min=1, help="images per forward: concurrent requests are merged"),
           max_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
           max_images: int = typer.Option(64, min=1, help="images per request"),
