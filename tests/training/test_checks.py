@@ -54,5 +54,6 @@ def test_a_sweep_checks_every_entry_before_the_first_trains(tiny_data, tmp_path)
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert "2 of 4 models entries cannot run; nothing was trained" in text
-    assert "models.2 (typo): unknown backbone 'resnet99'" in text and "models.3 (nofile): weights file not found" in text
+    assert "models.2 (typo): unknown backbone 'resnet99'" in text
+    assert "models.3 (nofile): weights file not found" in text
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
