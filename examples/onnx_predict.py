@@ -2,13 +2,18 @@
 
     python examples/onnx_predict.py model.onnx IMAGE_OR_FOLDER... --out probs.csv [--submission sub.csv]
 
-Everything the model needs is read from the file's metadata: image_size, mean, std (preprocessing), tags
-and thresholds (decisions). Preprocessing matches chiptag's: RGB, scaled to [0, 1], resized to
-image_size × image_size (whole chip, no crop), normalised as (x - mean) / std, NCHW float32.
-chiptag resizes with torch's antialiased bilinear filter; this script resizes each channel as a float
-("F" mode) image with Pillow's bilinear filter, which computes the same weights (measured: pixel values
-within ~4e-6 for 64->128, 64->48, 64->224). Resizing the 8-bit image instead would round every pixel to
-1/255 and move probabilities by up to ~1e-2.
+Everything the model needs is read from the file's metadata: image_size, resize, mean, std (preprocessing), tags,
+thresholds and label_rules (decisions). Preprocessing matches chiptag's (chiptag.data.images.resize): RGB,
+scaled to [0, 1], made square as `resize` says (squash: the whole image stretched; pad: letterboxed, aspect kept,
+borders in the mean colour; crop: the centred square; exports from before `resize` existed squash), normalised as
+(x - mean) / std, NCHW float32. Each channel is resized as a float ("F" mode) image with Pillow's bilinear
+filter, which computes the weights of chiptag's antialiased bilinear resize; chiptag resizes 8-bit pixels on CPU,
+so a resized pixel may differ from chiptag's by up to one 8-bit level (measured: at most 1.0/255 for 300x444,
+89x140 and 500x333 images), and probabilities by up to ~1e-3 (measured: 6.7e-4 on padded 80x48 and 48x64 images,
+tests/inference/test_predict_export.py). Images already at image_size are not resized.
+
+Rows come in the order given: the files as listed, a folder's images in natural name order (train_2 before
+train_10), as `chiptag predict` lists a folder.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +39,9 @@ def load_model(path: str):
         "tags": json.loads(meta["tags"]),
         "thresholds": np.asarray(json.loads(meta["thresholds"]), dtype=np.float64),
         "size": int(meta["image_size"]),
+        "resize": meta.get("resize", "squash"),
+        # the pad border: the mean colour as an 8-bit pixel, exactly as chiptag fills it
+        "fill": np.asarray([round(255 * m) / 255 for m in json.loads(meta["mean"])], dtype=np.float32),
         "mean": np.asarray(json.loads(meta["mean"]), dtype=np.float32).reshape(3, 1, 1),
         "std": np.asarray(json.loads(meta["std"]), dtype=np.float32).reshape(3, 1, 1),
         "rules": json.loads(meta.get("label_rules", "{}")),
@@ -62,21 +71,50 @@ def apply_rules(probs: np.ndarray, tags: list[str], rules: dict) -> np.ndarray:
     return p
 
 
+def _scaled(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """float 3xHxW -> 3xhxw, each channel by Pillow's bilinear filter (antialiased when shrinking)."""
+    return np.stack([np.asarray(Image.fromarray(ch).resize((w, h), Image.Resampling.BILINEAR)) for ch in x])
+
+
+def fit(x: np.ndarray, size: int, mode: str, fill: np.ndarray) -> np.ndarray:
+    """float 3xHxW in [0, 1] -> 3 x size x size, as chiptag.data.images.resize does it."""
+    h, w = x.shape[1:]
+    if (h, w) == (size, size):
+        return x
+    if mode == "squash" or h == w:
+        return _scaled(x, size, size)
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return _scaled(np.ascontiguousarray(x[:, top:top + side, left:left + side]), size, size)
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode {mode!r} in the model's metadata (squash, pad or crop)")
+    nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+    out = np.empty((3, size, size), dtype=np.float32)
+    out[:] = fill.reshape(3, 1, 1)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[:, top:top + nh, left:left + nw] = _scaled(x, nh, nw)
+    return out
+
+
 def preprocess(path: Path, info: dict) -> np.ndarray:
     with Image.open(path) as im:
         x = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-    size = info["size"]
-    if x.shape[1:] != (size, size):
-        x = np.stack([np.asarray(Image.fromarray(ch).resize((size, size), Image.Resampling.BILINEAR))
-                      for ch in x])
+    x = fit(np.ascontiguousarray(x), info["size"], info["resize"], info["fill"])
     return (x - info["mean"]) / info["std"]
 
 
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def collect(inputs: list[str]) -> list[Path]:
+    """Files in the order given; a folder's images in natural name order."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in EXTENSIONS)
+            paths += sorted((p for p in item.iterdir() if p.suffix.lower() in EXTENSIONS),
+                            key=lambda p: _natural_key(p.name))
         else:
             paths.append(item)
     return paths

@@ -95,3 +95,20 @@ def test_dump_round_trips(tmp_path):
     cfg = config_mod.from_dict(_raw(), overrides=["model.dropout=0.3"])
     again = config_mod.from_dict(yaml.safe_load(config_mod.dump(cfg)))
     assert again == cfg
+
+
+def test_an_override_error_names_the_override_not_the_file():
+    msg = _error(_raw(), ["active_model_index=1", "model.epochs=many", "training.batchsize=3",
+                          "models.-1.dropout=7"])
+    lines = msg.splitlines()
+    assert "--set model.epochs=many: models.1.epochs:" in msg and "(got 'many')" in msg
+    assert "--set training.batchsize=3: unknown key 'training.batchsize'" in msg
+    assert "--set models.-1.dropout=7: models.1.dropout:" in msg
+    assert not any(line.startswith("cfg.yaml") for line in lines)
+    # an error in the file is still the file's, also when --set touched something else
+    raw = _raw()
+    raw["models"][0]["lr"] = 0.1
+    assert _error(raw, ["model.epochs=3"]).startswith("cfg.yaml: unknown key 'models.0.lr'")
+    # a later --set of a whole section replaces the one inside it
+    msg = _error(_raw(), ["model.epochs=many", "models.0={name: a, backbone: 3}"])
+    assert msg.startswith("--set models.0={name: a, backbone: 3}: models.0.backbone")

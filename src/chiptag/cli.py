@@ -11,6 +11,10 @@ import typer
 from chiptag.errors import ChiptagError
 from chiptag.progress import console
 
+# predict and serve take the same engines (features.backends.INFERENCE_ENGINES)
+ENGINE_HELP = ("auto (ONNX Runtime on CPU, eager bf16 on CUDA), torch (eager: float32 on CPU, bf16 autocast on "
+               "CUDA), onnxruntime (CPU), bf16 (eager, CUDA only)")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate, track and serve multilabel taggers for satellite image chips.")
 
@@ -29,6 +33,20 @@ def friendly(fn):
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from chiptag import __version__
+
+        print(f"chiptag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print chiptag's version and exit")) -> None:
+    """Train, evaluate, track and serve multilabel taggers for satellite image chips."""
 
 
 @app.command("demo-data")
@@ -117,9 +135,13 @@ def validate(config: Path = typer.Option(..., "--config", "-c", help="YAML confi
 @app.command()
 @friendly
 def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run directories"),
-         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+         markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table (every column)"),
+         wide: bool = typer.Option(False, "--wide", help="every column (model, views, optimizer, scheduler, "
+                                   "head, tracker, ...) and whole failure messages"),
          sort: str = typer.Option("run", "--sort", help="run, f2, f2_05, model or duration")) -> None:
-    """The experiments table: one row per run in RUNS_DIR (broken and unfinished runs included)."""
+    """The experiments table: one row per run in RUNS_DIR (failed, damaged, broken and unfinished runs included).
+
+    Status: completed, damaged (summary but no usable checkpoint), failed, unfinished or broken, with the reason."""
     from chiptag.progress import out
     from chiptag.runs.table import list_runs, print_table, sort_rows, to_markdown
 
@@ -127,7 +149,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="folder of run direc
     if markdown:
         print(to_markdown(rows), end="")
     elif rows:
-        print_table(rows, title=str(runs_dir))
+        print_table(rows, title=str(runs_dir), wide=wide)
     else:
         out.print(f"no runs in {runs_dir}")
 
@@ -189,8 +211,7 @@ def predict(run: Path = typer.Argument(..., help="run directory (or its checkpoi
             batch_size: int = typer.Option(64, help="images per forward pass"),
             device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
             workers: str = typer.Option("auto", help="decoding worker processes (auto: as feature extraction)"),
-            engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, eager bf16 on CUDA), torch, "
-                                       "onnxruntime"),
+            engine: str = typer.Option("auto", help=ENGINE_HELP),
             ) -> None:
     """Write a Kaggle submission (image_name,tags) for INPUT at the run's tuned thresholds.
 
@@ -233,7 +254,7 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
           device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:0"),
-          engine: str = typer.Option("auto", help="auto (ONNX Runtime on CPU, bf16 on CUDA), torch, onnxruntime, bf16"),
+          engine: str = typer.Option("auto", help=ENGINE_HELP),
           max_batch: int = typer.Option(64, min=1, help="images per forward: concurrent requests are merged"),
           max_wait_ms: float = typer.Option(10.0, min=0, help="how long a batch waits for more requests"),
           max_images: int = typer.Option(64, min=1, help="images per request"),

@@ -169,3 +169,15 @@ def test_haze_lowers_contrast_and_brightens():
 @pytest.mark.parametrize("tag", ["agriculture", "road", "habitation", "bare_ground", "conventional_mine"])
 def test_light_land_tags_brighten_forest(tag):
     assert _chips(["clear", "primary", tag]).mean() > _chips(["clear", "primary"]).mean() + 3
+
+
+def test_rewriting_a_folder_leaves_no_stale_chips_and_never_touches_other_files(tmp_path):
+    generate_dataset(tmp_path / "ds", n=6, size=16)
+    out = generate_dataset(tmp_path / "ds", n=3, size=16)
+    assert sorted(p.name for p in (out / "train-jpg").iterdir()) == ["train_0.jpg", "train_1.jpg", "train_2.jpg"]
+    assert len(_read_csv(out / "train_classes.csv")) == 3
+    mine = out / "train-jpg" / "holiday.jpg"
+    mine.write_bytes(b"not a chip")
+    with pytest.raises(ChiptagError, match="holiday.jpg: write the demo data into a new or empty folder"):
+        generate_dataset(tmp_path / "ds", n=2, size=16)
+    assert mine.read_bytes() == b"not a chip" and (out / "train-jpg" / "train_2.jpg").exists()

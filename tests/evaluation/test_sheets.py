@@ -120,9 +120,13 @@ def test_report_command_options_and_stale_tag_sheets(run_copy):
 
 
 def test_sheets_follow_the_run_config_and_can_be_turned_off(run_copy):
+    run = RunDir(run_copy)
+    write_report(run_copy, {"tag_sheets": 1})  # an earlier report's sheets: --no-error-sheets removes them
+    assert run.top_errors.exists() and run.cooccurrence.exists() and list(run.per_tag_dir.glob("*.png"))
     r = runner.invoke(app, ["report", str(run_copy), "--no-error-sheets"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert not RunDir(run_copy).top_errors.exists() and "## Errors" not in RunDir(run_copy).report_md.read_text()
+    assert not run.top_errors.exists() and not run.cooccurrence.exists() and not run.per_tag_dir.exists()
+    assert "## Errors" not in run.report_md.read_text() and run.report_md.exists()
     cfg = yaml.safe_load((run_copy / "config.yaml").read_text())
     cfg["report"] = {"top_errors": 2, "tag_sheets": 1}
     (run_copy / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -102,3 +102,24 @@ def test_cuda_bf16_predictions_stay_near_the_cpu_float32_ones(run_dir, chips):
     cuda = Predictor.from_run(run_dir, device="cuda").predict(chips, tta=True)
     # bf16 keeps 8 mantissa bits: a bound from that, not yet measured on a GPU (no device in this session)
     assert np.abs(cuda - cpu).max() <= 2e-2
+
+
+def test_predict_and_serve_take_one_engine_list(run_dir, tiny_data):
+    """serve --help offers bf16: predict takes it too (eager on CUDA; on CPU a clear CUDA-only error, not
+    'unknown engine')."""
+    from chiptag.cli import ENGINE_HELP
+
+    for command in ("predict", "serve"):
+        text = " ".join(CliRunner().invoke(app, [command, "--help"]).output.replace("│", " ").split())
+        assert ENGINE_HELP in text and "bf16 (eager, CUDA only)" in text
+    r = CliRunner().invoke(app, ["predict", str(run_dir), str(tiny_data / "train-jpg"), "--engine", "bf16",
+                                 "--device", "cpu"])
+    assert r.exit_code == 2 and "bf16 runs on CUDA only" in r.output and "unknown engine" not in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (eager bf16 engine)")
+def test_bf16_engine_is_the_eager_cuda_engine(run_dir, chips):
+    bf16 = Predictor.from_run(run_dir, device="cuda", engine="bf16")
+    assert bf16.engine == "bf16" and Predictor.from_run(run_dir, device="cuda").engine == "bf16"
+    np.testing.assert_array_equal(bf16.predict(chips), Predictor.from_run(run_dir, device="cuda",
+                                                                          engine="torch").predict(chips))

@@ -116,3 +116,63 @@ def test_backbone_baseline_and_delta_columns():
     assert delta_cell(row_from_summary(s, "r1")) == "+0.1010"
     assert model_label("resnet50", "efficientnet_b0") == "resnet50-efficientnet_b0"
     assert model_label("resnet18-demo", "resnet18") == "resnet18-demo"
+
+
+def _damage(runs: Path, good: Path, name: str, data: bytes | None) -> None:
+    """A copy of the good run whose checkpoint is replaced by `data` (None: removed)."""
+    shutil.copytree(good, runs / name)
+    ckpt = runs / name / "checkpoint.pt"
+    ckpt.unlink()
+    if data is not None:
+        ckpt.write_bytes(data)
+
+
+def test_a_run_with_a_damaged_checkpoint_is_not_completed(good_run, tmp_path):
+    """A summary is not enough: predict, evaluate and serve need a loadable checkpoint."""
+    import io
+    import random
+
+    import torch
+
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run, runs / "a-good")
+    whole = (good_run / "checkpoint.pt").read_bytes()
+    other = io.BytesIO()
+    torch.save({"weights": torch.zeros(3)}, other)  # a torch file, not a chiptag checkpoint
+    _damage(runs, good_run, "b-truncated", whole[: len(whole) // 2])
+    _damage(runs, good_run, "c-random", random.Random(0).randbytes(4096))
+    _damage(runs, good_run, "d-empty", b"")
+    _damage(runs, good_run, "e-other", other.getvalue())
+    _damage(runs, good_run, "f-missing", None)
+    rows = {r.run_id: r for r in list_runs(runs)}
+    assert rows["a-good"].status == "completed" and not rows["a-good"].note
+    assert {k: r.status for k, r in rows.items() if k != "a-good"} == dict.fromkeys(
+        ["b-truncated", "c-random", "d-empty", "e-other", "f-missing"], "damaged")
+    assert "truncated or not a checkpoint" in rows["b-truncated"].note
+    assert "empty file" in rows["d-empty"].note
+    assert "missing format_version, backbone" in rows["e-other"].note
+    assert rows["f-missing"].note == "no checkpoint.pt"
+    assert rows["b-truncated"].f2 == rows["a-good"].f2  # what the run measured stays visible
+    assert all("\n" not in r.note for r in rows.values())
+
+
+def test_the_terminal_table_is_compact_and_wide_shows_everything(runs_dir):
+    """Compact columns, the entry index named (not `#`), reasons as one line under the table (never the list of
+    every valid backbone); --wide: every column."""
+    names = ", ".join(f"backbone_{i}" for i in range(80))
+    (runs_dir / "g-bad-backbone").mkdir()
+    (runs_dir / "g-bad-backbone" / "failure.json").write_text(json.dumps(
+        {"model": "x", "active_model_index": 3, "error": f"unknown backbone 'resnet99'; valid: {names}"}))
+    res = CliRunner().invoke(app, ["runs", str(runs_dir)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("run "))
+    assert "entry" in header.split() and "#" not in header and "optimizer" not in header
+    assert "g-bad-backbone: failed: unknown backbone 'resnet99'" in res.output
+    assert "backbone_79" not in res.output
+    assert max(len(line) for line in lines if "completed" in line) <= 120
+    wide = CliRunner().invoke(app, ["runs", str(runs_dir), "--wide"])
+    assert wide.exit_code == 0, wide.output
+    assert all(col in wide.output for col in ("optimizer", "scheduler", "head layers", "tracker", "views/TTA"))
+    md = CliRunner().invoke(app, ["runs", str(runs_dir), "--markdown"]).output
+    assert md.startswith("| entry | run |") and "backbone_79" not in md

@@ -35,21 +35,29 @@ def _fields_at(loc: tuple, root: type[BaseModel] = Config) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _source_of(loc: tuple, source: str, overrides: dict[tuple, str]) -> str:
+    """Who set the value at `loc`: the last `--set` whose key is `loc` or holds it, else the file."""
+    best = max((path for path in overrides if loc[: len(path)] == path), key=len, default=None)
+    return source if best is None else f"--set {overrides[best]}"
+
+
+def _format_error(err: ValidationError, source: str, overrides: dict[tuple, str] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        source_here = _source_of(loc, source, overrides or {})
         key = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc)
-            lines.append(f"{source}: unknown key '{key}'" + (f" (valid keys: {', '.join(valid)})" if valid else ""))
+            lines.append(f"{source_here}: unknown key '{key}'"
+                         + (f" (valid keys: {', '.join(valid)})" if valid else ""))
         elif e["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
+            lines.append(f"{source_here}: missing required key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or e["type"].startswith("value_error") else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {msg}{shown}")
+            lines.append(f"{source_here}: {key}: {msg}{shown}")
     return "\n".join(lines)
 
 
@@ -68,17 +76,22 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     return path, value
 
 
-def _apply(raw: dict[str, Any], path: list[str | int], value: Any, text: str) -> None:
+def _apply(raw: dict[str, Any], path: list[str | int], value: Any, text: str) -> tuple:
+    """Set the value; -> the key it was set at, as validation errors locate it (`model.x` -> ('models', i, 'x'),
+    negative indices counted from the end)."""
     if path[0] == "model":  # shorthand for models.<active_model_index>
         path = ["models", int(raw.get("active_model_index", 0)), *path[1:]]
     node: Any = raw
+    at: list[str | int] = []
     for i, part in enumerate(path[:-1]):
         where = ".".join(str(p) for p in path[: i + 1])
         if isinstance(node, list):
             if not isinstance(part, int) or not -len(node) <= part < len(node):
                 raise ChiptagError(f"--set {text}: '{where}' is not an index of a {len(node)}-entry list")
+            at.append(part % len(node))
             node = node[part]
         elif isinstance(node, dict):
+            at.append(part)
             node = node.setdefault(part, {})
         else:
             raise ChiptagError(f"--set {text}: '{where}' is not a section")
@@ -86,20 +99,25 @@ def _apply(raw: dict[str, Any], path: list[str | int], value: Any, text: str) ->
     if isinstance(node, list):
         if not isinstance(last, int) or not -len(node) <= last < len(node):
             raise ChiptagError(f"--set {text}: index {last} out of range for a {len(node)}-entry list")
+        last = last % len(node)
     elif not isinstance(node, dict):
         raise ChiptagError(f"--set {text}: cannot set a key inside a value")
     node[last] = value
+    return (*at, last)
 
 
 def from_dict(raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> Config:
     raw = copy.deepcopy(raw)
+    set_at: dict[tuple, str] = {}  # key -> the --set that gave it its value (errors there name the --set)
     for text in overrides or []:
         path, value = parse_override(text)
-        _apply(raw, path, value, text)
+        key = _apply(raw, path, value, text)
+        set_at = {k: t for k, t in set_at.items() if k[: len(key)] != key}  # a later --set replaces what it holds
+        set_at[key] = text
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ChiptagError(_format_error(err, source)) from None
+        raise ChiptagError(_format_error(err, source, set_at)) from None
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:

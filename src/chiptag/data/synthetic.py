@@ -8,6 +8,7 @@ whose pooled features see little more than that.
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Callable, Iterable
 
 import numpy as np
@@ -267,6 +268,29 @@ def _check_int(what: str, value, lo: int, hi: float = float("inf")) -> None:
         raise ChiptagError(f"{what} must be an integer {bounds}, got {value!r}")
 
 
+def _clear_earlier_chips(img_dir: pathlib.Path, n: int, prefix: str) -> None:
+    """Writing into a folder written before: the chips of an earlier, larger dataset (<prefix><i>.jpg, i >= n)
+    are removed, so the folder holds exactly the new table's images (a stale chip is an unlabelled image there).
+    A file this generator does not write is never touched: its presence is an error, before anything is written."""
+    if not img_dir.is_dir():
+        return
+    ours = re.compile(rf"{re.escape(prefix)}(\d+)\.jpg")
+    stale, foreign = [], []
+    for path in img_dir.iterdir():
+        match = ours.fullmatch(path.name)
+        if match and path.is_file():
+            if int(match.group(1)) >= n:
+                stale.append(path)
+        else:
+            foreign.append(path.name)
+    if foreign:
+        raise ChiptagError(f"{img_dir} holds {len(foreign)} file(s) that are not this dataset's chips "
+                           f"({prefix}<i>.jpg), e.g. {sorted(foreign)[0]}: write the demo data into a new or empty "
+                           "folder (nothing was written)")
+    for path in stale:
+        path.unlink()
+
+
 def generate_dataset(out_dir, n: int = 2000, size: int = 128, seed: int = 0,
                      prefix: str = "train_", quality: int = 92) -> pathlib.Path:
     """Write a Kaggle-layout dataset: out_dir/train_classes.csv and out_dir/train-jpg/<name>.jpg.
@@ -281,6 +305,7 @@ def generate_dataset(out_dir, n: int = 2000, size: int = 128, seed: int = 0,
         raise ChiptagError(f"image name prefix must not contain separators or spaces, got {prefix!r}")
     out = pathlib.Path(out_dir)
     img_dir = out / "train-jpg"
+    _clear_earlier_chips(img_dir, int(n), prefix)
     try:
         img_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -199,14 +199,29 @@ def _markdown(summary: dict, figures: dict[str, Path], probs_note: str, errors: 
 
 def _errors_section(run_dir: Path, summary: dict, probs: dict,
                     opts: ReportConfig) -> tuple[dict, list[str]]:
-    """The error sheets and their report section; bad stored arrays cost the sheets, not the whole report."""
+    """The error sheets and their report section; bad stored arrays cost the sheets, not the whole report.
+    Sheets that are not drawn this time are removed: the report/ folder shows this report's figures only."""
     if not opts.error_sheets:
+        _remove_sheets(run_dir)
         return {}, []
     try:
         drawn = error_sheets.write_sheets(run_dir, summary, probs, opts)
     except ChiptagError as exc:
+        _remove_sheets(run_dir)
         return {}, ["## Errors", "", f"No error sheets: {exc}", ""]
     return drawn.figures, drawn.markdown
+
+
+def _remove_sheets(run_dir: Path) -> None:
+    """The error sheets of an earlier report (top_errors, cooccurrence, per_tag/<tag>)."""
+    run = RunDir(run_dir)
+    run.top_errors.unlink(missing_ok=True)
+    run.cooccurrence.unlink(missing_ok=True)
+    if run.per_tag_dir.is_dir():
+        for sheet in run.per_tag_dir.glob("*.png"):
+            sheet.unlink()
+        if not any(run.per_tag_dir.iterdir()):
+            run.per_tag_dir.rmdir()
 
 
 def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
@@ -239,7 +254,11 @@ def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
     figures["per_class_f2"] = _save(_f2_bars_figure(tags, bars), out_dir / FIGURES["per_class_f2"])
     if probs is not None:
         figures["pr_curves"] = _save(_pr_figure(tags, probs, per_class), out_dir / FIGURES["pr_curves"])
-    error_figures, errors = _errors_section(run_dir, summary, probs, opts) if probs is not None else ({}, [])
+    error_figures, errors = {}, []
+    if probs is not None:
+        error_figures, errors = _errors_section(run_dir, summary, probs, opts)
+    else:
+        _remove_sheets(run_dir)  # drawn from probabilities that are gone
     md = RunDir(run_dir).report_md
     write_text(md, _markdown(summary, figures, note, errors))
     return {**figures, **error_figures, "report": md}

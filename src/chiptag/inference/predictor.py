@@ -26,7 +26,8 @@ from chiptag.data.inputs import ImageInput
 from chiptag.device import resolve_device
 from chiptag.errors import ChiptagError
 from chiptag.evaluation.label_rules import LabelRules
-from chiptag.features.backends import Forward, export_onnx, onnx_file, onnx_forward, resolve_engine, torch_forward
+from chiptag.features.backends import (INFERENCE_ENGINES, Forward, export_onnx, onnx_file, onnx_forward,
+                                       resolve_engine, torch_forward)
 from chiptag.features.extraction import default_workers
 from chiptag.features.views import mean_probabilities
 from chiptag.models import checkpoint
@@ -53,8 +54,9 @@ def default_cache_dir() -> Path:
 
 
 class Predictor:
-    """engine: as feature extraction (features.backends): auto = ONNX Runtime on CPU (the whole tagger exported
-    once, cached under `cache_dir` by the hash of its weights), eager torch elsewhere (bf16 autocast on CUDA).
+    """engine (features.backends.INFERENCE_ENGINES, as `chiptag serve`): auto = ONNX Runtime on CPU (the whole
+    tagger exported once, cached under `cache_dir` by the hash of its weights), eager bf16 autocast on CUDA; torch
+    = eager (float32 on CPU, bf16 autocast on CUDA); bf16 = eager on CUDA only.
     The eager float32 ProbabilityModel stays the reference (`model`, what `chiptag export` writes).
 
     device: a torch.device is used as given (a command resolved it once: chiptag.device.resolve_device); a name
@@ -71,7 +73,8 @@ class Predictor:
         # auto: CUDA when available, as `chiptag predict`
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = ProbabilityModel(tagger).eval()
-        self.engine = resolve_engine(engine, self.device, what="engine")
+        # torch and bf16 are one eager forward (bf16 autocast on CUDA; bf16 is CUDA only), onnxruntime the ORT graph
+        self.engine = resolve_engine(engine, self.device, "engine", INFERENCE_ENGINES)
         self._fallback = engine == "auto"  # an auto ONNX export that fails falls back to eager torch
         self.images = ImageInput.resolve(pre, self.device)  # the decoder for this device: nvjpeg on CUDA
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -184,6 +184,33 @@ def _apply_state(spec: BackboneSpec, net: nn.Module, state: dict, source: str) -
             f"{len(unexpected)} unexpected key(s) {unexpected[:3]}")
 
 
+def _no_weights(weights: str | None) -> bool:
+    return weights is None or str(weights).lower() in ("none", "null")
+
+
+def _weights_file(weights: str) -> bool:
+    """Whether `weights` names a state-dict file (rather than a weights enum member)."""
+    return Path(weights).suffix in (".pt", ".pth", ".bin") or Path(weights).exists()
+
+
+def check_backbone(name: str, weights: str | None) -> None:
+    """What build_backbone would refuse, found without building anything: an unknown backbone (or timm model),
+    an unknown weights name, a weights file that is not there. Downloads are not attempted."""
+    spec = get_spec(name)
+    if _no_weights(weights):
+        return
+    if spec.family == "timm":
+        if str(weights).upper() in ("DEFAULT", "PRETRAINED"):
+            return
+    elif not _weights_file(weights):
+        _weights_member(spec, weights)
+        return
+    if not Path(weights).is_file():
+        raise ChiptagError(f"weights file not found: {weights} (a path to a state-dict file"
+                           + (", DEFAULT, pretrained" if spec.family == "timm" else ", DEFAULT, an enum name")
+                           + " or null)")
+
+
 def build_backbone(name: str, weights: str | None, image_size: int | None = None,
                    progress: bool = True) -> Backbone:
     """Build a feature extractor. weights: None, 'DEFAULT', an enum member name, or a state-dict path."""
@@ -193,9 +220,9 @@ def build_backbone(name: str, weights: str | None, image_size: int | None = None
         return Backbone(name, net, dim, pre, weights_id, "")
     net = spec.builder(weights=None, image_size=image_size)
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
-    if weights is None or str(weights).lower() in ("none", "null"):
+    if _no_weights(weights):
         weights_id = "none"
-    elif Path(weights).suffix in (".pt", ".pth", ".bin") or Path(weights).exists():
+    elif _weights_file(weights):
         state, weights_id = read_state_dict(Path(weights))
         _apply_state(spec, net, state, str(weights))
     else:

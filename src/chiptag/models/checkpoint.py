@@ -27,12 +27,10 @@ from chiptag.atomic import torch_save
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
 from chiptag.models.backbones import get_spec, replace_head
+from chiptag.models.checkpoint_record import FORMAT_VERSION, REQUIRED  # one list, also read without torch
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger
 from chiptag.models.weights import read_torch_file
 
-FORMAT_VERSION = 1
-REQUIRED = ("format_version", "backbone", "weights_id", "head", "tags", "thresholds", "preprocessing",
-            "frozen", "state_dict")
 # An ensemble's members carry no weights of their own (they are in the ensemble's state_dict).
 MEMBER_REQUIRED = tuple(k for k in REQUIRED if k != "state_dict")
 

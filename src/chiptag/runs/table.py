@@ -1,7 +1,10 @@
 """The experiments table: one row per run dir, read from its summary.json (never crashes on a bad run dir).
 
-A run dir is `completed` (summary.json), `failed` (failure.json: the run stopped on an error), `unfinished`
-(config.yaml but no summary yet: running, interrupted or killed) or `broken` (unreadable files).
+A run dir is `completed` (summary.json and a complete checkpoint), `damaged` (summary.json, but its checkpoint is
+missing, empty, truncated or not a chiptag checkpoint: predict, evaluate and serve would fail on it), `failed`
+(failure.json: the run stopped on an error), `unfinished` (config.yaml but no summary yet: running, interrupted or
+killed) or `broken` (unreadable files). The table stays free of the torch import: checkpoints are checked with
+models.checkpoint_record (the archive's directory and the record's keys, not the weights' bytes).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import yaml
 
 from chiptag.errors import ChiptagError
 from chiptag.evaluation.metrics import BASELINE_TOLERANCE
+from chiptag.models import checkpoint_record
 from chiptag.runs.layout import RunDir
 
 SORT_KEYS = ("run", "f2", "f2_05", "model", "duration")
@@ -23,7 +27,7 @@ SORT_KEYS = ("run", "f2", "f2_05", "model", "duration")
 @dataclass
 class RunRow:
     run_id: str
-    status: str  # completed | failed | unfinished | broken
+    status: str  # completed | damaged | failed | unfinished | broken
     index: int | None = None
     model: str = "?"
     backbone: str = ""  # the backbone actually trained (model.backbone may override the entry's name)
@@ -41,7 +45,7 @@ class RunRow:
     frozen: str = ""
     duration_s: float | None = None
     tracker: str = ""
-    note: str = ""  # why a run failed or is broken
+    note: str = ""  # why a run failed, is damaged or broken
 
 
 def _tracker_link(tracker: Any) -> str:
@@ -101,7 +105,11 @@ def read_run(run_dir: Path) -> RunRow:
             if s.get("status", "completed") != "completed" and "metrics" not in s:  # a run that recorded its end
                 return RunRow(run_dir.name, str(s["status"]), s.get("active_model_index"),
                               str(s.get("model", "?")), note=str(s.get("error", "")))
-            return row_from_summary(s, run_dir.name)
+            row = row_from_summary(s, run_dir.name)
+            damage = checkpoint_record.problem(layout.checkpoint)
+            if damage:  # the figures stay visible: they are what the run measured before the file was lost
+                row.status, row.note = "damaged", damage
+            return row
         if failure.is_file():
             f = json.loads(failure.read_text(encoding="utf-8"))
             return RunRow(run_dir.name, "failed", f.get("active_model_index"), str(f.get("model", "?")),
@@ -147,9 +155,31 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-COLUMNS = ("#", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
+# Every column: --wide, --markdown and EXPERIMENTS.md. `entry` is the run's index in its config's `models:` list.
+COLUMNS = ("entry", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
            "baseline F2", "Δ", "label rules (val F2)", "pos_weight", "optimizer", "scheduler", "epochs",
            "head layers", "frozen", "duration", "tracker", "status")
+# What fits a terminal: the run (its name carries the model, and the backbone when the name does not say it), the
+# headline against the baseline, and the state; under shorter headers.
+COMPACT = {"run": "run", "status": "status", "F2 test (tuned)": "test F2", "baseline F2": "baseline", "Δ": "Δ",
+           "entry": "entry", "image size": "px", "epochs": "epochs", "duration": "time"}
+REASON_CHARS = 160  # a compact table's reasons, listed under it: one line, not a list of 80 valid backbone names
+
+
+def reason(note: str, limit: int | None = None) -> str:
+    """A failure note on one line: its first line, without the list of valid values some errors append
+    (`unknown backbone 'x'; valid: alexnet, ...`), cut at `limit` characters."""
+    lines = [ln.strip() for ln in note.strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += f" (+{len(lines) - 1} more line{'s' if len(lines) > 2 else ''})"
+    for marker in ("; valid: ", " (valid: ", "; valid keys: ", " (valid keys: "):
+        if marker in text:
+            text = text[: text.index(marker)] + " (valid values: see chiptag train)"
+            break
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
 
 
 def delta_cell(r: RunRow) -> str:
@@ -160,9 +190,12 @@ def delta_cell(r: RunRow) -> str:
     return f"{gap:+.4f}" + (" ≈ baseline" if abs(gap) < BASELINE_TOLERANCE else "")
 
 
-def _cells(r: RunRow) -> list[str]:
+def _cells(r: RunRow, note: str = "one line") -> list[str]:
+    """The row's cells in COLUMNS order; the status cell carries the reason of a failed, damaged, broken or
+    unfinished run: note `one line` (reason()), `full` (the whole note, whitespace collapsed) or `none`."""
     f = (lambda v: "" if v is None else f"{v:.4f}")
-    status = r.status if not r.note or r.status == "completed" else f"{r.status}: {r.note}"
+    text = {"one line": lambda: reason(r.note), "full": lambda: " ".join(r.note.split()), "none": str}[note]()
+    status = r.status if not text or r.status == "completed" else f"{r.status}: {text}"
     return ["" if r.index is None else str(r.index), r.run_id, r.model, r.backbone, r.image_size, r.views,
             f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.label_rules, r.pos_weight, r.optimizer,
             r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
@@ -180,27 +213,38 @@ def to_markdown(rows: list[RunRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_rich(rows: list[RunRow], title: str | None = None):
+def to_rich(rows: list[RunRow], title: str | None = None, wide: bool = False):
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold")
-    for col in COLUMNS:
-        table.add_column(col, overflow="fold", justify="right" if col.startswith(("F2", "#", "baseline")) else "left",
-                         no_wrap=col in ("run", "model", "epochs", "duration", "frozen", "pos_weight"))
-    colour = {"completed": "", "failed": "red", "unfinished": "yellow", "broken": "red"}
+    columns = COLUMNS if wide else tuple(COMPACT)
+    table = Table(title=title, title_justify="left", header_style="bold underline", box=None, padding=(0, 1),
+                  pad_edge=False)
+    for col in columns:
+        # only the long free-text cells wrap: a number or a run name folded over lines is unreadable
+        wraps = col in ("head layers", "optimizer", "scheduler", "tracker") or (wide and col == "status")
+        table.add_column(col if wide else COMPACT[col], overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
+                         justify="right" if col.startswith(("F2", "entry", "baseline", "Δ", "image")) else "left")
+    colour = {"completed": "", "failed": "red", "unfinished": "yellow", "broken": "red", "damaged": "red"}
     for r in rows:
-        cells = _cells(r)
-        sched = COLUMNS.index("scheduler")
-        cells[sched] = cells[sched].replace("ReduceLROnPlateau", "Plateau")  # the terminal is narrower than a page
-        table.add_row(*cells, style=colour.get(r.status, ""))
+        cells = dict(zip(COLUMNS, _cells(r, "full" if wide else "none")))
+        cells["scheduler"] = cells["scheduler"].replace("ReduceLROnPlateau", "Plateau")  # a terminal is narrow
+        table.add_row(*(cells[c] for c in columns), style=colour.get(r.status, ""))
     return table
 
 
-def print_table(rows: list[RunRow], title: str | None = None) -> None:
-    """Rich table on stdout; piped to a file or a log it is laid out one line per run, not folded at 80."""
+def print_table(rows: list[RunRow], title: str | None = None, wide: bool = False) -> None:
+    """Rich table on stdout (the compact columns; wide: every column); piped to a file or a log it is laid out
+    one line per run, not folded at 80."""
     from rich.console import Console
 
     from chiptag.progress import out
 
-    console = out if out.is_terminal else Console(width=260, highlight=False, soft_wrap=True)
-    console.print(to_rich(rows, title))
+    # --wide: every column at its natural width, one line per run (a terminal wraps it; `less -S` scrolls)
+    console = out if out.is_terminal and not wide else Console(width=400 if wide else 260, highlight=False,
+                                                                  soft_wrap=True)
+    console.print(to_rich(rows, title, wide))
+    if not wide:  # the reasons under the table: a status cell holding them would squeeze every other column
+        for r in rows:
+            if r.note and r.status != "completed":
+                console.print(f"{r.run_id}: {r.status}: {reason(r.note, REASON_CHARS)}",
+                              style="red" if r.status in ("failed", "damaged", "broken") else "yellow")

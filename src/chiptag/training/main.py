@@ -40,6 +40,7 @@ from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir, model_label, new_run_dir
 from chiptag.tracking import MultiTracker, make_tracker
 from chiptag.training import folds as folds_mod, phases as phases_mod, resume as resume_mod
+from chiptag.training.checks import check_can_run
 from chiptag.training.epoch import NonFiniteLoss, evaluate, pos_weight
 from chiptag.training.folds import Fold, FoldResult
 from chiptag.training.loop import fit
@@ -106,10 +107,12 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
         if run.summary.is_file() and not run.resume.is_file():
             raise ChiptagError(f"--resume {run.path}: the run is already complete (summary.json is written)")
         s = Settings.from_config(config_mod.load(run.config))
+        check_can_run(s)  # the device may be gone on this machine
         ds, validation = preflight(s.data)
         out.print(f"resuming run [bold]{run.name}[/]")
         return OpenRun(s, ds, validation, load_split(ds.table.names, run.split), run)
     s = Settings.from_config(cfg)
+    check_can_run(s)  # backbone, weights, device: before validation runs or a run dir is made
     ds, validation = preflight(s.data)
     splits = make_split(s.data, ds)
     if distributed.is_main():
@@ -199,7 +202,11 @@ def train(r: OpenRun, device: torch.device) -> dict:
                                 tags=np.asarray(tags))
     summary["validation"] = validation  # what was checked, converted and skipped (every item)
     write_json(r.run.summary, summary)  # complete before the tracker uploads it
+    out.print(f"drawing the report: plots and error sheets into {r.run.report_dir} ...")
+    t_report = time.perf_counter()
     report.report_after_training(r.run.path, tracker)
+    timings["report_s"] = time.perf_counter() - t_report
+    timings["total_s"] = time.perf_counter() - t_start  # the time printed at the end counts the report
     summary["tracker"] = tracker.finish(summary)
     write_json(r.run.summary, summary)  # with the tracker's link
     return summary

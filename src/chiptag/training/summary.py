@@ -68,11 +68,15 @@ def print_result(s: dict) -> None:
         f"baseline {b['val']['f2']:.4f}\n"
         f"  test F2 {m['test']['f2']:.4f} (tuned thresholds)   {m['test']['f2_at_0.5']:.4f} @0.5   "
         f"baseline {b['test']['f2']:.4f}  (constant {{{', '.join(b['tags'])}}})\n"
-        f"  run dir {s['run_dir']}  ({s['timings']['total_s']:.1f}s)"
+        f"  run dir {s['run_dir']}  ({s['timings']['total_s']:.1f}s"
+        + (f", report {s['timings']['report_s']:.1f}s)" if "report_s" in s["timings"] else ")")
     )
     decision = s.get("label_rules_decision") or {}
     if decision.get("val_f2_with_rules") is not None:
         out.print(f"  label rules: {describe_decision(decision)}")
+    report_md = RunDir(s["run_dir"]).report_md
+    if report_md.is_file():  # not when drawing it failed (a warning said so)
+        out.print(f"  report  {report_md}  (per-class F2, curves, the test chips it gets wrong)")
     gap = m["test"].get("f2_minus_baseline")
     if gap is not None and abs(gap) < BASELINE_TOLERANCE:
         console.print(f"[yellow]warning:[/] test F2 {m['test']['f2']:.4f} is within {BASELINE_TOLERANCE} of the "

@@ -1,7 +1,9 @@
 """`chiptag train --all`: every entry of `models:` in turn, then the experiments table and EXPERIMENTS.md.
 
-Entries share the feature cache without extra work: its key is the backbone's content and preprocessing, so a
-repeated frozen backbone is extracted once. One entry failing is recorded (its run dir's failure record, when
+Every entry's backbone and weights, and the device, are checked before the first entry trains (training.checks):
+a config error in entry 3 stops the sweep before entries 0-2 spend their time. Entries share the feature cache
+without extra work: its key is the backbone's content and preprocessing, so a repeated frozen backbone is
+extracted once. One entry failing while it trains is recorded (its run dir's failure record, when
 it got a run dir) and the sweep goes on; the caller turns failures into a non-zero exit.
 """
 
@@ -56,15 +58,19 @@ def _record_failure(cfg: Config, index: int, new_dirs: set[str], message: str) -
 
 
 def run_sweep(cfg: Config, config_path: str = "config") -> SweepResult:
-    from chiptag.training.main import run_train  # torch only when a sweep really runs
+    from chiptag.training.checks import check_sweep  # torch only when a sweep really runs
+    from chiptag.training.main import run_train
+    from chiptag.training.settings import Settings
 
+    configs = [entry_config(cfg, i) for i in range(len(cfg.models))]
+    check_sweep([Settings.from_config(c) for c in configs])  # every entry, before the first one trains
     result = SweepResult()
     runs_dir = Path(cfg.output.runs_dir)
     for i, entry in enumerate(cfg.models):
         out.print(f"\n[bold]== {i + 1}/{len(cfg.models)}: {entry.name} ==[/]")
         before = _subdirs(runs_dir)
         try:
-            summary = run_train(entry_config(cfg, i))
+            summary = run_train(configs[i])
             result.rows.append(row_from_summary(summary, summary["run_id"]))
             continue
         except Interrupted:  # Ctrl-C / SIGTERM stops the whole sweep, not just this entry
