@@ -116,3 +116,16 @@ def test_backbone_baseline_and_delta_columns():
     assert delta_cell(row_from_summary(s, "r1")) == "+0.1010"
     assert model_label("resnet50", "efficientnet_b0") == "resnet50-efficientnet_b0"
     assert model_label("resnet18-demo", "resnet18") == "resnet18-demo"
+
+
+def test_run_dir_names_keep_to_safe_characters(tmp_path):
+    """A timm backbone put a ':' in the run dir name (breaks scp/rsync host:path, Windows, volume mounts)."""
+    import re
+
+    from chiptag.runs.layout import model_label, new_run_dir
+
+    label = model_label("lite0", "timm:tf_efficientnet_lite0")
+    run = new_run_dir(tmp_path, None, label)
+    assert re.fullmatch(r"\d{8}-\d{6}-lite0-timm-tf_efficientnet_lite0", run.name) and run.path.is_dir()
+    assert new_run_dir(tmp_path, "exp 1/b:c", label).name == "exp-1-b-c"  # a given run_name too, not nested
+    assert new_run_dir(tmp_path, "exp 1/b:c", label).name == "exp-1-b-c-2"
