@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from chiptag.data.decoders import nvjpeg_can_take
 from chiptag.data.images import decode_rgb, jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
 from chiptag.errors import ChiptagError
@@ -47,6 +48,7 @@ class ImageInfo:
     format: str | None = None
     mode: str | None = None
     size: tuple[int, int] | None = None
+    nvjpeg: bool = False  # a JPEG nvJPEG decodes on the GPU (data.decoders.nvjpeg_can_take); e.g. not CMYK
 
 
 def mode_label(im: Image.Image) -> str:
@@ -85,6 +87,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
     fmt = mode = size = None
+    nvjpeg = False
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
@@ -96,6 +99,9 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
                 if size[0] * size[1] > max_pixels:
                     return ImageInfo("bomb", f"{size[0]}x{size[1]} px > {max_pixels:,}", fmt, mode, size)
                 _deep_check(im, f, scan_jpeg)
+                if fmt == "JPEG":
+                    f.seek(0)
+                    nvjpeg = nvjpeg_can_take(f.read(65536))  # the frame header is within the first segments
     except FileNotFoundError:
         return ImageInfo("image_missing")
     except PermissionError:
@@ -112,7 +118,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
         except ChiptagError as exc:
             msg = str(exc) if isinstance(source, bytes) else str(exc).replace(str(source), "the file")
             return ImageInfo("corrupt", msg[:160], fmt, mode, size)
-    return ImageInfo(None, "", fmt, mode, size)
+    return ImageInfo(None, "", fmt, mode, size, nvjpeg)
 
 
 def _usual_side(sizes: Iterable[tuple[int, int]]) -> int | None:
@@ -161,6 +167,8 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
         if info.mode and info.mode != "RGB":
             report.converted[info.mode] += 1
+        report.usable += 1
+        report.nvjpeg += info.nvjpeg
     return bad
 
 

@@ -140,7 +140,7 @@ def labelled_loader(images: ImageInput, paths: Sequence[Path], targets: np.ndarr
     data = ImageDataset(paths, images.pre)
     y = torch.as_tensor(targets, dtype=torch.float32)
     nvjpeg = images.decoder == "nvjpeg"
-    source = FileBytes(data.paths) if nvjpeg else data  # nvjpeg: workers only read bytes
+    source = FileBytes(data.paths, data.pre) if nvjpeg else data  # nvjpeg: workers read bytes (decode the rest)
     common = {"num_workers": num_workers, "worker_init_fn": ignore_sigint_in_worker if num_workers else None,
               "collate_fn": as_list if nvjpeg else WithTargets(y, images)}
     if shuffle and distributed.active():

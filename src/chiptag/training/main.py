@@ -21,6 +21,7 @@ from chiptag import config as config_mod, distributed
 from chiptag.atomic import replacing, write_json, write_text
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
+from chiptag.data.decoders import choose_decoder
 from chiptag.data.inputs import ImageInput
 from chiptag.data.problems import Report
 from chiptag.data.split import load_split, make_split, save_split
@@ -147,8 +148,10 @@ def train(r: OpenRun, device: torch.device) -> dict:
                      s.config)
 
     # every image read in this run (feature extraction, fine-tuning) goes through this one input object: the
-    # decoder (cpu, or nvjpeg on CUDA) is chosen here, once
-    images = ImageInput.resolve(net.backbone.preprocessing, device, s.features.decoder)
+    # decoder (cpu, or nvjpeg on CUDA when most chips are nvJPEG-decodable) is chosen here, once
+    decoder, why = choose_decoder(s.features.decoder, device, r.validation.nvjpeg_share)
+    out.print(f"decoder: {decoder} ({why})")
+    images = ImageInput(net.backbone.preprocessing, device, decoder)
     t_extract = time.perf_counter()
     feats, info = None, FeatureInfo("not used (freeze: false)")
     if s.uses_features:
