@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from chiptag.data.images import ImageDataset, Preprocessing, d4, decode_rgb, fit, prefetched
+from chiptag.data.images import ImageDataset, Preprocessing, blank, d4, decode, fit, prefetched
 from chiptag.errors import ChiptagError
 from chiptag.interrupt import ignore_sigint_in_worker
 from chiptag.progress import console
@@ -120,7 +120,7 @@ class FileBytes(torch.utils.data.Dataset):
 def cpu_decode(data: bytes, path: Path, pre: Preprocessing) -> tuple[torch.Tensor, str]:
     """Bytes -> (fitted uint8 3xSxS, "") by the cpu decoder, or (empty, the message ImageDataset would give)."""
     try:
-        return fit(decode_rgb(data, path), pre), ""
+        return fit(decode(data, path, pre), pre), ""
     except ChiptagError as exc:
         return torch.empty(0, dtype=torch.uint8), str(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. a decoder's RuntimeError, reported per image as ImageDataset does
@@ -150,7 +150,6 @@ def decode_batch(items: list, data: ImageDataset,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """FileBytes items -> (uint8 (N, 3, S, S) on `device` in data.view, indices, errors): the same batch the
     cpu decoder gives, the nvJPEG-decodable part decoded on the device, the rest as the workers decoded it."""
-    size = data.pre.image_size
     errors = [e for _, _, e, _ in items]
     images: list[torch.Tensor | None] = [None if on_device or e else x.to(device, non_blocking=True)
                                          for x, _, e, on_device in items]
@@ -164,7 +163,7 @@ def decode_batch(items: list, data: ImageDataset,
         if errors[k]:
             if not data.keep_errors:
                 raise ChiptagError(errors[k])
-            images[k] = torch.zeros(3, size, size, dtype=torch.uint8, device=device)
+            images[k] = blank(data.pre).to(device)
     x = torch.stack([fit(img, data.pre) for img in images])
     idx = torch.tensor([i for _, i, _, _ in items])
     return (d4(x, data.view) if data.view else x), idx, errors

@@ -23,7 +23,7 @@ import io
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from chiptag.data.decoders import nvjpeg_can_take
 from chiptag.data.images import decode_rgb, jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
+from chiptag.data.rasters import is_tiff
 from chiptag.errors import ChiptagError
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
@@ -49,6 +50,12 @@ class ImageInfo:
     mode: str | None = None
     size: tuple[int, int] | None = None
     nvjpeg: bool = False  # a JPEG nvJPEG decodes on the GPU (data.decoders.nvjpeg_can_take); e.g. not CMYK
+    bands: int | None = None  # a raster's band count (TIFF, data.rasters)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def mode_label(im: Image.Image) -> str:
@@ -81,8 +88,28 @@ def _deep_check(im: Image.Image, f, scan_jpeg: bool = True) -> None:
             again.load()
 
 
+def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> ImageInfo:
+    """A TIFF (data.rasters): header (band count, sample type, size, pixel cap), then a full decode of the
+    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN pixels show there)."""
+    from chiptag.data.rasters import raster_shape, read_bands  # tifffile only when a TIFF is checked
+
+    try:
+        n, h, w, dtype = raster_shape(raw, "the file")
+    except ChiptagError as exc:
+        return ImageInfo("truncated", str(exc)[:160], "TIFF")
+    info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), bands=n)
+    if w * h > max_pixels:
+        return replace(info, kind="bomb", detail=f"{w}x{h} px > {max_pixels:,}")
+    try:
+        read_bands(raw, "the file", bands)
+    except ChiptagError as exc:
+        kind = "band_missing" if "band(s); data.bands" in str(exc) else "corrupt"
+        return replace(info, kind=kind, detail=str(exc)[:160])
+    return info
+
+
 def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, full: bool = False,
-                scan_jpeg: bool = True) -> ImageInfo:
+                scan_jpeg: bool = True, bands: Sequence[int] | None = None) -> ImageInfo:
     """source: an image file, or its bytes (the server checks uploads in memory, with the same checks).
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
@@ -91,6 +118,9 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
+        if is_tiff(source[:4] if isinstance(source, bytes) else _head(source)):
+            return _check_raster(source if isinstance(source, bytes) else Path(source).read_bytes(), max_pixels,
+                                 bands)
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -141,12 +171,18 @@ def _size_problem(size: tuple[int, int], expected: int | None, usual: int | None
 
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
                  max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
-                 min_side: int = 16, check_size: bool = True, full: bool = False) -> set[int]:
+                 min_side: int = 16, check_size: bool = True, full: bool = False,
+                 bands: Sequence[int] | None = None) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
 
     expected_size None: sizes far from the most common longest side are notes, not problems."""
     rows = list(rows) if rows is not None else [None] * len(paths)
-    infos = [check_image(Path(p), max_pixels, full) for p in paths]
+    infos = [check_image(Path(p), max_pixels, full, bands=bands) for p in paths]
+    counts = Counter(i.bands for i in infos if i.kind is None and i.bands is not None)
+    usual_bands = counts.most_common(1)[0][0] if len(counts) > 1 else None
+    for i, info in enumerate(infos):  # one sensor's chips have one band count; a stray one is another product
+        if usual_bands is not None and info.kind is None and info.bands not in (None, usual_bands):
+            infos[i] = replace(info, kind="band_count", detail=f"{info.bands} bands, most chips have {usual_bands}")
     report.images += len(paths)
     bad: set[int] = set()
     usual = _usual_side(i.size for i in infos if i.kind is None and i.size)
@@ -165,7 +201,7 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
         wanted = EXTENSION_FORMATS.get(Path(p).suffix.lower())
         if wanted and info.format and info.format != wanted:
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
-        if info.mode and info.mode != "RGB":
+        if info.mode and info.mode != "RGB" and info.bands is None:
             report.converted[info.mode] += 1
         report.usable += 1
         report.nvjpeg += info.nvjpeg

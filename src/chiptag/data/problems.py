@@ -33,6 +33,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "size_off": ("bad", "image size far from the expected one (data.expected_size)"),
     "too_small": ("bad", "image smaller than data.min_side"),
     "corrupt": ("bad", "corrupt image data (found by a full decode)"),
+    "band_missing": ("bad", "raster with fewer bands than data.bands asks for"),
+    "band_count": ("bad", "raster whose band count differs from the other chips'"),
     "size_unusual": ("note", "image size far from the usual one (fine: data.resize makes it square; set "
                              "data.expected_size to make this an error)"),
     "ignored_column": ("note", "label-table column that is not a 0/1 tag column (ignored; data.tag_columns "

@@ -24,6 +24,7 @@ from chiptag.data.dataset import Dataset
 from chiptag.data.decoders import choose_decoder
 from chiptag.data.inputs import ImageInput
 from chiptag.data.problems import Report
+from chiptag.data.rasters import training_preprocessing
 from chiptag.data.split import load_split, make_split, save_split
 from chiptag.data.validate import preflight
 from chiptag.device import resolve_device
@@ -34,7 +35,7 @@ from chiptag.features.extraction import FeatureInfo, default_workers, degenerate
 from chiptag.features.views import ViewAverage, make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
 from chiptag.models import checkpoint
-from chiptag.models.backbones import Backbone, build_backbone
+from chiptag.models.backbones import Backbone, adapt_stem, build_backbone
 from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger, count_parameters
 from chiptag.progress import console, out
@@ -140,6 +141,12 @@ def train(r: OpenRun, device: torch.device) -> dict:
               f"{len(splits['test'])} train/val/test images, {len(tags)} tags")
 
     net = build_network(s.network, len(tags), s.seed, s.progress)
+    if s.data.raster:  # multiband chips: training-split band statistics, the stem adapted to the bands
+        net.backbone.preprocessing = training_preprocessing(s.data, [ds.paths[i] for i in splits["train"]],
+                                                            net.backbone.preprocessing, s.seed)
+        adapt_stem(net.backbone.net, net.backbone.preprocessing.channels)
+        out.print(f"bands {list(net.backbone.preprocessing.bands)} "
+                  f"(mean {', '.join(f'{m:.4g}' for m in net.backbone.preprocessing.mean)}); stem adapted")
     net.tagger.to(device)
     n_params = count_parameters(net.tagger)
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
