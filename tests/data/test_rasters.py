@@ -115,3 +115,16 @@ def test_preflight_on_rasters_finds_missing_bands_mixed_counts_and_corrupt_files
     assert not report.converted  # rasters are not "converted to RGB"
     report = Report()
     assert check_images(paths[:1], report, bands=[0, 4]) == {0} and report.bad[0].kind == "band_missing"
+
+
+def test_feature_cache_key_covers_bands_and_statistics(tmp_path):
+    from chiptag.features.extraction import fingerprint
+
+    path = tmp_path / "a.tif"
+    path.write_bytes(tif_bytes(np.ones((4, 8, 8), np.uint16)))
+    pre = Preprocessing(16, (1.0,) * 4, (2.0,) * 4, bands=(2, 1, 0, 3))
+    keys = {fingerprint("h", p, [path], 0) for p in (pre, Preprocessing(16, (1.0,) * 4, (2.0,) * 4, bands=(0, 1, 2, 3)),
+                                                      Preprocessing(16, (1.5,) + (1.0,) * 3, (2.0,) * 4, bands=(2, 1, 0, 3)),
+                                                      Preprocessing(16, (1.0,) * 4, (2.0,) * 4, bands=(2, 1, 0, 3),
+                                                                    clip=((0, 9),) * 4))}
+    assert len(keys) == 4

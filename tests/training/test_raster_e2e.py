@@ -68,3 +68,7 @@ def test_multiband_run_trains_stores_band_stats_and_predicts_tifs(raster_data, t
     assert res["max_abs_diff"] < 1e-4 and meta["bands"] == "[2, 1, 0, 3]" and "N x 4 x" in meta["input"]
     assert '"nir"' in meta["band_names"] and len(json.loads(meta["mean"])) == 4
     assert 0 < s["metrics"]["test"]["f2"] <= 1
+    from chiptag.evaluation.tiles import TileReader
+
+    tile, problem = TileReader.for_run(tmp_path / "runs" / s["run_id"], 32)(tifs[0].stem)
+    assert problem == "" and tile.shape == (32, 32, 3) and tile.min() == 0 and tile.max() == 1  # stretched RGB
