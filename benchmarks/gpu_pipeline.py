@@ -9,6 +9,11 @@ weights):
   finetune_img_s       a fine-tuning epoch through chiptag's image loaders (training.epoch.train_one_epoch)
   predict_img_s        chiptag.inference.predictor.Predictor.predict on the same chips (auto engine/decoder)
   decoder_max_abs_feature_diff  nvJPEG vs libjpeg decodes of 512 chips, through the same backbone
+  extract_cpu_decoder_img_s    extraction with decoder cpu (libjpeg in the workers) on the same RGB chips
+  cmyk_extract_nvjpeg_img_s    extraction with decoder nvjpeg on the same chips saved as CMYK JPEGs (as the real
+                               Planet chips are): nvJPEG takes none, the workers decode them all
+  cmyk_extract_cpu_img_s       the same CMYK chips with decoder cpu
+  cmyk_auto_decoder            what decoder: auto picks for the CMYK set from its pre-flight share (data.decoders)
 Each figure is the best of --rounds. On a machine without CUDA it prints one line and exits 0 (nothing written).
 
     python benchmarks/gpu_pipeline.py --out benchmarks/results/gpu_pipeline.json
@@ -29,7 +34,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from PIL import Image
+
+from chiptag.data.decoders import choose_decoder
+from chiptag.data.image_check import check_images
 from chiptag.data.images import ImageDataset
+from chiptag.data.problems import Report
 from chiptag.data.inputs import ImageInput, WithTargets
 from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
@@ -122,7 +132,34 @@ def decoder_difference(ex: Extractor, paths) -> dict:
             "decoder_max_feature_diff_over_scale": diff / max(cpu.abs().max().item(), 1e-12)}
 
 
-def measure(args, device: torch.device, paths, y) -> dict:
+def cmyk_copies(paths, out: Path) -> list[Path]:
+    """The chips as 4-component CMYK JPEGs, as the real Planet train-jpg files are."""
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for p in paths:
+        copies.append(out / Path(p).name)
+        with Image.open(p) as im:
+            im.convert("CMYK").save(copies[-1], "JPEG", quality=95)
+    return copies
+
+
+def decoder_extracts(ex: Extractor, rgb, cmyk, cache: Path, rounds: int, device: torch.device) -> dict:
+    """Extraction img/s by decoder on RGB and CMYK chips, and what auto picks for the CMYK set."""
+    rates = {}
+    for label, paths, decoder in (("extract_cpu_decoder", rgb, "cpu"), ("cmyk_extract_nvjpeg", cmyk, "nvjpeg"),
+                                  ("cmyk_extract_cpu", cmyk, "cpu")):
+        run = replace(ex, images=replace(ex.images, decoder=decoder))
+        best = min(timed(lambda: cached_features(run, paths, cache / f"{label}-{r}"), device) for r in range(rounds))
+        rates[f"{label}_img_s"] = len(paths) / best
+    report = Report()
+    check_images(cmyk, report, check_size=False)
+    decoder, why = choose_decoder("auto", device if device.type == "cuda" else torch.device("cuda"),
+                                  report.nvjpeg_share)
+    return {**rates, "cmyk_nvjpeg_share": report.nvjpeg_share, "cmyk_auto_decoder": decoder,
+            "cmyk_auto_why": why}
+
+
+def measure(args, device: torch.device, paths, y, cmyk) -> dict:
     torch.manual_seed(0)
     bb = build_backbone(args.backbone, None, args.image_size, progress=False)
     workers = default_workers("auto", device)
@@ -137,7 +174,8 @@ def measure(args, device: torch.device, paths, y) -> dict:
                            torch_forward(bb.net, device), args.batch_size, workers, show_progress=False)
             extracts.append(timed(lambda: cached_features(ex, paths, Path(cache) / f"r{r}"), device))
             predicts.append(timed(lambda: predictor.predict(paths, batch_size=args.batch_size), device))
-    decode_diff = decoder_difference(ex, paths[:512])
+        decode_diff = decoder_difference(ex, paths[:512])
+        by_decoder = decoder_extracts(ex, paths, cmyk, Path(cache), args.rounds, device)
     tagger = trainable_tagger(bb, y.shape[1], device)
     t_limit = max(train_limit(tagger, y.shape[1], args, device) for _ in range(args.rounds))
     t_finetune = min(finetune_seconds(tagger, paths, y, bb, args, device, workers) for _ in range(args.rounds))
@@ -148,7 +186,8 @@ def measure(args, device: torch.device, paths, y) -> dict:
             "extract_efficiency": extract / limit, "train_limit_img_s": t_limit,
             "finetune_img_s": len(paths) / t_finetune, "finetune_efficiency": len(paths) / t_finetune / t_limit,
             "predict_img_s": len(paths) / min(predicts), "predict_vs_extract": min(extracts) / min(predicts),
-            "decoder": predictor.images.decoder, **decode_diff, "engine": predictor.engine, "decode_workers": workers}
+            "decoder": predictor.images.decoder, **decode_diff, "engine": predictor.engine, "decode_workers": workers,
+            **by_decoder}
 
 
 def main() -> None:
@@ -162,9 +201,13 @@ def main() -> None:
         data = generate_dataset(Path(tmp) / "data", n=args.n, size=args.size, seed=0)
         table = parse_table(data / "train_classes.csv", read_table(data / "train_classes.csv"), "tags")
         paths = [data / "train-jpg" / f"{n}.jpg" for n in table.names]
-        res = measure(args, device, paths, table.y.astype("float32"))
+        cmyk = cmyk_copies(paths, Path(tmp) / "cmyk-jpg")
+        res = measure(args, device, paths, table.y.astype("float32"), cmyk)
     for key, value in res.items():
         print(f"{key:<36}{value:.4g}" if isinstance(value, float) else f"{key:<36}{value}")
+    print(f"CMYK chips: nvjpeg path {res['cmyk_extract_nvjpeg_img_s']:.0f} img/s, cpu path "
+          f"{res['cmyk_extract_cpu_img_s']:.0f} img/s (RGB: nvjpeg {res['extract_img_s']:.0f}, cpu "
+          f"{res['extract_cpu_decoder_img_s']:.0f}); auto picks {res['cmyk_auto_decoder']}")
     print(f"targets: extract_efficiency >= 0.6 -> {'met' if res['extract_efficiency'] >= 0.6 else 'MISSED'}; "
           f"finetune_efficiency >= 0.7 -> {'met' if res['finetune_efficiency'] >= 0.7 else 'MISSED'}; "
           f"predict >= 0.85 x extract -> {'met' if res['predict_vs_extract'] >= 0.85 else 'MISSED'}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chiptag.data.decoders import device_batches, nvjpeg_can_take, resolve_decoder
+from chiptag.data.decoders import choose_decoder, device_batches, nvjpeg_can_take, resolve_decoder
 from chiptag.data.images import ImageDataset, Preprocessing
 from chiptag.data.inputs import ImageInput
 from chiptag.errors import ChiptagError
@@ -81,3 +81,48 @@ def test_nvjpeg_on_cuda_is_within_a_few_levels_of_libjpeg(tiny_data, tmp_path):
     cpu = torch.cat([b[0] for b in ImageInput(Preprocessing(32)).batches(paths, 4, 0, keep_errors=True)])
     gpu = torch.cat([b[0].cpu() for b in device_batches(data, 4, 0, "cuda")])
     assert (gpu.int() - cpu.int()).abs().max() <= 8  # IDCT differences (not yet measured on a GPU)
+
+
+def test_files_nvjpeg_cannot_take_decode_in_the_workers_never_in_the_main_process(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    """The real Planet chips are CMYK: on the nvjpeg path they were decoded one by one in the main process."""
+    import os
+
+    import chiptag.data.decoders as decoders_mod
+    import chiptag.data.images as images_mod
+
+    good = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:6]
+    paths = []
+    for k, p in enumerate(good):
+        cmyk = tmp_path / f"cmyk{k}.jpg"
+        Image.open(p).convert("CMYK").save(cmyk, "JPEG", quality=95)
+        paths += [cmyk, p]
+    log = tmp_path / "decoded_in.txt"
+    real = images_mod.decode_rgb
+
+    def recording(raw, name):  # workers are forked: they inherit this patch and append their own pid
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(raw, name)
+
+    monkeypatch.setattr(images_mod, "decode_rgb", recording)
+    monkeypatch.setattr(decoders_mod, "decode_rgb", recording, raising=False)
+    pre = Preprocessing(32)
+    dev = list(ImageInput(pre, torch.device("cpu"), "nvjpeg").batches(paths, 4, 2))
+    pids = {int(s) for s in log.read_text().split()}
+    assert len(log.read_text().split()) == 6 and os.getpid() not in pids  # the 6 CMYK chips, all in workers
+    log.unlink()
+    cpu = list(ImageInput(pre).batches(paths, 4, 0))
+    for (xd, idx_d, _), (xc, idx_c, _) in zip(dev, cpu):
+        assert idx_d.tolist() == idx_c.tolist() and (xd.int() - xc.int()).abs().max() <= 1
+
+
+def test_auto_takes_nvjpeg_only_when_most_chips_are_nvjpeg_decodable():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    decoder, why = choose_decoder("auto", cuda, 0.0)  # the real Planet chips: all CMYK
+    assert decoder == "cpu" and "nvJPEG can take 0% of the images" in why and "CPU workers" in why
+    decoder, why = choose_decoder("auto", cuda, 0.97)
+    assert decoder == "nvjpeg" and "97%" in why and "GPU" in why
+    assert choose_decoder("auto", cuda)[0] == "nvjpeg"  # share unknown (predict on a folder): as before
+    assert choose_decoder("auto", cpu, 1.0) == ("cpu", "auto: the device is cpu")
+    assert choose_decoder("nvjpeg", cuda, 0.0)[0] == "nvjpeg"  # asked for by name: as asked

@@ -113,8 +113,27 @@ def test_given_split_is_used_exactly_and_bad_lists_are_clear_errors(tmp_path):
     with pytest.raises(ChiptagError, match=r"test.txt: 1 name\(s\) not in the label table \(e.g. 'zz'\)"):
         given_split(names, frozenset(), files)
     files["test"].write_text("e\na\n")
-    with pytest.raises(ChiptagError, match=r"test.txt: 'a' is also in the train list"):
+    with pytest.raises(ChiptagError, match=r"1 name\(s\) are in more than one list; 1 in both .*train.txt \(train\) "
+                                           r"and .*test.txt \(test\): 'a'$"):
         given_split(names, frozenset(), files)
     files["test"].write_text("\n")
     with pytest.raises(ChiptagError, match=r"test.txt: no image names in it"):
         given_split(names, frozenset(), files)
+
+
+def test_given_split_overlap_names_every_shared_name_counted(tmp_path):
+    """A real set had five names in two lists; the error named only the first. Now: all, counted per pair."""
+    from chiptag.data.split import given_split
+
+    names = [f"n{i}" for i in range(10)]
+    files = {s: tmp_path / f"{s}.txt" for s in ("train", "val", "test")}
+    files["train"].write_text("n0\nn1\nn2\nn3\nn4\n")
+    files["val"].write_text("n5\nn1\nn2\n")
+    files["test"].write_text("n6\nn3\nn4\nn1\n")
+    with pytest.raises(ChiptagError) as err:
+        given_split(names, frozenset(), files)
+    msg = str(err.value)
+    assert "4 name(s) are in more than one list" in msg  # n1..n4, counted once though n1 is in all three
+    assert "2 in both" in msg and "'n1', 'n2'" in msg  # train & val
+    assert "3 in both" in msg and "'n3', 'n4', 'n1'" in msg  # train & test
+    assert "1 in both" in msg  # val & test: n1

@@ -197,3 +197,15 @@ def test_animated_gif_behind_jpg_name_is_noted_and_batches_with_the_others(tmp_p
     assert "its first frame is used" in report.format() and "bad" in ds.table.names
     (x, idx, errors), = ImageInput(Preprocessing(32)).batches(ds.paths, 8, 0)
     assert x.shape == (6, 3, 32, 32) and errors == [""] * 6
+
+
+def test_preflight_reports_the_share_nvjpeg_can_take(tmp_path):
+    """The real Planet chips are CMYK JPEGs, which nvJPEG cannot decode: pre-flight says how many it can."""
+    images = {"cmyk1": jpeg_bytes(chip(7).convert("CMYK")), "cmyk2": jpeg_bytes(chip(8).convert("CMYK")),
+              "png": encode(chip(9), "PNG"), "gone": None}
+    rows = [(n, "clear primary") for n in images]
+    ds, report = preflight(skip(make_data(tmp_path, rows, images)))
+    assert (report.nvjpeg, report.usable) == (5, 8)  # g0..g4 are RGB JPEGs; the missing one is not counted
+    assert report.nvjpeg_share == 5 / 8
+    assert "nvJPEG (GPU decoding) can take 5 of 8 usable (62%" in report.format()
+    assert report.to_dict()["nvjpeg_decodable"] == {"images": 5, "of": 8}

@@ -176,3 +176,16 @@ def test_the_terminal_table_is_compact_and_wide_shows_everything(runs_dir):
     assert all(col in wide.output for col in ("optimizer", "scheduler", "head layers", "tracker", "views/TTA"))
     md = CliRunner().invoke(app, ["runs", str(runs_dir), "--markdown"]).output
     assert md.startswith("| entry | run |") and "backbone_79" not in md
+
+
+def test_run_dir_names_keep_to_safe_characters(tmp_path):
+    """A timm backbone put a ':' in the run dir name (breaks scp/rsync host:path, Windows, volume mounts)."""
+    import re
+
+    from chiptag.runs.layout import model_label, new_run_dir
+
+    label = model_label("lite0", "timm:tf_efficientnet_lite0")
+    run = new_run_dir(tmp_path, None, label)
+    assert re.fullmatch(r"\d{8}-\d{6}-lite0-timm-tf_efficientnet_lite0", run.name) and run.path.is_dir()
+    assert new_run_dir(tmp_path, "exp 1/b:c", label).name == "exp-1-b-c"  # a given run_name too, not nested
+    assert new_run_dir(tmp_path, "exp 1/b:c", label).name == "exp-1-b-c-2"

@@ -61,11 +61,50 @@ class DataConfig(_Strict):
     # True: validation decodes every image in full (slow), so corrupt data is found before training and
     # handled by on_bad_image; false: header checks only (`chiptag validate --full` sets it).
     full_check: bool = False
+    # Multiband rasters (data.rasters; on with extension .tif/.tiff or with bands set): the file's bands the
+    # model sees, 0-based, in its channel order (first three: the ones an RGB-pretrained stem takes as R, G, B),
+    # e.g. [2, 1, 0, 3] for Planet's B,G,R,NIR files. None: every band of the file, in file order.
+    bands: list[int] | None = None
+    band_names: list[str] | None = None  # optional, one per entry of bands (export metadata, reports)
+    # Per-band normalisation from the training split: mean/std after clipping each band to these percentiles
+    # (null: no clipping), over a seeded sample of stats_images training chips.
+    clip_percentiles: tuple[float, float] | None = None
+    stats_images: int = Field(1000, ge=1)
 
     @field_validator("extension")
     @classmethod
     def _dot(cls, v: str) -> str:
         return v if v.startswith(".") or v == "" else "." + v
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("bands must name at least one band (or be null: every band of the file)")
+            if min(v) < 0:
+                raise ValueError(f"bands are 0-based indices, got {min(v)}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"bands {v} repeats a band")
+        return v
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _percentiles(cls, v):
+        if v is not None and not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"clip_percentiles must be [low, high] with 0 <= low < high <= 100, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _names_match(self) -> DataConfig:
+        if self.band_names is not None and (self.bands is None or len(self.band_names) != len(self.bands)):
+            raise ValueError("band_names needs bands, one name per band")
+        return self
+
+    @property
+    def raster(self) -> bool:
+        """Whether the images are multiband rasters (data.rasters) rather than RGB images."""
+        return self.bands is not None or self.extension.lower() in (".tif", ".tiff")
 
 
 class LabelsConfig(_Strict):

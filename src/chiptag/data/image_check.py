@@ -25,14 +25,16 @@ import re
 import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from chiptag.data.decoders import nvjpeg_can_take
 from chiptag.data.images import decode_rgb, jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
+from chiptag.data.rasters import is_tiff
 from chiptag.errors import ChiptagError
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
@@ -50,6 +52,13 @@ class ImageInfo:
     mode: str | None = None
     size: tuple[int, int] | None = None
     frames: int = 1  # >1: an animated or multi-page image, of which the decoders use the first frame
+    nvjpeg: bool = False  # a JPEG nvJPEG decodes on the GPU (data.decoders.nvjpeg_can_take); e.g. not CMYK
+    bands: int | None = None  # a raster's band count (TIFF, data.rasters)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def mode_label(im: Image.Image) -> str:
@@ -108,17 +117,41 @@ def _deep_check(im: Image.Image, f, scan_jpeg: bool = True) -> None:
             again.load()
 
 
+def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> ImageInfo:
+    """A TIFF (data.rasters): header (band count, sample type, size, pixel cap), then a full decode of the
+    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN pixels show there)."""
+    from chiptag.data.rasters import raster_shape, read_bands  # tifffile only when a TIFF is checked
+
+    try:
+        n, h, w, dtype = raster_shape(raw, "the file")
+    except ChiptagError as exc:
+        return ImageInfo("truncated", str(exc)[:160], "TIFF")
+    info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), bands=n)
+    if w * h > max_pixels:
+        return replace(info, kind="bomb", detail=f"{w}x{h} px > {max_pixels:,}")
+    try:
+        read_bands(raw, "the file", bands)
+    except ChiptagError as exc:
+        kind = "band_missing" if "band(s); data.bands" in str(exc) else "corrupt"
+        return replace(info, kind=kind, detail=str(exc)[:160])
+    return info
+
+
 def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, full: bool = False,
-                scan_jpeg: bool = True) -> ImageInfo:
+                scan_jpeg: bool = True, bands: Sequence[int] | None = None) -> ImageInfo:
     """source: an image file, or its bytes (the server checks uploads in memory, with the same checks).
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
     fmt = mode = size = None
     frames = 1
     allow_pixels(max_pixels)
+    nvjpeg = False
     try:
         if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             return ImageInfo("zero_bytes")
+        if is_tiff(source[:4] if isinstance(source, bytes) else _head(source)):
+            return _check_raster(source if isinstance(source, bytes) else Path(source).read_bytes(), max_pixels,
+                                 bands)
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -128,6 +161,9 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
                     return ImageInfo("bomb", f"{size[0]}x{size[1]} px > {max_pixels:,}", fmt, mode, size)
                 frames = frame_count(im)  # GIF and TIFF count by seeking, hence before the checks rewind f
                 _deep_check(im, f, scan_jpeg)
+                if fmt == "JPEG":
+                    f.seek(0)
+                    nvjpeg = nvjpeg_can_take(f.read(65536))  # the frame header is within the first segments
     except FileNotFoundError:
         return ImageInfo("image_missing")
     except PermissionError:
@@ -144,7 +180,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
         except ChiptagError as exc:
             msg = str(exc) if isinstance(source, bytes) else str(exc).replace(str(source), "the file")
             return ImageInfo("corrupt", msg[:160], fmt, mode, size)
-    return ImageInfo(None, "", fmt, mode, size, frames)
+    return ImageInfo(None, "", fmt, mode, size, frames=frames, nvjpeg=nvjpeg)
 
 
 def _usual_side(sizes: Iterable[tuple[int, int]]) -> int | None:
@@ -167,12 +203,18 @@ def _size_problem(size: tuple[int, int], expected: int | None, usual: int | None
 
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
                  max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
-                 min_side: int = 16, check_size: bool = True, full: bool = False) -> set[int]:
+                 min_side: int = 16, check_size: bool = True, full: bool = False,
+                 bands: Sequence[int] | None = None) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
 
     expected_size None: sizes far from the most common longest side are notes, not problems."""
     rows = list(rows) if rows is not None else [None] * len(paths)
-    infos = [check_image(Path(p), max_pixels, full) for p in paths]
+    infos = [check_image(Path(p), max_pixels, full, bands=bands) for p in paths]
+    counts = Counter(i.bands for i in infos if i.kind is None and i.bands is not None)
+    usual_bands = counts.most_common(1)[0][0] if len(counts) > 1 else None
+    for i, info in enumerate(infos):  # one sensor's chips have one band count; a stray one is another product
+        if usual_bands is not None and info.kind is None and info.bands not in (None, usual_bands):
+            infos[i] = replace(info, kind="band_count", detail=f"{info.bands} bands, most chips have {usual_bands}")
     report.images += len(paths)
     bad: set[int] = set()
     usual = _usual_side(i.size for i in infos if i.kind is None and i.size)
@@ -193,8 +235,10 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
             report.add("format_mismatch", p, rows[i], f"{info.format} data behind a {Path(p).suffix} name")
         if info.frames > 1:
             report.add("multi_frame", p, rows[i], f"{info.format}, {info.frames} frames")
-        if info.mode and info.mode != "RGB":
+        if info.mode and info.mode != "RGB" and info.bands is None:
             report.converted[info.mode] += 1
+        report.usable += 1
+        report.nvjpeg += info.nvjpeg
     return bad
 
 

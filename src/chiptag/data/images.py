@@ -54,19 +54,39 @@ _EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0x([0-9a-f]{2})"
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """How a file becomes the model's input. RGB (bands None): decoded to uint8 RGB, normalised with the
+    weights' mean/std on [0, 1]. Multiband (bands set: a raster, data.rasters): the file's `bands` (0-based, in
+    the model's channel order; the first three are the ones the pretrained stem saw as R, G, B) as float32 in
+    the file's units, clipped to `clip` per band when set, normalised with per-band mean/std in those units
+    (training-split statistics)."""
+
     image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     resize: str = "squash"  # data.resize: how a non-square image becomes the square input
+    bands: tuple[int, ...] | None = None
+    clip: tuple[tuple[float, float], ...] | None = None  # per-band (low, high), from training percentiles
+    band_names: tuple[str, ...] | None = None  # data.band_names: for people (export metadata, reports)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.bands is None else len(self.bands)
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize}
+        d = {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+        if self.bands is not None:  # RGB records stay as they were (feature cache keys, old checkpoints)
+            d.update(bands=list(self.bands), clip=[list(c) for c in self.clip] if self.clip else None,
+                     band_names=list(self.band_names) if self.band_names else None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        # checkpoints written before data.resize existed squashed every image
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("resize", "squash")))
+        # checkpoints written before data.resize existed squashed every image; before data.bands, RGB only
+        bands, clip, names = d.get("bands"), d.get("clip"), d.get("band_names")
+        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("resize", "squash")),
+                   tuple(int(b) for b in bands) if bands is not None else None,
+                   tuple((float(a), float(b)) for a, b in clip) if clip else None,
+                   tuple(str(n) for n in names) if names else None)
 
 
 def _to_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -142,15 +162,18 @@ def read_rgb(path: str | Path) -> torch.Tensor:
     """Decode an image file to a 3xHxW uint8 RGB tensor. Grayscale, palette, RGBA/LA (alpha dropped), CMYK
     and 16-bit inputs are converted, the same way in training and prediction (both call this). Corrupt JPEG
     data is an error naming the file."""
+    return decode_rgb(_read_file(path), Path(path))
+
+
+def _read_file(path: str | Path) -> bytes:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ChiptagError(f"image not found: {path}") from None
     except OSError as exc:
         raise ChiptagError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    return decode_rgb(raw, path)
 
 
 def decode_rgb(raw: bytes, name: str | Path) -> torch.Tensor:
@@ -182,8 +205,11 @@ def decode_rgb(raw: bytes, name: str | Path) -> torch.Tensor:
 def _scaled(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """uint8 3xHxW -> uint8 3xhxw, antialiased bilinear. On CPU torch resizes uint8 directly (~3x faster than
     in float, a quarter of the bytes leave the worker, within 1 level of the float resize); CUDA has no uint8
-    antialiased kernel, so there it resizes in float and rounds back: every decoder hands `normalize` uint8."""
+    antialiased kernel, so there it resizes in float and rounds back: every decoder hands `normalize` uint8.
+    A float raster (any band count) is resized per band in float and stays float."""
     x = img.unsqueeze(0)
+    if x.is_floating_point():
+        return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False).squeeze(0)
     if x.device.type != "cpu" or x.dtype != torch.uint8:
         x = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         return x.round_().clamp_(0, 255).to(torch.uint8).squeeze(0)
@@ -191,10 +217,11 @@ def _scaled(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def resize(img: torch.Tensor, size: int, mode: str = "squash",
-           fill: tuple[float, float, float] = IMAGENET_MEAN) -> torch.Tensor:
+           fill: tuple[float, ...] = IMAGENET_MEAN) -> torch.Tensor:
     """uint8 3xHxW -> uint8 size x size by `mode` (data.resize): squash stretches the whole image (default:
     tags may sit at the edges), pad letterboxes it (aspect kept, borders in `fill`, the mean colour, so they
-    normalise to about 0), crop takes the centred square. Already at size: the tensor itself."""
+    normalise to about 0), crop takes the centred square. Already at size: the tensor itself. A float CxHxW
+    raster the same way, per band, its borders the band means (`fill` in the raster's units)."""
     h, w = img.shape[-2:]
     if (h, w) == (size, size):
         return img
@@ -207,8 +234,9 @@ def resize(img: torch.Tensor, size: int, mode: str = "squash",
     if mode != "pad":
         raise ValueError(f"unknown resize mode {mode!r} (valid: {', '.join(RESIZE_MODES)})")
     nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
-    colour = torch.tensor([round(255 * c) for c in fill], dtype=torch.uint8, device=img.device)
-    out = colour.view(3, 1, 1).repeat(1, size, size)
+    values = list(fill) if img.is_floating_point() else [round(255 * c) for c in fill]
+    colour = torch.tensor(values, dtype=img.dtype, device=img.device)
+    out = colour.view(-1, 1, 1).repeat(1, size, size)
     top, left = (size - nh) // 2, (size - nw) // 2
     out[:, top:top + nh, left:left + nw] = _scaled(img, nh, nw)
     return out
@@ -220,11 +248,40 @@ def fit(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """uint8 or [0, 1] float batch (N, 3, S, S) -> the model's normalised input (float32), on x's device."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    """uint8 or [0, 1] float batch (N, 3, S, S) -> the model's normalised input (float32), on x's device.
+    Multiband (pre.bands): a float batch (N, B, S, S) in the raster's units, clipped per band, standardised."""
+    if pre.bands is not None:
+        x = x.float()
+        if pre.clip:
+            lo, hi = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in zip(*pre.clip))
+            x = torch.maximum(torch.minimum(x, hi), lo)
+    else:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def decode(raw: bytes, name: str | Path, pre: Preprocessing) -> torch.Tensor:
+    """Image bytes -> the decoded image `pre` asks for: uint8 3xHxW RGB (decode_rgb), or for a multiband
+    `pre` the raster's bands as float32 BxHxW (data.rasters.read_bands). Errors name `name`."""
+    if pre.bands is None:
+        return decode_rgb(raw, name)
+    from chiptag.data.rasters import read_bands  # tifffile only when rasters are read
+
+    return torch.from_numpy(read_bands(raw, name, pre.bands))
+
+
+def read_image(path: str | Path, pre: Preprocessing) -> torch.Tensor:
+    """A file -> decode(its bytes, pre); a missing or unreadable file is an error naming it."""
+    return decode(_read_file(path), path, pre) if pre.bands is not None else read_rgb(path)
+
+
+def blank(pre: Preprocessing) -> torch.Tensor:
+    """The stand-in for an unreadable image in a batch (its error travels beside it)."""
+    if pre.bands is None:
+        return torch.zeros(3, pre.image_size, pre.image_size, dtype=torch.uint8)
+    return torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1).repeat(1, pre.image_size, pre.image_size)
 
 
 def d4(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -252,7 +309,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            x = fit(read_rgb(self.paths[i]), self.pre)
+            x = fit(read_image(self.paths[i], self.pre), self.pre)
         except ChiptagError as exc:
             if not self.keep_errors:
                 raise ChiptagError(f"{exc}{CORRUPT_HINT if str(exc).startswith('corrupt') else ''}") from None
@@ -264,7 +321,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return (d4(x, self.view) if self.view else x), i, ""
 
     def _blank(self) -> torch.Tensor:
-        return torch.zeros(3, self.pre.image_size, self.pre.image_size, dtype=torch.uint8)
+        return blank(self.pre)
 
 
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

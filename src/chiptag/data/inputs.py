@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
 from chiptag.data.decoders import FileBytes, as_list, decode_batch, device_batches, resolve_decoder
-from chiptag.data.images import (ImageDataset, Preprocessing, batches, collate, d4, decode_rgb, fit, normalize,
-                                 read_rgb)
+from chiptag.data.images import (ImageDataset, Preprocessing, batches, collate, d4, decode, fit, normalize,
+                                 read_image)
 from chiptag.interrupt import ignore_sigint_in_worker
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images (N, 3, S, S), indices, per-image errors
+# uint8 images (N, 3, S, S) (multiband: float32 (N, B, S, S), raster units), indices, per-image errors
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,14 @@ class ImageInput:
     # -- one chip: a file or uploaded bytes -------------------------------------------------------------------
 
     def chip(self, source: str | Path | bytes, *, name: str | Path | None = None, view: int = 0) -> torch.Tensor:
-        """A file path or image bytes -> uint8 3xSxS on CPU, decoded, resized by the run's mode and in D4 `view`:
+        """A file path or image bytes -> uint8 3xSxS on CPU (a multiband input: float32 BxSxS in the raster's
+        units), decoded, resized by the run's mode and in D4 `view`:
         exactly the item ImageDataset yields for a file of the same bytes. ChiptagError names the file (or
         `name`, for bytes) when it cannot be read."""
         if isinstance(source, (bytes, bytearray)):
-            img = decode_rgb(bytes(source), name if name is not None else "<bytes>")
+            img = decode(bytes(source), name if name is not None else "<bytes>", self.pre)
         else:
-            img = read_rgb(source)
+            img = read_image(source, self.pre)
         x = fit(img, self.pre)
         return d4(x, view) if view else x
 
@@ -140,7 +142,7 @@ def labelled_loader(images: ImageInput, paths: Sequence[Path], targets: np.ndarr
     data = ImageDataset(paths, images.pre)
     y = torch.as_tensor(targets, dtype=torch.float32)
     nvjpeg = images.decoder == "nvjpeg"
-    source = FileBytes(data.paths) if nvjpeg else data  # nvjpeg: workers only read bytes
+    source = FileBytes(data.paths, data.pre) if nvjpeg else data  # nvjpeg: workers read bytes (decode the rest)
     common = {"num_workers": num_workers, "worker_init_fn": ignore_sigint_in_worker if num_workers else None,
               "collate_fn": as_list if nvjpeg else WithTargets(y, images)}
     if shuffle and distributed.active():

@@ -34,6 +34,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "size_off": ("bad", "image size far from the expected one (data.expected_size)"),
     "too_small": ("bad", "image smaller than data.min_side"),
     "corrupt": ("bad", "corrupt image data (found by a full decode)"),
+    "band_missing": ("bad", "raster with fewer bands than data.bands asks for"),
+    "band_count": ("bad", "raster whose band count differs from the other chips'"),
     "size_unusual": ("note", "image size far from the usual one (fine: data.resize makes it square; set "
                              "data.expected_size to make this an error)"),
     "ignored_column": ("note", "label-table column that is not a 0/1 tag column (ignored; data.tag_columns "
@@ -68,6 +70,13 @@ class Report:
     rows: int = 0
     images: int = 0
     policy: str = "error"
+    nvjpeg: int = 0  # usable images nvJPEG can decode on the GPU (the rest: CPU decoder; data.decoders)
+    usable: int = 0  # usable images checked (the share's denominator)
+
+    @property
+    def nvjpeg_share(self) -> float | None:
+        """The share of usable images nvJPEG can take (what decoder: auto weighs), None when none were checked."""
+        return self.nvjpeg / self.usable if self.usable else None
 
     def add(self, kind: str, file: str | Path, row: int | None = None, detail: str = "") -> None:
         if kind not in KINDS:
@@ -103,6 +112,9 @@ class Report:
     def format(self) -> str:
         """The listing the user reads: unusable items first, then what was handled on read."""
         lines = [f"checked {self.rows} label rows and {self.images} images"]
+        if self.usable:
+            lines[0] += (f"; nvJPEG (GPU decoding) can take {self.nvjpeg} of {self.usable} usable "
+                         f"({self.nvjpeg_share:.0%}: not CMYK, 12-bit, PNG...)")
         if self.bad:
             lines.append(f"{len(self.bad)} problem(s) that make rows or images unusable:")
             lines += self._lines(self.bad)
@@ -129,6 +141,7 @@ class Report:
             "policy": self.policy, "rows": self.rows, "images": self.images, "skipped": skipped,
             "problems": {k: len(v) for k, v in self.by_kind().items()},
             "converted_to_rgb": dict(self.converted),
+            "nvjpeg_decodable": {"images": self.nvjpeg, "of": self.usable},
             "skipped_items": [vars(p) for p in self.bad],
         }
 

@@ -79,6 +79,27 @@ def read_name_list(path: Path) -> list[str]:
     return names
 
 
+OVERLAP_NAMES_SHOWN = 50  # per pair of lists: a real set had five; thousands would drown the message
+
+
+def _check_no_overlap(listed: dict[str, list[str]], files: dict[str, Path]) -> None:
+    """Every name listed in two split lists, counted per pair of lists, in one error (not just the first)."""
+    problems, overlapping = [], set()
+    for i, a in enumerate(SPLITS):
+        seen = set(listed[a])
+        for b in SPLITS[i + 1:]:
+            shared = list(dict.fromkeys(n for n in listed[b] if n in seen))  # in list order, once each
+            if not shared:
+                continue
+            overlapping.update(shared)
+            shown = ", ".join(repr(n) for n in shared[:OVERLAP_NAMES_SHOWN])
+            more = f" and {len(shared) - OVERLAP_NAMES_SHOWN} more" if len(shared) > OVERLAP_NAMES_SHOWN else ""
+            problems.append(f"{len(shared)} in both {files[a]} ({a}) and {files[b]} ({b}): {shown}{more}")
+    if problems:
+        raise ChiptagError(f"the split lists must not overlap: {len(overlapping)} name(s) are in more than one list; "
+                           + "; ".join(problems))
+
+
 def _examples(missing: list[str]) -> str:
     return "e.g. " + ", ".join(repr(m) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
 
@@ -90,17 +111,16 @@ def given_split(names: list[str], left_out: frozenset[str], files: dict[str, Pat
     Names the label table lacks, and names in two lists, are errors; names validation left out (on_bad_image
     skip) are dropped from their list and counted."""
     pos = {n: i for i, n in enumerate(names)}
-    out, owner, dropped = {}, {}, 0
+    listed = {}
+    for split in SPLITS:
+        listed[split] = [n[: -len(extension)] if n not in pos and extension and n.endswith(extension) else n
+                         for n in read_name_list(files[split])]  # a list of file names rather than ids
+    _check_no_overlap(listed, files)
+    out, dropped = {}, 0
     for split in SPLITS:
         path = files[split]
         idx, missing = [], []
-        for name in read_name_list(path):
-            if name not in pos and extension and name.endswith(extension):
-                name = name[: -len(extension)]  # a list of file names rather than ids
-            if name in owner and owner[name] != split:
-                raise ChiptagError(f"{path}: {name!r} is also in the {owner[name]} list; "
-                                   "the split lists must not overlap")
-            owner[name] = split
+        for name in listed[split]:
             if name in left_out:
                 dropped += 1
                 continue

@@ -60,6 +60,7 @@ class TileReader:
     size: int | None
     problem: str = ""  # why no image can be found at all (no usable config.yaml), "" otherwise
     mode: str = "squash"  # the run's data.resize: a tile is the square the model saw
+    bands: tuple[int, ...] | None = None  # a multiband run: the file bands shown as R, G, B (data.bands[:3])
     decoded: int = 0
     cache: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
     # The model's input object for size and mode. Its mean/std (ImageNet's) only colour pad's borders: the run's
@@ -67,7 +68,9 @@ class TileReader:
     images: ImageInput | None = field(init=False, default=None)
 
     def __post_init__(self):
-        if self.size:
+        if self.size and self.bands:  # pad borders: 0, the stretch maps them to black
+            self.images = ImageInput(Preprocessing(self.size, (0.0,) * 3, (1.0,) * 3, self.mode, self.bands))
+        elif self.size:
             self.images = ImageInput(Preprocessing(self.size, resize=self.mode))
 
     @classmethod
@@ -80,7 +83,11 @@ class TileReader:
             data = DataConfig.model_validate(raw.get("data") or {})
         except Exception as exc:  # noqa: BLE001 - every tile says why instead of the report failing
             return cls(None, "", size, f"no image location: {path}: {exc.__class__.__name__}")
-        return cls(Path(data.root) / data.images, data.extension, size, mode=data.resize)
+        bands = None
+        if data.raster:  # an RGB composite: the model's first three bands (one band: grey), file order if unset
+            first = list(data.bands or [0, 1, 2])[:3]
+            bands = tuple(first if len(first) == 3 else first[:1] * 3)
+        return cls(Path(data.root) / data.images, data.extension, size, mode=data.resize, bands=bands)
 
     def __call__(self, name: str) -> tuple[np.ndarray, str]:
         """-> (H x W x 3 float image in [0, 1], "") or (a grey square, the reason it could not be read)."""
@@ -98,6 +105,9 @@ class TileReader:
         except Exception as exc:  # noqa: BLE001 - ChiptagError names the file; anything else is shown too
             return self._grey(), str(exc) or exc.__class__.__name__
         arr = img.permute(1, 2, 0).numpy()
+        if self.bands:  # raster units -> [0, 1] by a 2-98 percentile stretch per band, as GIS viewers show it
+            lo, hi = np.percentile(arr, (2, 98), axis=(0, 1))
+            return ((arr - lo) / np.maximum(hi - lo, 1e-12)).clip(0.0, 1.0).astype(np.float32), ""
         return (arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.clip(0.0, 1.0)), ""
 
     def _grey(self) -> np.ndarray:

@@ -88,7 +88,9 @@ def export_onnx(net: torch.nn.Module, path: Path, image_size: int, output_name: 
         return path
     was_training = net.training
     net.eval().to("cpu", memory_format=torch.contiguous_format)
-    dummy = torch.zeros(2, 3, image_size, image_size)
+    # the input's channels: 3, or a multiband model's bands (its stem convolution, models.backbones.adapt_stem)
+    stem = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    dummy = torch.zeros(2, stem.in_channels if stem is not None else 3, image_size, image_size)
     try:
         with replacing(path) as tmp, warnings.catch_warnings():  # the TorchScript-based exporter warns it is
             warnings.simplefilter("ignore")  # legacy; it is fast and exact

@@ -31,7 +31,7 @@ OPSET = 18
 
 def metadata(ckpt: checkpoint.Checkpoint) -> dict[str, str]:
     pre = ckpt.preprocessing
-    return {
+    meta = {
         "tags": json.dumps(list(ckpt.tags)),
         "thresholds": json.dumps([float(t) for t in ckpt.thresholds]),
         "image_size": str(pre.image_size),
@@ -52,6 +52,14 @@ def metadata(ckpt: checkpoint.Checkpoint) -> dict[str, str]:
         "label_rules": json.dumps(ckpt.label_rules),
         "members": str(ckpt.members or 1),
     }
+    if pre.bands is not None:  # a multiband model: which file bands, in which order, and how they are scaled
+        n = len(pre.bands)
+        meta.update(bands=json.dumps(list(pre.bands)), band_names=json.dumps(list(pre.band_names or [])),
+                    clip=json.dumps([list(c) for c in pre.clip] if pre.clip else None),
+                    input=f"images: float32 N x {n} x image_size x image_size: the raster's bands `bands` "
+                          "(0-based, in this order) in the file's units, made square as `resize` says (pad: "
+                          "borders = the band's mean), clipped per band to `clip` when set, then (x - mean) / std")
+    return meta
 
 
 @contextmanager
@@ -121,7 +129,8 @@ def export_run(run: Path, fmt: str, out: Path) -> dict:
     model = ProbabilityModel(checkpoint.load_tagger(ckpt)).eval()
     size = ckpt.preprocessing.image_size
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=gen)
+    channels = ckpt.preprocessing.channels  # 3, or a multiband model's bands
+    example = torch.randn(2, channels, size, size, generator=gen)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(ckpt)
@@ -132,7 +141,7 @@ def export_run(run: Path, fmt: str, out: Path) -> dict:
     except Exception as exc:  # exporter failures are long; the first line names the unsupported piece
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ChiptagError(f"{fmt} export of {ckpt.backbone} failed: {exc.__class__.__name__}: {first}") from None
-    check = torch.randn(3, 3, size, size, generator=gen)
+    check = torch.randn(3, channels, size, size, generator=gen)
     with torch.inference_mode():
         expected = model(check).numpy()
     diff = float(np.abs(run_exported(fmt, out, check.numpy()) - expected).max())

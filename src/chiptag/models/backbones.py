@@ -237,6 +237,50 @@ def build_backbone(name: str, weights: str | None, image_size: int | None = None
     return Backbone(name, net, dim, pre, weights_id, spec.head_attr)
 
 
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB stem's (O, 3, k, k) filters -> (O, channels, k, k), as timm's adapt_input_conv: the RGB filters
+    kept for the first three bands (the ones data.bands maps to R, G, B), every other band (or, under three
+    bands, each band) from the RGB filters' mean, all scaled by 3/channels so a standardised input gives
+    activations of the same size as before. One band: the sum of the RGB filters."""
+    mean = weight.mean(dim=1, keepdim=True)
+    kept = weight if channels >= 3 else weight[:, :0]
+    new = torch.cat([kept, mean.repeat(1, channels - kept.shape[1], 1, 1)], dim=1)
+    return new * (3.0 / channels)
+
+
+def first_conv(net: nn.Module) -> nn.Conv2d:
+    """The stem convolution that takes the image: timm names it (pretrained_cfg first_conv); in a torchvision
+    model it is the first Conv2d registered (ResNet conv1, EfficientNet features.0.0, ViT conv_proj: every
+    torchvision family builds its stem first)."""
+    name = (getattr(net, "pretrained_cfg", None) or {}).get("first_conv")
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    if name:
+        return net.get_submodule(name)
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ChiptagError(f"cannot find the stem convolution of {net.__class__.__name__} to adapt to bands")
+    return conv
+
+
+def adapt_stem(net: nn.Module, channels: int) -> nn.Module:
+    """The backbone's stem taking `channels` bands (adapt_input_conv on its weights, in place), torchvision and
+    timm alike. 3 channels: unchanged."""
+    if channels == 3:
+        return net
+    conv = first_conv(net)
+    if conv.in_channels != 3 or conv.groups != 1:
+        raise ChiptagError(f"the stem convolution of {net.__class__.__name__} takes {conv.in_channels} channels "
+                           f"in {conv.groups} group(s); only a plain RGB stem can be adapted to {channels} bands")
+    with torch.no_grad():
+        conv.weight = nn.Parameter(adapt_input_conv(conv.weight.detach(), channels),
+                                   requires_grad=conv.weight.requires_grad)
+    conv.in_channels = channels
+    if getattr(net, "transform_input", False):  # GoogLeNet/Inception re-normalise 3 ImageNet channels
+        net.transform_input = False
+    return net
+
+
 def state_fingerprint(net: nn.Module) -> str:
     """Hash of a module's parameters and buffers: two backbones with equal hashes give equal features."""
     h = hashlib.sha256()

@@ -26,7 +26,7 @@ from chiptag import __version__
 from chiptag.atomic import torch_save
 from chiptag.data.images import Preprocessing
 from chiptag.errors import ChiptagError
-from chiptag.models.backbones import get_spec, replace_head
+from chiptag.models.backbones import adapt_stem, get_spec, replace_head
 from chiptag.models.checkpoint_record import FORMAT_VERSION, REQUIRED  # one list, also read without torch
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger
 from chiptag.models.weights import read_torch_file
@@ -186,6 +186,7 @@ def build_tagger(ckpt: Checkpoint) -> Tagger:
         return Tagger(torch.nn.Identity(), MeanProbability([build_tagger(m) for m in ckpt.ensemble]), frozen=False)
     spec = get_spec(ckpt.backbone)
     net = replace_head(spec.builder(weights=None, image_size=ckpt.preprocessing.image_size), spec)
+    adapt_stem(net, ckpt.preprocessing.channels)  # a multiband model's stem takes its bands
     head = MeanProbability([ckpt.head.build() for _ in range(ckpt.members)]) if ckpt.members else ckpt.head.build()
     return Tagger(net, head, frozen=ckpt.frozen)
 

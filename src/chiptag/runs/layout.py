@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,9 +104,18 @@ def model_label(model: str, backbone: str | None) -> str:
     return f"{model}-{backbone}"
 
 
+def safe_name(name: str) -> str:
+    """`name` with every run of characters outside [A-Za-z0-9._-] made one '-': a timm backbone's
+    `timm:tf_efficientnet_lite0` put a ':' in run dir names, which breaks scp/rsync paths (host:path), Windows
+    and container volume mounts; '/' would nest directories."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return safe or "run"
+
+
 def new_run_dir(runs_dir: Path, base: str | None, model: str) -> RunDir:
-    """A fresh run dir under `runs_dir`: `base` (default <timestamp>-<model>), suffixed -2, -3... if taken."""
-    base = base or f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
+    """A fresh run dir under `runs_dir`: `base` (default <timestamp>-<model>), suffixed -2, -3... if taken;
+    its name kept to safe characters (safe_name)."""
+    base = safe_name(base or f"{datetime.now():%Y%m%d-%H%M%S}-{model}")
     runs = Path(runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
     for i in range(1, 1000):

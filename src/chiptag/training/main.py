@@ -21,8 +21,10 @@ from chiptag import config as config_mod, distributed
 from chiptag.atomic import replacing, write_json, write_text
 from chiptag.config import Config
 from chiptag.data.dataset import Dataset
+from chiptag.data.decoders import choose_decoder
 from chiptag.data.inputs import ImageInput
 from chiptag.data.problems import Report
+from chiptag.data.rasters import training_preprocessing
 from chiptag.data.split import load_split, make_split, save_split, untrained_tags, untrained_warning
 from chiptag.data.validate import preflight
 from chiptag.device import resolve_device
@@ -33,7 +35,7 @@ from chiptag.features.extraction import FeatureInfo, default_workers, degenerate
 from chiptag.features.views import ViewAverage, make_extractor, view_features
 from chiptag.interrupt import Interrupted, graceful_stop
 from chiptag.models import checkpoint
-from chiptag.models.backbones import Backbone, build_backbone
+from chiptag.models.backbones import Backbone, adapt_stem, build_backbone
 from chiptag.models.checkpoint import ModelCard
 from chiptag.models.head import HeadSpec, MeanProbability, Tagger, count_parameters
 from chiptag.progress import console, out
@@ -141,6 +143,12 @@ def train(r: OpenRun, device: torch.device) -> dict:
               f"{len(splits['test'])} train/val/test images, {len(tags)} tags")
 
     net = build_network(s.network, len(tags), s.seed, s.progress)
+    if s.data.raster:  # multiband chips: training-split band statistics, the stem adapted to the bands
+        net.backbone.preprocessing = training_preprocessing(s.data, [ds.paths[i] for i in splits["train"]],
+                                                            net.backbone.preprocessing, s.seed)
+        adapt_stem(net.backbone.net, net.backbone.preprocessing.channels)
+        out.print(f"bands {list(net.backbone.preprocessing.bands)} "
+                  f"(mean {', '.join(f'{m:.4g}' for m in net.backbone.preprocessing.mean)}); stem adapted")
     net.tagger.to(device)
     n_params = count_parameters(net.tagger)
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
@@ -149,8 +157,10 @@ def train(r: OpenRun, device: torch.device) -> dict:
                      s.config)
 
     # every image read in this run (feature extraction, fine-tuning) goes through this one input object: the
-    # decoder (cpu, or nvjpeg on CUDA) is chosen here, once
-    images = ImageInput.resolve(net.backbone.preprocessing, device, s.features.decoder)
+    # decoder (cpu, or nvjpeg on CUDA when most chips are nvJPEG-decodable) is chosen here, once
+    decoder, why = choose_decoder(s.features.decoder, device, r.validation.nvjpeg_share)
+    out.print(f"decoder: {decoder} ({why})")
+    images = ImageInput(net.backbone.preprocessing, device, decoder)
     t_extract = time.perf_counter()
     feats, info = None, FeatureInfo("not used (freeze: false)")
     if s.uses_features:
