@@ -19,7 +19,7 @@ from torch import nn
 
 from chiptag import config as config_mod, distributed
 from chiptag.atomic import replacing, write_json, write_text
-from chiptag.config import Config
+from chiptag.config import Config, DataConfig
 from chiptag.data.dataset import Dataset
 from chiptag.data.decoders import choose_decoder
 from chiptag.data.inputs import ImageInput
@@ -144,11 +144,7 @@ def train(r: OpenRun, device: torch.device) -> dict:
 
     net = build_network(s.network, len(tags), s.seed, s.progress)
     if s.data.raster:  # multiband chips: training-split band statistics, the stem adapted to the bands
-        net.backbone.preprocessing = training_preprocessing(s.data, [ds.paths[i] for i in splits["train"]],
-                                                            net.backbone.preprocessing, s.seed)
-        adapt_stem(net.backbone.net, net.backbone.preprocessing.channels)
-        out.print(f"bands {list(net.backbone.preprocessing.bands)} "
-                  f"(mean {', '.join(f'{m:.4g}' for m in net.backbone.preprocessing.mean)}); stem adapted")
+        adapt_to_bands(net, s.data, [ds.paths[i] for i in splits["train"]], s.seed)
     net.tagger.to(device)
     n_params = count_parameters(net.tagger)
     out.print(f"parameters: {n_params['trainable']:,} trainable, {n_params['frozen']:,} frozen; "
@@ -232,6 +228,15 @@ def build_network(spec: NetworkSpec, n_tags: int, seed: int, progress: bool = Fa
     bb.preprocessing = replace(bb.preprocessing, resize=spec.resize)  # travels in the checkpoint
     head = HeadSpec(bb.dim, n_tags, spec.hidden_dim, spec.dropout)
     return Network(bb, head, Tagger(bb.net, head.build(), frozen=spec.freeze))
+
+
+def adapt_to_bands(net: Network, data: DataConfig, train_paths: list[Path], seed: int) -> None:
+    """A raster run's preprocessing gets its per-band statistics from training chips (stored in the checkpoint
+    like ImageNet's mean/std), and the RGB-pretrained stem takes the configured bands (models.backbones)."""
+    pre = training_preprocessing(data, train_paths, net.backbone.preprocessing, seed)
+    net.backbone.preprocessing = pre
+    adapt_stem(net.backbone.net, pre.channels)
+    out.print(f"bands {list(pre.bands)} (mean {', '.join(f'{m:.4g}' for m in pre.mean)}); stem adapted")
 
 
 def extract_features(r: OpenRun, bb: Backbone, images: ImageInput) -> tuple[torch.Tensor, FeatureInfo]:
