@@ -1,18 +1,21 @@
 """`chiptag serve` under load, against offline `predict` on the same chips, in one run.
 
-    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 --seconds 20 --soak 1000
+    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 64 --workers 1 2 --seconds 20
 
 1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, before
    and after the server phases (the reference is their mean: other jobs' load on a shared machine drifts);
-2. load: `chiptag serve RUN` in a subprocess on a free 127.0.0.1 port; --clients threads each POST one image
-   per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors, and the CPU
-   time per image of the server and of the clients. The clients share the machine's cores with the server, so
+2. load: `chiptag serve RUN --workers W` in a subprocess on a free 127.0.0.1 port; --clients threads each POST
+   one image per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors, and
+   the CPU time per image of the server (all its processes) and of the clients. The clients share the machine's cores with the server, so
    they are as light as they can be: keep-alive http.client connections sending bodies encoded once (0.2 ms
    of CPU per request here, against 0.8 ms for httpx);
-3. soak: --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
+3. soak (first configuration only): --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
    files, wrong field, not multipart) from the same clients; then /readyz must answer 200 and the server's RSS
-   must have grown by less than 100 MB.
-Target: img_s >= 0.8 x offline_predict_img_s at 8 clients x 1 image, 0 errors. Writes JSON with the command.
+   (all processes) must have grown by less than 100 MB.
+Each configuration (--workers x --clients, and with --model-per-worker both: one shared model against a model
+per worker) runs in its own server; offline predict is measured again after each, and each ratio is taken
+against the mean of the offline figures around it. Target (issue 22): img_s >= 0.85 x offline predict at 8+
+clients x 1 image, 0 errors. Writes JSON with the command.
 """
 
 from __future__ import annotations
@@ -54,22 +57,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (the server's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            children = task / "children"
+            if children.exists():
+                todo += [int(c) for c in children.read_text().split()]
+    return out
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
-def start_server(run: Path, port: int, args) -> subprocess.Popen:
+def tree_rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next((int(x.split()[1]) / 1024 for x in lines if x.startswith("VmRSS:")), 0.0)
+    return total
+
+
+def start_server(run: Path, port: int, args, workers: int, per_worker: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from chiptag.cli import app; app()", "serve", str(run), "--port", str(port),
            "--device", args.device, "--engine", args.engine, "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1"]
+           "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1", "--workers", str(workers),
+           "--access-log", "off"] + (["--model-per-worker"] if per_worker else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -156,27 +183,8 @@ def bad_requests(url: str, chip: bytes):
     return lambda i: bodies[i % len(bodies)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path)
-    p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
-    p.add_argument("--offline-images", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--soak", type=int, default=1000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--engine", default="auto")
-    p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
-    args = p.parse_args()
-    chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
-    # Offline before and after the server phase: other jobs' load drifts, the mean of the two is the reference.
-    offline_before = offline_img_s(args.run, chips, args.device, args.rounds)
-    print(f"offline predict: {offline_before:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})")
+def run_load(args, chips: list[Path], workers: int, clients: int, per_worker: bool, soak: int) -> dict:
+    """One server (`workers` processes), `clients` clients for --seconds, then --soak bad requests."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     blobs = cycle([(c.name, c.read_bytes()) for c in chips])
@@ -188,46 +196,83 @@ def main() -> None:
         with lock:
             return next(bodies)
 
-    server = start_server(args.run, port, args)
+    server = start_server(args.run, port, args, workers, per_worker)
     try:
         engine = httpx.get(f"{url}/readyz").json()["engine"]
-        cpu0, own0 = cpu_seconds(server.pid), os.times()
-        load = hammer(url, good, args.clients, args.seconds, None)
+        cpu0, own0 = tree_cpu_seconds(server.pid), os.times()
+        load = hammer(url, good, clients, args.seconds, None)
         own1 = os.times()
-        server_cpu, client_cpu = cpu_seconds(server.pid) - cpu0, own1.user + own1.system - own0.user - own0.system
+        server_cpu = tree_cpu_seconds(server.pid) - cpu0
+        client_cpu = own1.user + own1.system - own0.user - own0.system
         images = max(1, load["requests"] * args.images_per_request)
         lat = np.array(load.pop("latency_s")) * 1000
-        img_s = load["requests"] * args.images_per_request / load["seconds"]
-        rss_before = rss_mb(server.pid)
-        soak = hammer(url, bad_requests(url, chips[0].read_bytes()), args.clients, None, args.soak)
-        soak.pop("latency_s")
-        ready = httpx.get(f"{url}/readyz", timeout=30).status_code
-        rss_after = rss_mb(server.pid)
+        result = {
+            "workers": workers, "model": "per-worker" if per_worker else "one", "clients": clients,
+            "engine": engine, "seconds": round(load["seconds"], 2),
+            "img_s": round(images / load["seconds"], 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"],
+            "statuses": load["statuses"],
+            "cpu_ms_per_image": {"server": round(1000 * server_cpu / images, 2),
+                                 "clients": round(1000 * client_cpu / images, 2)}}
+        if soak:
+            rss_before = tree_rss_mb(server.pid)
+            out = hammer(url, bad_requests(url, chips[0].read_bytes()), clients, None, soak)
+            ready = httpx.get(f"{url}/readyz", timeout=30).status_code
+            rss_after = tree_rss_mb(server.pid)
+            result["soak"] = {"requests": out["requests"], "statuses": out["statuses"], "readyz_after": ready,
+                              "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+                              "rss_growth_mb": round(rss_after - rss_before, 1),
+                              "ok": bool(ready == 200 and rss_after - rss_before < 100)}
     finally:
-        server.terminate()
-        server.wait(30)
-    offline_after = offline_img_s(args.run, chips, args.device, args.rounds)
-    offline = (offline_before + offline_after) / 2
-    print(f"offline predict again: {offline_after:.1f} img/s")
-    result = {
-        "command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
-        "note": args.note,
-        "clients": args.clients, "images_per_request": args.images_per_request, "seconds": round(load["seconds"], 2),
-        "img_s": round(img_s, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"], "statuses": load["statuses"],
-        "offline_predict_img_s": round(offline, 1),
-        "offline_before_after_img_s": [round(offline_before, 1), round(offline_after, 1)],
-        "ratio": round(img_s / offline, 3),
-        "cpu_ms_per_image": {"server": round(1000 * server_cpu / images, 2), "clients": round(1000 * client_cpu / images, 2)},
-        "target_met": bool(img_s >= 0.8 * offline and load["errors"] == 0),
-        "soak": {"requests": soak["requests"], "statuses": soak["statuses"], "readyz_after": ready,
-                 "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-                 "rss_growth_mb": round(rss_after - rss_before, 1),
-                 "ok": bool(ready == 200 and rss_after - rss_before < 100)},
-    }
-    print(json.dumps(result, indent=2))
+        server.terminate()  # SIGTERM: drains, then exits 0
+        server.wait(60)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
+    p.add_argument("--offline-images", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--model-per-worker", choices=["no", "yes", "both"], default="no",
+                   help="with workers > 1: one shared model (no), a model per worker (yes), or measure both")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--soak", type=int, default=1000, help="bad requests after the first configuration's load")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    args = p.parse_args()
+    chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
+    layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.model_per_worker]
+    configs = [(w, c, per) for w in args.workers for per in (layouts if w > 1 else [False]) for c in args.clients]
+    # Offline predict before and after each configuration: other jobs' load on a shared machine drifts, so each
+    # configuration's ratio is taken against the mean of the two measurements around it.
+    offline = [offline_img_s(args.run, chips, args.device, args.rounds)]
+    print(f"offline predict: {offline[0]:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})", flush=True)
+    results = []
+    for k, (workers, clients, per_worker) in enumerate(configs):
+        r = run_load(args, chips, workers, clients, per_worker, args.soak if k == 0 else 0)
+        offline.append(offline_img_s(args.run, chips, args.device, args.rounds))
+        r["offline_predict_img_s"] = round((offline[-2] + offline[-1]) / 2, 1)
+        r["ratio"] = round(r["img_s"] / r["offline_predict_img_s"], 3)
+        r["target_met"] = bool(r["ratio"] >= 0.85 and r["errors"] == 0)
+        results.append(r)
+        print(f"workers {workers} ({r['model']} model) x {clients} clients: {r['img_s']} img/s = {r['ratio']}x "
+              f"offline {r['offline_predict_img_s']} (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+              f"errors {r['errors']})", flush=True)
+    out = {"command": "python " + " ".join(sys.argv), "cpu_count": os.cpu_count(), "note": args.note,
+           "images_per_request": args.images_per_request, "offline_img_s_series": [round(o, 1) for o in offline],
+           "results": results}
+    print(json.dumps(out, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

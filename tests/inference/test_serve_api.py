@@ -228,7 +228,7 @@ def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
         assert service.ready and service.engine == "onnxruntime", service.error
         for tta in (False, True):
             decoded = [service.decode(p.name, p.read_bytes()) for p in chips]
-            got = service.batcher.submit(decoded, tta).result(timeout=60)  # in the batcher's (1-thread) torch
+            got = service.batcher.submit(decoded, tta).result(timeout=60).probs  # in the batcher's (1-thread) torch
             np.testing.assert_allclose(got, predictor.predict(chips, tta=tta), atol=1e-5, rtol=0)
         assert torch.get_num_threads() == threads  # the batcher's torch thread count stays in its own thread
     finally:

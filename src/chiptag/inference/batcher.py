@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,14 @@ import torch
 POLL_S = 0.001  # with `expecting`: how often a waiting batch checks whether anyone is still on the way
 # chips (list of 3xSxS uint8 or [0, 1] float tensors), tta -> probabilities (n, n_tags)
 BatchForward = Callable[[Sequence[torch.Tensor], bool], np.ndarray]
+
+
+class Monitor(Protocol):
+    """What the batcher reports (the server's Prometheus metrics)."""
+
+    def queued(self, delta: int) -> None: ...  # images waiting for a forward: +n on submit, -n when taken
+
+    def batch(self, size: int) -> None: ...  # one forward ran on `size` images
 
 
 class Rows(NamedTuple):
@@ -47,15 +55,17 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, forward: BatchForward, max_batch: int = 64, max_wait_s: float = 0.010,
-                 expecting: Callable[[], int] | None = None, setup: Callable[[], None] | None = None):
+                 expecting: Callable[[], int] | None = None, setup: Callable[[], None] | None = None,
+                 monitor: Monitor | None = None):
         """expecting: how many requests are on their way (accepted, still being read or decoded). A batch waits
         for company only while that is above 0: with nobody else coming, waiting up to max_wait_s only left
         the cores idle (~10 ms of a ~45 ms cycle under 8 synchronous clients, benchmarks/serve_load.py).
-        setup: called first in the worker thread (e.g. its torch thread count)."""
+        setup: called first in the worker thread (e.g. its torch thread count). monitor: told the queue depth and
+        each forward's size."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.forward, self.max_batch, self.max_wait_s = forward, max_batch, max(0.0, max_wait_s)
-        self.expecting, self.setup = expecting, setup
+        self.expecting, self.setup, self.monitor = expecting, setup, monitor
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._held: list[_Job] = []  # jobs of the other TTA kind, first in line for the next batch
         self._thread = threading.Thread(target=self._run, name="chiptag-batcher", daemon=True)
@@ -72,6 +82,8 @@ class MicroBatcher:
         elif not job.chips:
             job.future.set_result(Rows(np.zeros((0, 0), dtype=np.float32), {}))
         else:
+            if self.monitor is not None:
+                self.monitor.queued(len(job.chips))
             self._queue.put(job)
         return job.future
 
@@ -90,7 +102,13 @@ class MicroBatcher:
         """Whether `job` is a live request, now marked running: a request that gave up (its future cancelled by
         a timeout) is dropped here, and a running future can no longer be cancelled, so setting its result
         later cannot raise InvalidStateError in this thread."""
-        return job is not None and job.future.set_running_or_notify_cancel()
+        if job is None:
+            return False
+        if job.future.set_running_or_notify_cancel():
+            return True
+        if self.monitor is not None:
+            self.monitor.queued(-len(job.chips))
+        return False
 
     def _collect(self) -> list[_Job] | None:
         """Jobs for one batch (same TTA flag), or None when closing."""
@@ -137,6 +155,8 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         for job in self._held:
+            if self.monitor is not None:
+                self.monitor.queued(-len(job.chips))
             job.future.set_exception(RuntimeError("the server is shutting down"))
 
     def _rows(self, chips: list[torch.Tensor], tta: bool) -> list[np.ndarray | Exception]:
@@ -148,6 +168,8 @@ class MicroBatcher:
             if len(probs) != len(chips):
                 raise RuntimeError(f"the forward returned {len(probs)} rows for {len(chips)} chips")
             self.batches += 1
+            if self.monitor is not None:
+                self.monitor.batch(len(chips))
             return list(probs)
         except Exception as exc:  # noqa: BLE001 - pinned to its chip(s) below, the worker lives on
             if len(chips) == 1:
@@ -157,6 +179,8 @@ class MicroBatcher:
 
     def _forward(self, jobs: list[_Job]) -> None:
         chips = [c for job in jobs for c in job.chips]
+        if self.monitor is not None:
+            self.monitor.queued(-len(chips))
         tta = jobs[0].tta
         rows = [r for i in range(0, len(chips), self.max_batch) for r in self._rows(chips[i:i + self.max_batch], tta)]
         width = next((len(r) for r in rows if not isinstance(r, Exception)), 0)
