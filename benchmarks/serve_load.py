@@ -1,20 +1,22 @@
 """`chiptag serve` under load, against offline `predict` on the same chips, in one run.
 
-    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 64 --workers 1 2 --seconds 20
+    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 64 --workers 1 2 --repeat 3
 
-1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, before
-   and after the server phases (the reference is their mean: other jobs' load on a shared machine drifts);
+1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, between
+   the load passes;
 2. load: `chiptag serve RUN --workers W` in a subprocess on a free 127.0.0.1 port; --clients threads each POST
    one image per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors, and
    the CPU time per image of the server (all its processes) and of the clients. The clients share the machine's cores with the server, so
    they are as light as they can be: keep-alive http.client connections sending bodies encoded once (0.2 ms
    of CPU per request here, against 0.8 ms for httpx);
-3. soak (first configuration only): --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
+3. soak (each server, at the end): --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
    files, wrong field, not multipart) from the same clients; then /readyz must answer 200 and the server's RSS
    (all processes) must have grown by less than 100 MB.
-Each configuration (--workers x --clients, and with --model-per-worker both: one shared model against a model
-per worker) runs in its own server; offline predict is measured again after each, and each ratio is taken
-against the mean of the offline figures around it. Target (issue 22): img_s >= 0.85 x offline predict at 8+
+Every server (--workers, and with --model-per-worker both: one shared model against a model per worker) is
+started first; then --repeat round-robin passes run each server at each --clients for --seconds, with offline
+predict measured between passes: each pass's ratio is taken against the offline figures just before and after
+it, so a machine shared with other jobs drifts out of the ratio; the summary gives each configuration's median
+ratio and its spread over the passes. Target (issue 22): img_s >= 0.85 x offline predict at 8+
 clients x 1 image, 0 errors. Writes JSON with the command.
 """
 
@@ -40,8 +42,7 @@ from PIL import Image
 from chiptag.inference.predictor import Predictor
 
 
-def offline_img_s(run: Path, chips: list[Path], device: str, rounds: int) -> float:
-    predictor = Predictor.from_run(run, device=device)
+def offline_img_s(predictor: Predictor, chips: list[Path], rounds: int) -> float:
     predictor.predict(chips[:64], batch_size=64)  # warm-up
     best = 0.0
     for _ in range(rounds):
@@ -183,10 +184,8 @@ def bad_requests(url: str, chip: bytes):
     return lambda i: bodies[i % len(bodies)]
 
 
-def run_load(args, chips: list[Path], workers: int, clients: int, per_worker: bool, soak: int) -> dict:
-    """One server (`workers` processes), `clients` clients for --seconds, then --soak bad requests."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def load_once(url: str, args, chips: list[Path], clients: int, seconds: float) -> dict:
+    """--clients threads against one running server for `seconds`: img/s, latency, errors, server CPU."""
     blobs = cycle([(c.name, c.read_bytes()) for c in chips])
     bodies = cycle([encoded(url, {"files": [("files", next(blobs)) for _ in range(args.images_per_request)]})
                     for _ in range(len(chips))])
@@ -196,37 +195,18 @@ def run_load(args, chips: list[Path], workers: int, clients: int, per_worker: bo
         with lock:
             return next(bodies)
 
-    server = start_server(args.run, port, args, workers, per_worker)
-    try:
-        engine = httpx.get(f"{url}/readyz").json()["engine"]
-        cpu0, own0 = tree_cpu_seconds(server.pid), os.times()
-        load = hammer(url, good, clients, args.seconds, None)
-        own1 = os.times()
-        server_cpu = tree_cpu_seconds(server.pid) - cpu0
-        client_cpu = own1.user + own1.system - own0.user - own0.system
-        images = max(1, load["requests"] * args.images_per_request)
-        lat = np.array(load.pop("latency_s")) * 1000
-        result = {
-            "workers": workers, "model": "per-worker" if per_worker else "one", "clients": clients,
-            "engine": engine, "seconds": round(load["seconds"], 2),
-            "img_s": round(images / load["seconds"], 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"],
-            "statuses": load["statuses"],
-            "cpu_ms_per_image": {"server": round(1000 * server_cpu / images, 2),
-                                 "clients": round(1000 * client_cpu / images, 2)}}
-        if soak:
-            rss_before = tree_rss_mb(server.pid)
-            out = hammer(url, bad_requests(url, chips[0].read_bytes()), clients, None, soak)
-            ready = httpx.get(f"{url}/readyz", timeout=30).status_code
-            rss_after = tree_rss_mb(server.pid)
-            result["soak"] = {"requests": out["requests"], "statuses": out["statuses"], "readyz_after": ready,
-                              "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-                              "rss_growth_mb": round(rss_after - rss_before, 1),
-                              "ok": bool(ready == 200 and rss_after - rss_before < 100)}
-    finally:
-        server.terminate()  # SIGTERM: drains, then exits 0
-        server.wait(60)
-    return result
+    return hammer(url, good, clients, seconds, None)
+
+
+def soak(url: str, server: subprocess.Popen, chips: list[Path], clients: int, n: int) -> dict:
+    rss_before = tree_rss_mb(server.pid)
+    out = hammer(url, bad_requests(url, chips[0].read_bytes()), clients, None, n)
+    ready = httpx.get(f"{url}/readyz", timeout=30).status_code
+    rss_after = tree_rss_mb(server.pid)
+    return {"requests": out["requests"], "statuses": out["statuses"], "readyz_after": ready,
+            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+            "rss_growth_mb": round(rss_after - rss_before, 1),
+            "ok": bool(ready == 200 and rss_after - rss_before < 100)}
 
 
 def main() -> None:
@@ -234,14 +214,15 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
     p.add_argument("--offline-images", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="offline predict: best of this many passes")
+    p.add_argument("--repeat", type=int, default=3, help="round-robin passes over every configuration")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 64])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model-per-worker", choices=["no", "yes", "both"], default="no",
                    help="with workers > 1: one shared model (no), a model per worker (yes), or measure both")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="per configuration and pass")
     p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--soak", type=int, default=1000, help="bad requests after the first configuration's load")
+    p.add_argument("--soak", type=int, default=1000, help="bad requests against each server at the end")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", default="auto")
     p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
@@ -251,26 +232,58 @@ def main() -> None:
     args = p.parse_args()
     chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
     layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.model_per_worker]
-    configs = [(w, c, per) for w in args.workers for per in (layouts if w > 1 else [False]) for c in args.clients]
-    # Offline predict before and after each configuration: other jobs' load on a shared machine drifts, so each
-    # configuration's ratio is taken against the mean of the two measurements around it.
-    offline = [offline_img_s(args.run, chips, args.device, args.rounds)]
-    print(f"offline predict: {offline[0]:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})", flush=True)
-    results = []
-    for k, (workers, clients, per_worker) in enumerate(configs):
-        r = run_load(args, chips, workers, clients, per_worker, args.soak if k == 0 else 0)
-        offline.append(offline_img_s(args.run, chips, args.device, args.rounds))
-        r["offline_predict_img_s"] = round((offline[-2] + offline[-1]) / 2, 1)
-        r["ratio"] = round(r["img_s"] / r["offline_predict_img_s"], 3)
-        r["target_met"] = bool(r["ratio"] >= 0.85 and r["errors"] == 0)
-        results.append(r)
-        print(f"workers {workers} ({r['model']} model) x {clients} clients: {r['img_s']} img/s = {r['ratio']}x "
-              f"offline {r['offline_predict_img_s']} (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-              f"errors {r['errors']})", flush=True)
-    out = {"command": "python " + " ".join(sys.argv), "cpu_count": os.cpu_count(), "note": args.note,
-           "images_per_request": args.images_per_request, "offline_img_s_series": [round(o, 1) for o in offline],
-           "results": results}
-    print(json.dumps(out, indent=2))
+    kinds = [(w, per) for w in args.workers for per in (layouts if w > 1 else [False])]
+    predictor = Predictor.from_run(args.run, device=args.device)
+    servers = {}
+    try:
+        for w, per in kinds:  # every server up (idle ones cost nothing), then round-robin passes
+            port = free_port()
+            servers[w, per] = (start_server(args.run, port, args, w, per), f"http://127.0.0.1:{port}")
+        offline = [offline_img_s(predictor, chips, args.rounds)]
+        print(f"offline predict: {offline[0]:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})",
+              flush=True)
+        passes = []
+        for k in range(args.repeat):
+            for (w, per), (server, url) in servers.items():
+                for clients in args.clients:
+                    cpu0 = tree_cpu_seconds(server.pid)
+                    load = load_once(url, args, chips, clients, args.seconds)
+                    server_cpu = tree_cpu_seconds(server.pid) - cpu0
+                    offline.append(offline_img_s(predictor, chips, args.rounds))
+                    images = max(1, load["requests"] * args.images_per_request)
+                    lat = np.array(load["latency_s"]) * 1000
+                    reference = (offline[-2] + offline[-1]) / 2  # offline just before and just after this pass
+                    r = {"pass": k, "workers": w, "model": "per-worker" if per else "one", "clients": clients,
+                         "img_s": round(images / load["seconds"], 1), "offline_img_s": round(reference, 1),
+                         "p50_ms": round(float(np.percentile(lat, 50)), 1),
+                         "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"],
+                         "server_cpu_ms_per_image": round(1000 * server_cpu / images, 2)}
+                    r["ratio"] = round(r["img_s"] / reference, 3)
+                    passes.append(r)
+                    print(f"pass {k}: workers {w} ({r['model']} model) x {clients} clients: {r['img_s']} img/s = "
+                          f"{r['ratio']}x offline {r['offline_img_s']} (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} "
+                          f"ms, errors {r['errors']})", flush=True)
+        soaks = {f"workers {w} ({'per-worker' if per else 'one'} model)": soak(url, server, chips, 8, args.soak)
+                 for (w, per), (server, url) in servers.items()} if args.soak else {}
+        engine = httpx.get(f"{next(iter(servers.values()))[1]}/readyz").json()["engine"]
+    finally:
+        for server, _ in servers.values():
+            server.terminate()  # SIGTERM: drains, then exits
+        for server, _ in servers.values():
+            server.wait(60)
+    summary = []
+    for (w, per) in kinds:
+        for clients in args.clients:
+            ratios = sorted(r["ratio"] for r in passes if (r["workers"], r["model"] == "per-worker", r["clients"])
+                            == (w, per, clients))
+            summary.append({"workers": w, "model": "per-worker" if per else "one", "clients": clients,
+                            "ratio_median": float(np.median(ratios)), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                            "target_met": bool(np.median(ratios) >= 0.85)})
+    out = {"command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
+           "load_average_at_end": os.getloadavg(), "note": args.note,
+           "images_per_request": args.images_per_request, "summary": summary,
+           "offline_img_s_series": [round(o, 1) for o in offline], "passes": passes, "soak": soaks}
+    print(json.dumps({k: out[k] for k in ("command", "engine", "load_average_at_end", "summary", "soak")}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

@@ -254,7 +254,10 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
         raise ChiptagError(f"--access-log must be text, json or off, got {access_log!r}")
     check_access(host, token, no_token)  # before the model loads: a refusal costs nothing
     # the device is resolved here, once; the service, the predictor and its input object take it as it is
-    start(run, ServeOptions(host=host, port=port, device=resolve_device(device, "--device"), engine=engine,
+    device = resolve_device(device, "--device")
+    if model_per_worker and device.type != "cpu":
+        raise ChiptagError("--model-per-worker is for CPU: on CUDA the workers feed one model on the device")
+    start(run, ServeOptions(host=host, port=port, device=device, engine=engine,
                             max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
                             max_file_bytes=int(max_file_mb * MB), max_request_bytes=int(max_request_mb * MB),
                             max_pixels=max_pixels, timeout_s=timeout, workers=workers,

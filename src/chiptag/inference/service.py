@@ -133,7 +133,7 @@ class Service:
     """The loaded model and its micro-batcher. `warm()` (run in a thread) builds the engine and runs one
     forward; `ready` turns True after it.
 
-    remote: an HTTP worker's handle on the model process's batcher (serve.py's ForwardClient: `submit` like
+    remote: an HTTP worker's handle on the model process's batcher (workers.ForwardClient: `submit` like
     MicroBatcher's); the worker then holds no network and decodes on CPU, and the model process batches."""
 
     def __init__(self, run: str | Path, opts: ServeOptions, remote=None, on_the_way: OnTheWay | None = None):
@@ -246,7 +246,7 @@ class Service:
             "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
             "baseline": {"val_f2": baseline.get("val", {}).get("f2"), "test_f2": baseline.get("test", {}).get("f2"),
                          "tags": baseline.get("tags")},
-            "engine": self.engine, "device": str(self.predictor.device), "ready": self.ready,
+            "engine": self.engine, "device": str(self.opts.device), "ready": self.ready,  # a worker decodes on CPU
             "limits": {"max_images": self.opts.max_images, "max_file_bytes": self.opts.max_file_bytes,
                        "max_request_bytes": self.opts.max_request_bytes, "max_pixels": self.opts.max_pixels,
                        "timeout_s": self.opts.timeout_s, "max_batch": self.opts.max_batch},

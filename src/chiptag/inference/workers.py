@@ -135,7 +135,7 @@ def serve_workers(run: Path, opts: ServeOptions) -> None:
     service, requests, on_the_way, answers = None, None, None, {}
     try:
         cores = len(os.sched_getaffinity(0))
-        one_model = opts.device.type == "cuda" or not opts.model_per_worker
+        one_model = not opts.model_per_worker  # the command refuses it off CPU
         if one_model:
             on_the_way = SPAWN.Value("i", 0)
             service = Service(run, opts, on_the_way=OnTheWay(on_the_way))
