@@ -1,18 +1,23 @@
 """`chiptag serve` under load, against offline `predict` on the same chips, in one run.
 
-    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 --seconds 20 --soak 1000
+    python benchmarks/serve_load.py RUN --chips data/demo/train-jpg --clients 8 64 --workers 1 2 --repeat 3
 
-1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, before
-   and after the server phases (the reference is their mean: other jobs' load on a shared machine drifts);
-2. load: `chiptag serve RUN` in a subprocess on a free 127.0.0.1 port; --clients threads each POST one image
-   per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors, and the CPU
-   time per image of the server and of the clients. The clients share the machine's cores with the server, so
+1. offline: Predictor.predict on --offline-images chips (batch 64, the CLI's default), best of --rounds, between
+   the load passes;
+2. load: `chiptag serve RUN --workers W` in a subprocess on a free 127.0.0.1 port; --clients threads each POST
+   one image per request (--images-per-request) for --seconds, then stop; img/s, p50/p99 latency, errors, and
+   the CPU time per image of the server (all its processes) and of the clients. The clients share the machine's cores with the server, so
    they are as light as they can be: keep-alive http.client connections sending bodies encoded once (0.2 ms
    of CPU per request here, against 0.8 ms for httpx);
-3. soak: --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
+3. soak (each server, at the end): --soak bad requests (not an image, truncated JPEG, empty file, PNG bomb, oversized file, too many
    files, wrong field, not multipart) from the same clients; then /readyz must answer 200 and the server's RSS
-   must have grown by less than 100 MB.
-Target: img_s >= 0.8 x offline_predict_img_s at 8 clients x 1 image, 0 errors. Writes JSON with the command.
+   (all processes) must have grown by less than 100 MB.
+Every server (--workers, and with --model-per-worker both: one shared model against a model per worker) is
+started first; then --repeat round-robin passes run each server at each --clients for --seconds, with offline
+predict measured between passes: each pass's ratio is taken against the offline figures just before and after
+it, so a machine shared with other jobs drifts out of the ratio; the summary gives each configuration's median
+ratio and its spread over the passes. Target (issue 22): img_s >= 0.85 x offline predict at 8+
+clients x 1 image, 0 errors. Writes JSON with the command.
 """
 
 from __future__ import annotations
@@ -37,8 +42,7 @@ from PIL import Image
 from chiptag.inference.predictor import Predictor
 
 
-def offline_img_s(run: Path, chips: list[Path], device: str, rounds: int) -> float:
-    predictor = Predictor.from_run(run, device=device)
+def offline_img_s(predictor: Predictor, chips: list[Path], rounds: int) -> float:
     predictor.predict(chips[:64], batch_size=64)  # warm-up
     best = 0.0
     for _ in range(rounds):
@@ -54,22 +58,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (the server's workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            children = task / "children"
+            if children.exists():
+                todo += [int(c) for c in children.read_text().split()]
+    return out
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
-def start_server(run: Path, port: int, args) -> subprocess.Popen:
+def tree_rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next((int(x.split()[1]) / 1024 for x in lines if x.startswith("VmRSS:")), 0.0)
+    return total
+
+
+def start_server(run: Path, port: int, args, workers: int, per_worker: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from chiptag.cli import app; app()", "serve", str(run), "--port", str(port),
            "--device", args.device, "--engine", args.engine, "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1"]
+           "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1", "--workers", str(workers),
+           "--access-log", "off"] + (["--model-per-worker"] if per_worker else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -156,29 +184,8 @@ def bad_requests(url: str, chip: bytes):
     return lambda i: bodies[i % len(bodies)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path)
-    p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
-    p.add_argument("--offline-images", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--soak", type=int, default=1000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--engine", default="auto")
-    p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
-    args = p.parse_args()
-    chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
-    # Offline before and after the server phase: other jobs' load drifts, the mean of the two is the reference.
-    offline_before = offline_img_s(args.run, chips, args.device, args.rounds)
-    print(f"offline predict: {offline_before:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def load_once(url: str, args, chips: list[Path], clients: int, seconds: float) -> dict:
+    """--clients threads against one running server for `seconds`: img/s, latency, errors, server CPU."""
     blobs = cycle([(c.name, c.read_bytes()) for c in chips])
     bodies = cycle([encoded(url, {"files": [("files", next(blobs)) for _ in range(args.images_per_request)]})
                     for _ in range(len(chips))])
@@ -188,46 +195,97 @@ def main() -> None:
         with lock:
             return next(bodies)
 
-    server = start_server(args.run, port, args)
+    return hammer(url, good, clients, seconds, None)
+
+
+def soak(url: str, server: subprocess.Popen, chips: list[Path], clients: int, n: int) -> dict:
+    rss_before = tree_rss_mb(server.pid)
+    out = hammer(url, bad_requests(url, chips[0].read_bytes()), clients, None, n)
+    ready = httpx.get(f"{url}/readyz", timeout=30).status_code
+    rss_after = tree_rss_mb(server.pid)
+    return {"requests": out["requests"], "statuses": out["statuses"], "readyz_after": ready,
+            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+            "rss_growth_mb": round(rss_after - rss_before, 1),
+            "ok": bool(ready == 200 and rss_after - rss_before < 100)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--chips", type=Path, default=Path("data/demo/train-jpg"))
+    p.add_argument("--offline-images", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=2, help="offline predict: best of this many passes")
+    p.add_argument("--repeat", type=int, default=3, help="round-robin passes over every configuration")
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--model-per-worker", choices=["no", "yes", "both"], default="no",
+                   help="with workers > 1: one shared model (no), a model per worker (yes), or measure both")
+    p.add_argument("--seconds", type=float, default=10.0, help="per configuration and pass")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--soak", type=int, default=1000, help="bad requests against each server at the end")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--note", default="", help="how the machine was (idle, shared with other jobs...)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    args = p.parse_args()
+    chips = sorted(args.chips.glob("*.jpg"))[: args.offline_images]
+    layouts = {"no": [False], "yes": [True], "both": [False, True]}[args.model_per_worker]
+    kinds = [(w, per) for w in args.workers for per in (layouts if w > 1 else [False])]
+    predictor = Predictor.from_run(args.run, device=args.device)
+    servers = {}
     try:
-        engine = httpx.get(f"{url}/readyz").json()["engine"]
-        cpu0, own0 = cpu_seconds(server.pid), os.times()
-        load = hammer(url, good, args.clients, args.seconds, None)
-        own1 = os.times()
-        server_cpu, client_cpu = cpu_seconds(server.pid) - cpu0, own1.user + own1.system - own0.user - own0.system
-        images = max(1, load["requests"] * args.images_per_request)
-        lat = np.array(load.pop("latency_s")) * 1000
-        img_s = load["requests"] * args.images_per_request / load["seconds"]
-        rss_before = rss_mb(server.pid)
-        soak = hammer(url, bad_requests(url, chips[0].read_bytes()), args.clients, None, args.soak)
-        soak.pop("latency_s")
-        ready = httpx.get(f"{url}/readyz", timeout=30).status_code
-        rss_after = rss_mb(server.pid)
+        for w, per in kinds:  # every server up (idle ones cost nothing), then round-robin passes
+            port = free_port()
+            servers[w, per] = (start_server(args.run, port, args, w, per), f"http://127.0.0.1:{port}")
+        offline = [offline_img_s(predictor, chips, args.rounds)]
+        print(f"offline predict: {offline[0]:.1f} img/s ({len(chips)} chips, batch 64, best of {args.rounds})",
+              flush=True)
+        passes = []
+        for k in range(args.repeat):
+            for (w, per), (server, url) in servers.items():
+                for clients in args.clients:
+                    cpu0 = tree_cpu_seconds(server.pid)
+                    load = load_once(url, args, chips, clients, args.seconds)
+                    server_cpu = tree_cpu_seconds(server.pid) - cpu0
+                    offline.append(offline_img_s(predictor, chips, args.rounds))
+                    images = max(1, load["requests"] * args.images_per_request)
+                    lat = np.array(load["latency_s"]) * 1000
+                    reference = (offline[-2] + offline[-1]) / 2  # offline just before and just after this pass
+                    r = {"pass": k, "workers": w, "model": "per-worker" if per else "one", "clients": clients,
+                         "img_s": round(images / load["seconds"], 1), "offline_img_s": round(reference, 1),
+                         "p50_ms": round(float(np.percentile(lat, 50)), 1),
+                         "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"],
+                         "server_cpu_ms_per_image": round(1000 * server_cpu / images, 2)}
+                    r["ratio"] = round(r["img_s"] / reference, 3)
+                    passes.append(r)
+                    print(f"pass {k}: workers {w} ({r['model']} model) x {clients} clients: {r['img_s']} img/s = "
+                          f"{r['ratio']}x offline {r['offline_img_s']} (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} "
+                          f"ms, errors {r['errors']})", flush=True)
+        soaks = {f"workers {w} ({'per-worker' if per else 'one'} model)": soak(url, server, chips, 8, args.soak)
+                 for (w, per), (server, url) in servers.items()} if args.soak else {}
+        engine = httpx.get(f"{next(iter(servers.values()))[1]}/readyz").json()["engine"]
     finally:
-        server.terminate()
-        server.wait(30)
-    offline_after = offline_img_s(args.run, chips, args.device, args.rounds)
-    offline = (offline_before + offline_after) / 2
-    print(f"offline predict again: {offline_after:.1f} img/s")
-    result = {
-        "command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
-        "note": args.note,
-        "clients": args.clients, "images_per_request": args.images_per_request, "seconds": round(load["seconds"], 2),
-        "img_s": round(img_s, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1), "errors": load["errors"], "statuses": load["statuses"],
-        "offline_predict_img_s": round(offline, 1),
-        "offline_before_after_img_s": [round(offline_before, 1), round(offline_after, 1)],
-        "ratio": round(img_s / offline, 3),
-        "cpu_ms_per_image": {"server": round(1000 * server_cpu / images, 2), "clients": round(1000 * client_cpu / images, 2)},
-        "target_met": bool(img_s >= 0.8 * offline and load["errors"] == 0),
-        "soak": {"requests": soak["requests"], "statuses": soak["statuses"], "readyz_after": ready,
-                 "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-                 "rss_growth_mb": round(rss_after - rss_before, 1),
-                 "ok": bool(ready == 200 and rss_after - rss_before < 100)},
-    }
-    print(json.dumps(result, indent=2))
+        for server, _ in servers.values():
+            server.terminate()  # SIGTERM: drains, then exits
+        for server, _ in servers.values():
+            server.wait(60)
+    summary = []
+    for (w, per) in kinds:
+        for clients in args.clients:
+            ratios = sorted(r["ratio"] for r in passes if (r["workers"], r["model"] == "per-worker", r["clients"])
+                            == (w, per, clients))
+            summary.append({"workers": w, "model": "per-worker" if per else "one", "clients": clients,
+                            "ratio_median": float(np.median(ratios)), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                            "target_met": bool(np.median(ratios) >= 0.85)})
+    out = {"command": "python " + " ".join(sys.argv), "engine": engine, "cpu_count": os.cpu_count(),
+           "load_average_at_end": os.getloadavg(), "note": args.note,
+           "images_per_request": args.images_per_request, "summary": summary,
+           "offline_img_s_series": [round(o, 1) for o in offline], "passes": passes, "soak": soaks}
+    print(json.dumps({k: out[k] for k in ("command", "engine", "load_average_at_end", "summary", "soak")}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -261,17 +261,36 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           max_file_mb: float = typer.Option(20.0, min=0.001, help="bytes per uploaded file, in MiB"),
           max_request_mb: float = typer.Option(100.0, min=0.001, help="bytes per request, in MiB"),
           max_pixels: int = typer.Option(40_000_000, min=1, help="pixel cap per image (decompression bombs)"),
-          timeout: float = typer.Option(60.0, min=0.1, help="seconds a request may take"),
+          timeout: float = typer.Option(60.0, min=0.1, help="seconds a request may take (and SIGTERM waits for)"),
+          workers: int = typer.Option(1, min=1, help="HTTP processes parsing and decoding; the forward stays "
+                                                     "in one model process (CPU: see --model-per-worker)"),
+          model_per_worker: bool = typer.Option(False, help="with --workers on CPU: a model in every worker "
+                                                            "(its share of the cores) instead of one shared"),
+          token: Optional[str] = typer.Option(None, envvar="CHIPTAG_TOKEN", show_envvar=True,
+                                              help="require 'Authorization: Bearer TOKEN' on /v1/* and /metrics"),
+          no_token: bool = typer.Option(False, help="serve a non-loopback address without a token, on purpose"),
+          cors_origin: Optional[List[str]] = typer.Option(None, help="allow browser pages from this origin "
+                                                                     "(repeatable; default: no CORS)"),
+          access_log: str = typer.Option("text", help="text (uvicorn), json (one object per request), off"),
           ) -> None:
-    """Serve RUN over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, and a web page at /."""
+    """Serve RUN over HTTP: POST /v1/predict, GET /v1/model, /metrics, /healthz, /readyz, and a web page at /."""
     from chiptag.device import resolve_device
     from chiptag.inference.service import MB, ServeOptions, require_serve_deps
 
     require_serve_deps()  # before importing the app: a missing FastAPI is a one-line error, not a traceback
+    from chiptag.inference.serve import check_access
     from chiptag.inference.serve import serve as start
 
+    if access_log not in ("text", "json", "off"):
+        raise ChiptagError(f"--access-log must be text, json or off, got {access_log!r}")
+    check_access(host, token, no_token)  # before the model loads: a refusal costs nothing
     # the device is resolved here, once; the service, the predictor and its input object take it as it is
-    start(run, ServeOptions(host=host, port=port, device=resolve_device(device, "--device"), engine=engine,
+    device = resolve_device(device, "--device")
+    if model_per_worker and device.type != "cpu":
+        raise ChiptagError("--model-per-worker is for CPU: on CUDA the workers feed one model on the device")
+    start(run, ServeOptions(host=host, port=port, device=device, engine=engine,
                             max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
                             max_file_bytes=int(max_file_mb * MB), max_request_bytes=int(max_request_mb * MB),
-                            max_pixels=max_pixels, timeout_s=timeout))
+                            max_pixels=max_pixels, timeout_s=timeout, workers=workers,
+                            model_per_worker=model_per_worker, token=token or None,
+                            cors_origins=tuple(cors_origin or ()), access_log=access_log))

@@ -67,9 +67,13 @@ def require_browser() -> None:
         pytest.skip(missing)
 
 
-def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path) -> dict[str, list[str]]:
+def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path,
+              token: str | None = None) -> dict[str, list[str]]:
     """Load the page in headless Chromium, upload `files` through its file input, wait for every card, save
-    a screenshot, and return {file name: the tags the page rendered} (the error text as ["error: ..."])."""
+    a screenshot, and return {file name: the tags the page rendered} (the error text as ["error: ..."]).
+
+    token: the server wants one: the page must ask for it (its form appears), take it once, and keep it for the
+    tab: after a reload the model panel loads without asking again."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -78,6 +82,14 @@ def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path
         try:
             page = ctx.new_page()
             page.goto(url + "/", wait_until="load")
+            if token is not None:
+                page.wait_for_selector("#token-form:not([hidden])", timeout=30_000)  # the 401 asked for it
+                page.fill("#token", token)
+                page.click("#token-use")
+                page.wait_for_selector("#model-facts", timeout=30_000)
+                page.reload(wait_until="load")  # the tab keeps the token: no second prompt
+                page.wait_for_selector("#model-facts", timeout=30_000)
+                assert page.is_hidden("#token-form")
             page.wait_for_selector("#model-facts", timeout=30_000)  # the model panel came from /v1/model
             page.set_input_files("#pick", [str(f) for f in files])
             page.wait_for_function(f"document.querySelectorAll('.card[data-done]').length === {len(files)}",

@@ -228,7 +228,7 @@ def test_onnxruntime_engine_agrees_with_predictor(run_dir, chips, predictor):
         assert service.ready and service.engine == "onnxruntime", service.error
         for tta in (False, True):
             decoded = [service.decode(p.name, p.read_bytes()) for p in chips]
-            got = service.batcher.submit(decoded, tta).result(timeout=60)  # in the batcher's (1-thread) torch
+            got = service.batcher.submit(decoded, tta).result(timeout=60).probs  # in the batcher's (1-thread) torch
             np.testing.assert_allclose(got, predictor.predict(chips, tta=tta), atol=1e-5, rtol=0)
         assert torch.get_num_threads() == threads  # the batcher's torch thread count stays in its own thread
     finally:
@@ -264,3 +264,43 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith("chiptag.training
                        env={**__import__("os").environ, "PYTHONPATH": str(src)})
     assert r.returncode == 0, r.stderr
     assert "app built: FastAPI" in r.stdout and "loaded: []" in r.stdout, r.stdout
+
+
+def test_one_bad_entry_never_fails_other_requests(server, chips, predictor, monkeypatch):
+    """Issue 25: 16 concurrent requests, one of them carrying an animated GIF (3 frames) and two a chip the
+    engine refuses (here: any all-black chip): every good entry of every request is tagged, as Predictor
+    tags it; the bad ones fail alone (before: 6-13 of the 15 good one-chip requests got HTTP 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, service = server
+    real = service.batcher.forward
+
+    def picky(batch, tta):  # an engine error that only some inputs trigger
+        if any(int(c.max()) == 0 for c in batch):
+            raise RuntimeError("engine refused this input")
+        return real(batch, tta)
+
+    monkeypatch.setattr(service.batcher, "forward", picky)
+    gif, black = io.BytesIO(), io.BytesIO()
+    frames = [Image.new("RGB", (48, 48), c) for c in ("red", "green", "blue")]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (48, 48)).save(black, format="JPEG")
+    good = [(p.name, p.read_bytes()) for p in chips[:4]]
+    requests = [[good[i % 4]] for i in range(13)] + [[("anim.jpg", gif.getvalue())], [("black.jpg", black.getvalue())],
+                                                      [good[0], ("black.jpg", black.getvalue()), good[1]]]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda files: post(url, files), requests))
+    expected = dict(zip([n for n, _ in good], predictor.predict(chips[:4])))
+    for files, r in zip(requests, answers):
+        if files == [("black.jpg", black.getvalue())]:
+            assert r.status_code == 500 and "engine refused" in r.json()["error"]  # its only image: its failure
+            continue
+        assert r.status_code == 200, r.text
+        for (name, _), entry in zip(files, r.json()["results"]):
+            if name == "black.jpg":
+                assert "black.jpg" in entry["error"] and "engine refused" in entry["error"]
+            elif name == "anim.jpg":  # the first frame, or an error naming the file: never another entry's
+                assert entry["error"] is None or "anim.jpg" in entry["error"]
+            else:
+                assert entry["error"] is None
+                np.testing.assert_allclose(as_probs(entry, predictor.tags), expected[name], atol=1e-6, rtol=0)

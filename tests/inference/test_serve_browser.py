@@ -32,6 +32,18 @@ def test_page_renders_the_api_tags(trained_run, tiny_data, tmp_path):
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_page_asks_for_the_token_once_and_keeps_it_for_the_tab(trained_run, tiny_data, tmp_path):
+    require_browser()
+    chips = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:1]
+    with running(Path(trained_run["run_dir"]), engine="torch", token="s3cret-page-token") as (url, _):
+        assert httpx.get(f"{url}/v1/model").status_code == 401
+        shown = page_tags(url, chips, tmp_path / "serve.png", tmp_path / "profile", token="s3cret-page-token")
+        files = [("files", (p.name, p.read_bytes())) for p in chips]
+        api = httpx.post(f"{url}/v1/predict", files=files, timeout=60,
+                         headers={"Authorization": "Bearer s3cret-page-token"}).json()["results"]
+    assert shown[chips[0].name] == api[0]["tags"]
+
+
 @pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
 def test_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci, outcome):
     monkeypatch.setattr(serve_helpers, "CHROMIUM", str(tmp_path / "no-chromium"))

@@ -3,30 +3,45 @@
     POST /v1/predict   multipart field `files` (one or many images), optional `tta=true` (query or form field)
                        -> {"run_id", "tta", "results": [{"name", "tags", "probabilities", "error"}, ...]}
     GET  /v1/model     run id, backbone, image size, resize mode, tags, thresholds, val/test F2 and baseline
+    GET  /metrics      Prometheus text format (inference/metrics.py: chiptag_* counters, histograms, gauges)
     GET  /healthz      the process answers;   GET /readyz   the model is loaded and one warm-up forward ran
     GET  /             the web page (static/index.html: plain HTML/CSS/JS, no CDN)
 
-Whole-request problems answer a JSON 4xx {"error": "..."} naming the problem: 413 (request bytes, a file's
-bytes, too many images), 415 (not multipart/form-data), 422 (no `files`, a bad `tta`), 408 (over the request
-timeout), 503 (not ready yet). An image that cannot be used fails only its own entry of the batch.
+Whole-request problems answer a JSON 4xx {"error": "..."} naming the problem: 401 (a token is set and the
+`Authorization: Bearer <token>` header is missing or wrong: /v1/* and /metrics only), 413 (request bytes, a
+file's bytes, too many images), 415 (not multipart/form-data), 422 (no `files`, a bad `tta`), 408 (over the
+request timeout), 503 (not ready yet). An image that cannot be used fails only its own entry of the batch.
+
+Access: bound to a loopback address no token is needed; bound to any other address `serve` refuses to start
+without one (--token / CHIPTAG_TOKEN) unless told --no-token (check_access). No CORS headers unless
+--cors-origin names the origins. SIGTERM (or Ctrl-C): stop accepting, finish the requests in flight (up to
+--timeout), then exit 0. --workers N: inference/workers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
+import json
+import os
 import socket
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from chiptag.errors import ChiptagError
 from chiptag.inference.service import ServeOptions, Service, UploadError
 
 FIELD = "files"
@@ -97,7 +112,7 @@ def _uploads(form, max_images: int, max_file_bytes: int) -> list[UploadFile]:
 
 async def _predict(service: Service, request: Request) -> dict:
     opts = service.opts
-    service.incoming += 1  # the batcher waits for company only while someone is on the way
+    service.on_the_way.add(1)  # the batcher waits for company only while someone is on the way
     try:
         form = await _read_form(request, opts.max_request_bytes, opts.max_images)
         try:
@@ -109,20 +124,29 @@ async def _predict(service: Service, request: Request) -> dict:
         finally:
             await form.close()
     finally:
-        service.incoming -= 1
+        service.on_the_way.add(-1)
     good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     if not good:
         return _answer(service, names, decoded, {}, tta)
     future = service.batcher.submit([decoded[i] for i in good], tta)
-    future.add_done_callback(lambda _: service.answering(+1))  # runs in the batcher's thread, as it finishes
+    # "just answered" counts as on the way (its client often sends the next request at once); the callback
+    # runs in the thread that finishes the future, exactly one -1 per +1, also after a timeout
+    future.add_done_callback(lambda _: service.on_the_way.add(1))
     try:
-        return _answer(service, names, decoded, dict(zip(good, await asyncio.wrap_future(future))), tta)
-    finally:  # exactly one -1 per +1, also when the request timed out before its forward finished
-        future.add_done_callback(lambda _: service.answering(-1))
+        done = await asyncio.wrap_future(future)  # batcher.Rows: a chip that failed the forward has its error
+        for j, message in done.errors.items():
+            decoded[good[j]] = f"{names[good[j]]}: the model could not tag it ({message})"
+        rows = {i: done.probs[j] for j, i in enumerate(good) if j not in done.errors}
+        return _answer(service, names, decoded, rows, tta)
+    finally:
+        future.add_done_callback(lambda _: service.on_the_way.add(-1))
 
 
 def _answer(service: Service, names: list[str], decoded: list, rows: dict, tta: bool) -> dict:
     results = [service.entry(n, rows.get(i), decoded[i] if i not in rows else None) for i, n in enumerate(names)]
+    tagged = sum(r["error"] is None for r in results)
+    service.metrics.images.labels("tagged").inc(tagged)
+    service.metrics.images.labels("error").inc(len(results) - tagged)
     return {"run_id": service.run_id, "tta": tta, "results": results}
 
 
@@ -153,8 +177,97 @@ def _decode(service: Service, name: str, data):
         return str(exc)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _guarded(path: str) -> bool:
+    """What a token protects: the API and the metrics; the probes (/healthz, /readyz) and the page stay open
+    (the page itself asks for the token)."""
+    return path.startswith("/v1/") or path == "/metrics"
+
+
+class Gate:
+    """Every HTTP request passes here (pure ASGI, no per-request task): the token check, the request metrics,
+    the JSON access log."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+        self.token = service.opts.token.encode() if service.opts.token else None
+        self.json_log = service.opts.access_log == "json"
+
+    def refused(self, scope) -> str | None:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if header is None:
+            return "this server needs a token: send the header 'Authorization: Bearer <token>'"
+        scheme, _, given = header.partition(b" ")
+        # constant time: how much of a guess matched never shows in the response time
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            return "wrong token in the 'Authorization: Bearer <token>' header"
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status, metrics = time.perf_counter(), 500, self.service.metrics
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            problem = self.refused(scope) if self.token is not None and _guarded(scope["path"]) else None
+            if problem:
+                await _error(401, problem, {"WWW-Authenticate": 'Bearer realm="chiptag"'})(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:  # an unhandled error still counts (as the 500 the outer middleware answers)
+            metrics.in_flight.dec()
+            seconds = time.perf_counter() - t0
+            metrics.answered(scope["path"], status, seconds)
+            if self.json_log:
+                self.log(scope, status, seconds)
+
+    @staticmethod
+    def log(scope, status: int, seconds: float) -> None:
+        client = scope.get("client") or ("", 0)
+        agent = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"user-agent"), None)
+        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "pid": os.getpid(),
+                  "client": f"{client[0]}:{client[1]}", "method": scope["method"], "path": scope["path"],
+                  "status": status, "duration_ms": round(seconds * 1000, 2), "user_agent": agent}
+        sys.stderr.write(json.dumps(record) + "\n")
+        sys.stderr.flush()
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_access(host: str, token: str | None, no_token: bool) -> None:
+    """Refuse to serve beyond loopback without a token (anyone who reaches the port would use the model), unless
+    --no-token says so on purpose (then warn)."""
+    if token is not None and not token.strip():
+        raise ChiptagError("--token (or CHIPTAG_TOKEN) is empty")
+    if token is not None and (token != token.strip() or any(c.isspace() or not c.isprintable() for c in token)):
+        raise ChiptagError("--token must be printable, without spaces (it travels in an HTTP header)")
+    if token and no_token:
+        raise ChiptagError("--token and --no-token contradict each other: pass one")
+    if is_loopback(host) or token:
+        return
+    if not no_token:
+        raise ChiptagError(f"refusing to serve on {host} without a token: anyone who can reach the port could use "
+                           "the model. Pass --token TOKEN (or set CHIPTAG_TOKEN); clients then send "
+                           "'Authorization: Bearer TOKEN'. Or pass --no-token to serve openly on purpose")
+    print(f"warning: serving on {host} with --no-token: anyone who can reach the port can use the API",
+          file=sys.stderr, flush=True)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -166,6 +279,10 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="chiptag", summary="Tag satellite chips with a trained chiptag run", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(Gate, service=service)
+    if service.opts.cors_origins:  # added last: outermost, so preflights and 401s carry the CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(service.opts.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
@@ -200,6 +317,11 @@ def create_app(service: Service) -> FastAPI:
             return _error(503, f"model failed to load: {service.error}")
         return JSONResponse({"status": "loading"}, status_code=503)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        body, ctype = service.metrics.exposition()
+        return Response(body, media_type=ctype)
+
     @app.get("/v1/model")
     async def model():
         return service.model_info()
@@ -217,15 +339,33 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def uvicorn_options(opts: ServeOptions) -> dict:
+    """The one uvicorn configuration (one process, or each worker)."""
+    return {"log_level": "info", "access_log": opts.access_log == "text", "timeout_keep_alive": 5,
+            "limit_concurrency": opts.max_connections,
+            # SIGTERM: stop accepting, let the requests in flight finish (none may take longer than this)
+            "timeout_graceful_shutdown": max(1, int(opts.timeout_s + 1))}
+
+
+def banner(opts: ServeOptions, run, engine: str, workers: str = "") -> str:
+    access = "token required" if opts.token else "no token"
+    return (f"chiptag serve: {run} ({engine} on {opts.device}{', ' + workers if workers else ''}) at "
+            f"http://{opts.host}:{opts.port}/  ({access}; API: POST /v1/predict, GET /v1/model, /metrics; "
+            "Ctrl-C or SIGTERM stops after the requests in flight)")
+
+
 def serve(run, opts: ServeOptions) -> None:
-    """Load RUN (a ChiptagError names what is wrong before anything listens), then serve until Ctrl-C."""
+    """Load RUN (a ChiptagError names what is wrong before anything listens), then serve until Ctrl-C or
+    SIGTERM (both drain the requests in flight first). The caller checked access (check_access)."""
+    if opts.workers > 1:
+        from chiptag.inference.workers import serve_workers
+
+        return serve_workers(run, opts)
     import uvicorn
 
     service = Service(run, opts)
-    print(f"chiptag serve: {service.run} ({service.engine} on {service.predictor.device}) at "
-          f"http://{opts.host}:{opts.port}/  (API: POST /v1/predict, GET /v1/model; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(service), host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=5,
-                limit_concurrency=opts.max_connections)
+    print(banner(opts, service.run, service.engine), flush=True)
+    uvicorn.run(create_app(service), host=opts.host, port=opts.port, **uvicorn_options(opts))
 
 
 class BackgroundServer:

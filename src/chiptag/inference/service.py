@@ -17,21 +17,26 @@ from __future__ import annotations
 import io
 import json
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from chiptag.data.image_check import check_image
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
+from chiptag.evaluation.label_rules import LabelRules
 from chiptag.features.backends import SERVE_ENGINES, resolve_engine
 from chiptag.inference.batcher import MicroBatcher
+from chiptag.inference.metrics import Metrics
 from chiptag.inference.predictor import Predictor
-from chiptag.runs.layout import RunDir
+from chiptag.models import checkpoint
+from chiptag.runs.layout import RunDir, checkpoint_file
 
 MB = 1024 * 1024
 INLINE_PIXELS = 512 * 512  # an upload this small is decoded on the event loop: a thread hop costs more (serve.py)
@@ -53,10 +58,37 @@ class ServeOptions:
     max_request_bytes: int = 100 * MB
     max_pixels: int = 40_000_000  # decompression-bomb guard, checked on the header before any decode
     timeout_s: float = 60.0  # a request (upload + decode + forward) that takes longer gets a 408
-    max_connections: int = 128  # uvicorn answers 503 beyond this many concurrent connections
+    max_connections: int = 128  # uvicorn answers 503 beyond this many concurrent connections (per worker)
+    workers: int = 1  # HTTP processes (parsing, decoding); where the forward runs: inference/workers.py
+    model_per_worker: bool = False  # with workers > 1 on CPU: a model in each worker instead of one shared
+    token: str | None = None  # required as `Authorization: Bearer <token>` on /v1/* and /metrics when set
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser page; none by default
+    access_log: str = "text"  # text (uvicorn's lines) | json (one JSON object per request, stderr) | off
 
     def __post_init__(self):  # a resolved device may come by name ("cpu", "cuda:0"); "auto" is the command's job
         object.__setattr__(self, "device", torch.device(self.device))
+
+
+class OnTheWay:
+    """How many requests are on their way to the batcher (being read or decoded, or just answered: their
+    clients often send the next one at once); a batch waits for company only while this is above 0. A plain
+    counter in one process; with --workers the model process reads the workers' shared counter (a
+    multiprocessing Value passed as `shared`)."""
+
+    def __init__(self, shared=None):
+        self.shared, self._n, self._lock = shared, 0, threading.Lock()
+
+    def add(self, delta: int) -> None:
+        if self.shared is not None:
+            with self.shared.get_lock():
+                self.shared.value += delta
+        else:
+            with self._lock:  # changed from the batcher's thread and the event loop
+                self._n += delta
+
+    @property
+    def value(self) -> int:
+        return self.shared.value if self.shared is not None else self._n
 
 
 class UploadError(Exception):
@@ -66,7 +98,8 @@ class UploadError(Exception):
 def require_serve_deps() -> None:
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
     if missing:
         raise ChiptagError(f"chiptag serve needs {', '.join(missing)}: pip install 'chiptag[serve]'")
 
@@ -86,26 +119,43 @@ def _upload_problem(kind: str, detail: str) -> str:
     return KINDS[kind][1] + (f" ({detail})" if detail else "")
 
 
+def _front_predictor(run: Path) -> Predictor:
+    """The run's predictor without its network: tags, thresholds, label rules and the input object on CPU, for
+    an HTTP worker whose forward runs in the model process (serve --workers on one model)."""
+    ckpt = checkpoint.load(checkpoint_file(run))
+    predictor = Predictor(nn.Identity(), ckpt.tags, ckpt.thresholds, ckpt.preprocessing, device=torch.device("cpu"),
+                          engine="torch", rules=LabelRules.from_config(ckpt.label_rules, ckpt.tags))
+    predictor.card = replace(ckpt, state_dict=None)
+    return predictor
+
+
 class Service:
     """The loaded model and its micro-batcher. `warm()` (run in a thread) builds the engine and runs one
-    forward; `ready` turns True after it."""
+    forward; `ready` turns True after it.
 
-    def __init__(self, run: str | Path, opts: ServeOptions):
+    remote: an HTTP worker's handle on the model process's batcher (workers.ForwardClient: `submit` like
+    MicroBatcher's); the worker then holds no network and decodes on CPU, and the model process batches."""
+
+    def __init__(self, run: str | Path, opts: ServeOptions, remote=None, on_the_way: OnTheWay | None = None):
+        t0 = time.perf_counter()
         self.run, self.opts = Path(run), opts
         self.engine = resolve_engine(opts.engine, opts.device, "--engine", SERVE_ENGINES)
-        # torch and bf16 are the Predictor's eager engine (bf16 autocast on CUDA), onnxruntime its ORT engine
-        self.predictor = Predictor.from_run(self.run, device=opts.device,
-                                            engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
+        if remote is None:  # torch and bf16: the Predictor's eager engine (bf16 autocast on CUDA); onnxruntime
+            self.predictor = Predictor.from_run(self.run, device=opts.device,
+                                                engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
+        else:
+            self.predictor = _front_predictor(self.run)
         self.backbone = self.predictor.card.backbone  # the checkpoint is read once, by from_run
         self.images = self.predictor.images  # decode, resize and normalise exactly as `chiptag predict`
         self.summary = _summary(self.run)
         self.run_id = self.summary.get("run_id", self.run.name if self.run.is_dir() else self.run.parent.name)
+        self.remote = remote
         self.batcher: MicroBatcher | None = None
         self.ready, self.error = False, None
-        self.incoming = 0  # requests accepted and not yet handed to the batcher (changed on the event loop only)
-        self._answering = 0  # requests whose forward is done and whose answer is not yet built
-        self._answer_lock = threading.Lock()
+        self.on_the_way = on_the_way or OnTheWay()
+        self.metrics = Metrics()
         self._warm_lock = threading.Lock()
+        self._load_s = time.perf_counter() - t0
 
     def _probabilities(self) -> Callable[[torch.Tensor, bool], torch.Tensor]:
         """normalised batch, tta -> probabilities (N, n_tags) float32 on CPU: the Predictor's own engine (torch
@@ -117,24 +167,25 @@ class Service:
         with self._warm_lock:
             if self.ready or self.error:
                 return
+            if self.remote is not None:  # the model process was warm before this worker started
+                self.batcher, self.ready = self.remote, True
+                return
+            t0 = time.perf_counter()
             try:
                 self._probs = self._probabilities()
                 self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000,
-                                            expecting=self.expecting, setup=self._batcher_setup)
+                                            expecting=self.expecting, setup=self._batcher_setup,
+                                            monitor=self.metrics)
                 size = self.images.pre.image_size
                 self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
+                self.metrics.model_load.set(self._load_s + time.perf_counter() - t0)
                 self.ready = True
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
                 self.error = f"{exc.__class__.__name__}: {exc}"
 
     def expecting(self) -> int:
-        """Requests on their way to the batcher: being read or decoded, or just answered (their clients often
-        send the next one at once). A batch waits for company only while this is above 0."""
-        return self.incoming + self._answering
-
-    def answering(self, delta: int) -> None:
-        with self._answer_lock:  # changed from the batcher's thread and the event loop
-            self._answering += delta
+        """Requests on their way to the batcher (see OnTheWay)."""
+        return self.on_the_way.value
 
     def _batcher_setup(self) -> None:
         """In the batcher's thread: with ONNX Runtime (its own intra-op threads) torch only stacks and normalises
@@ -164,11 +215,17 @@ class Service:
         if info.kind is not None:
             raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
         try:
-            return self.images.chip(raw, name=name)
+            chip = self.images.chip(raw, name=name)
         except ChiptagError as exc:
             raise UploadError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a decoder's own error fails only this upload
             raise UploadError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}") from None
+        size = self.images.pre.image_size
+        if tuple(chip.shape) != (3, size, size) or chip.dtype != torch.uint8:
+            # e.g. a multi-frame image decoded to 4-D: it would fail (or silently skew) the batch it joined
+            raise UploadError(f"{name}: decoded to a {'x'.join(map(str, chip.shape))} {chip.dtype} array, not one "
+                              f"3x{size}x{size} image (a multi-frame image? send one frame)")
+        return chip
 
     def entry(self, name: str, probs: np.ndarray | None, error: str | None) -> dict:
         if probs is None:
@@ -189,12 +246,12 @@ class Service:
             "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
             "baseline": {"val_f2": baseline.get("val", {}).get("f2"), "test_f2": baseline.get("test", {}).get("f2"),
                          "tags": baseline.get("tags")},
-            "engine": self.engine, "device": str(self.predictor.device), "ready": self.ready,
+            "engine": self.engine, "device": str(self.opts.device), "ready": self.ready,  # a worker decodes on CPU
             "limits": {"max_images": self.opts.max_images, "max_file_bytes": self.opts.max_file_bytes,
                        "max_request_bytes": self.opts.max_request_bytes, "max_pixels": self.opts.max_pixels,
                        "timeout_s": self.opts.timeout_s, "max_batch": self.opts.max_batch},
         }
 
     def close(self) -> None:
-        if self.batcher is not None:
+        if self.batcher is not None and self.remote is None:
             self.batcher.close()
