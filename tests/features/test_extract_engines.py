@@ -7,7 +7,7 @@ import torch
 
 from chiptag.errors import ChiptagError
 from chiptag.data.inputs import ImageInput
-from chiptag.features.backends import SERVE_ENGINES, make_forward, onnx_file, resolve_engine
+from chiptag.features.backends import INFERENCE_ENGINES, make_forward, onnx_file, resolve_engine
 from chiptag.features.extraction import Extractor, extract
 from chiptag.models.backbones import build_backbone, state_fingerprint
 
@@ -74,12 +74,12 @@ def test_one_engine_rule_for_extraction_predict_and_serve():
     """serve's names are the same rule plus bf16, the eager forward under autocast (CUDA only)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # deciding needs no CUDA device
     assert resolve_engine("auto", cuda) == "torch"  # extraction and predict: eager (bf16 autocast) on CUDA
-    assert resolve_engine("auto", cuda, "--engine", SERVE_ENGINES) == "bf16"  # serve names it by its dtype
-    assert resolve_engine("auto", cpu, "--engine", SERVE_ENGINES) == "onnxruntime"
-    assert resolve_engine("auto", torch.device("meta"), "--engine", SERVE_ENGINES) == "torch"
+    assert resolve_engine("auto", cuda, "--engine", INFERENCE_ENGINES) == "bf16"  # serve names it by its dtype
+    assert resolve_engine("auto", cpu, "--engine", INFERENCE_ENGINES) == "onnxruntime"
+    assert resolve_engine("auto", torch.device("meta"), "--engine", INFERENCE_ENGINES) == "torch"
     with pytest.raises(ChiptagError, match="features.engine: unknown engine 'bf16'"):
         resolve_engine("bf16", cuda)  # not a features.engine / predict --engine value
     with pytest.raises(ChiptagError, match="--engine bf16 runs on CUDA only"):
-        resolve_engine("bf16", cpu, "--engine", SERVE_ENGINES)
+        resolve_engine("bf16", cpu, "--engine", INFERENCE_ENGINES)
     with pytest.raises(ChiptagError, match="--engine: onnxruntime runs on CPU"):
-        resolve_engine("onnxruntime", cuda, "--engine", SERVE_ENGINES)
+        resolve_engine("onnxruntime", cuda, "--engine", INFERENCE_ENGINES)

@@ -24,7 +24,6 @@ ENGINES = ("auto", "torch", "onnxruntime")  # feature extraction (features.engin
 # Prediction (`chiptag predict`, Predictor) and `chiptag serve`, one list: they also name the eager CUDA engine by
 # what it computes in, bf16 (autocast) — what torch is on CUDA, and what auto picks there.
 INFERENCE_ENGINES = ENGINES + ("bf16",)
-SERVE_ENGINES = INFERENCE_ENGINES
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -40,8 +39,9 @@ def resolve_engine(engine: str, device: torch.device, what: str = "features.engi
                    valid: tuple[str, ...] = ENGINES) -> str:
     """The one engine rule (extraction, predict, serve): auto -> onnxruntime on CPU when it is installed (it won
     in benchmarks/frozen_training.py, and served 154.1 img/s against 111.2 for eager torch on an idle 2-core
-    machine: benchmarks/serve_load.py), else torch; on CUDA bf16 where `valid` names it (serve), which is the
-    same eager forward under bf16 autocast (predict and serve: INFERENCE_ENGINES). `what` names the option in errors (features.engine, --engine)."""
+    machine: benchmarks/serve_load.py), else torch; on CUDA bf16 where `valid` names it (predict and serve:
+    INFERENCE_ENGINES), the same eager forward under bf16 autocast. `what` names the option in errors
+    (features.engine, --engine)."""
     if engine not in valid:
         raise ChiptagError(f"{what}: unknown engine {engine!r} (valid: {', '.join(valid)})")
     if engine == "auto":

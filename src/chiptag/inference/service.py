@@ -31,7 +31,7 @@ from chiptag.data.image_check import check_image
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
 from chiptag.evaluation.label_rules import LabelRules
-from chiptag.features.backends import SERVE_ENGINES, resolve_engine
+from chiptag.features.backends import INFERENCE_ENGINES, resolve_engine
 from chiptag.inference.batcher import MicroBatcher
 from chiptag.inference.metrics import Metrics
 from chiptag.inference.predictor import Predictor
@@ -139,7 +139,7 @@ class Service:
     def __init__(self, run: str | Path, opts: ServeOptions, remote=None, on_the_way: OnTheWay | None = None):
         t0 = time.perf_counter()
         self.run, self.opts = Path(run), opts
-        self.engine = resolve_engine(opts.engine, opts.device, "--engine", SERVE_ENGINES)
+        self.engine = resolve_engine(opts.engine, opts.device, "--engine", INFERENCE_ENGINES)
         if remote is None:  # torch and bf16: the Predictor's eager engine (bf16 autocast on CUDA); onnxruntime
             self.predictor = Predictor.from_run(self.run, device=opts.device,
                                                 engine="onnxruntime" if self.engine == "onnxruntime" else "torch")
