@@ -120,13 +120,13 @@ def _deep_check(im: Image.Image, f, scan_jpeg: bool = True) -> None:
 def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> ImageInfo:
     """A TIFF (data.rasters): header (band count, sample type, size, pixel cap), then a full decode of the
     bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN pixels show there)."""
-    from chiptag.data.rasters import raster_shape, read_bands  # tifffile only when a TIFF is checked
+    from chiptag.data.rasters import raster_frames, raster_shape, read_bands  # tifffile only for a TIFF
 
     try:
         n, h, w, dtype = raster_shape(raw, "the file")
     except ChiptagError as exc:
         return ImageInfo("truncated", str(exc)[:160], "TIFF")
-    info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), bands=n)
+    info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), frames=raster_frames(raw), bands=n)
     if w * h > max_pixels:
         return replace(info, kind="bomb", detail=f"{w}x{h} px > {max_pixels:,}")
     try:

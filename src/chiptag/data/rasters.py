@@ -56,6 +56,23 @@ def raster_shape(raw: bytes, name: str | Path) -> tuple[int, int, int, str]:
         raise ChiptagError(f"cannot read TIFF {name}: {exc.__class__.__name__}: {exc}") from None
 
 
+def _frame_axis(axes: str) -> bool:
+    """Whether a series' first axis counts images rather than bands: a stack of pages that each hold a
+    multi-sample image (axes IYXS), not one page per band (IYX, the band-separate layout)."""
+    return len(axes) == 4 and axes[0] not in "YXS" and axes.endswith("S")
+
+
+def raster_frames(raw: bytes) -> int:
+    """How many whole images a TIFF stacks (1 for a chip, whatever its band layout); the readers use the first."""
+    tifffile = _tifffile()
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            series = tif.series[0]
+            return int(series.shape[0]) if _frame_axis(series.axes) else 1
+    except Exception:  # noqa: BLE001 - a damaged file: read_bands reports it
+        return 1
+
+
 def read_bands(raw: bytes, name: str | Path, bands: Sequence[int] | None,
                max_pixels: int | None = None) -> np.ndarray:
     """TIFF bytes -> float32 (B, H, W): the `bands` (0-based, in this order; None: all) of the first image.
@@ -73,6 +90,8 @@ def read_bands(raw: bytes, name: str | Path, bands: Sequence[int] | None,
         raise ChiptagError(f"cannot decode TIFF {name}: {exc.__class__.__name__}: {str(exc)[:160]}") from None
     if arr.dtype.kind not in SAMPLE_KINDS:
         raise ChiptagError(f"{name}: {arr.dtype} samples are not supported (uint8, uint16, int16, float32)")
+    if _frame_axis(axes):  # pages that are whole images (a multi-page RGB TIFF): the first, as Pillow reads it
+        arr, axes = arr[0], axes[1:]
     other = [i for i, a in enumerate(axes) if a not in "YX"]
     if arr.ndim == 2:
         arr = arr[None]
