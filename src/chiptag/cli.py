@@ -288,9 +288,14 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
     device = resolve_device(device, "--device")
     if model_per_worker and device.type != "cpu":
         raise ChiptagError("--model-per-worker is for CPU: on CUDA the workers feed one model on the device")
-    start(run, ServeOptions(host=host, port=port, device=device, engine=engine,
-                            max_batch=max_batch, max_wait_ms=max_wait_ms, max_images=max_images,
-                            max_file_bytes=int(max_file_mb * MB), max_request_bytes=int(max_request_mb * MB),
-                            max_pixels=max_pixels, timeout_s=timeout, workers=workers,
-                            model_per_worker=model_per_worker, token=token or None,
-                            cors_origins=tuple(cors_origin or ()), access_log=access_log))
+    opts = ServeOptions(host=host, port=port, device=device, engine=engine, max_batch=max_batch,
+                        max_wait_ms=max_wait_ms, max_images=max_images, max_file_bytes=int(max_file_mb * MB),
+                        max_request_bytes=int(max_request_mb * MB), max_pixels=max_pixels, timeout_s=timeout,
+                        workers=workers, model_per_worker=model_per_worker, token=token or None,
+                        cors_origins=tuple(cors_origin or ()), access_log=access_log)
+    if workers > 1:  # HTTP and decoding in N processes (inference.workers), the model as --model-per-worker says
+        from chiptag.inference.workers import serve_workers
+
+        serve_workers(run, opts)
+    else:
+        start(run, opts)

@@ -356,11 +356,8 @@ def banner(opts: ServeOptions, run, engine: str, workers: str = "") -> str:
 
 def serve(run, opts: ServeOptions) -> None:
     """Load RUN (a ChiptagError names what is wrong before anything listens), then serve until Ctrl-C or
-    SIGTERM (both drain the requests in flight first). The caller checked access (check_access)."""
-    if opts.workers > 1:
-        from chiptag.inference.workers import serve_workers
-
-        return serve_workers(run, opts)
+    SIGTERM (both drain the requests in flight first). One process; `--workers N` is
+    inference.workers.serve_workers (the CLI picks). The caller checked access (check_access)."""
     import uvicorn
 
     service = Service(run, opts)
