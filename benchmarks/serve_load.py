@@ -97,7 +97,7 @@ def start_server(run: Path, port: int, args, workers: int, per_worker: bool) -> 
     cmd = [sys.executable, "-c", "from chiptag.cli import app; app()", "serve", str(run), "--port", str(port),
            "--device", args.device, "--engine", args.engine, "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--max-file-mb", "1", "--workers", str(workers),
-           "--access-log", "off"] + (["--model-per-worker"] if per_worker else [])
+           "--access-log", "off"] + (["--model-per-worker"] if per_worker else ["--shared-model"])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -151,10 +151,13 @@ def worker_pids(pid: int) -> list[int]:
     return [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
 
 
-def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, chips):
+@pytest.mark.parametrize("layout, models", [("--shared-model", 1), ("--model-per-worker", 2)])
+def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, chips, layout, models):
+    """Both layouts (a model per worker is the CPU default) answer what Predictor computes; /metrics sums every
+    process; a worker that dies is replaced."""
     predictor = Predictor.from_run(run_dir, device="cpu")
     expected = predictor.predict(chips)
-    proc, url = start(run_dir, "--workers", "2")
+    proc, url = start(run_dir, "--workers", "2", layout)
     try:
         n = 12
         for i in range(n):
@@ -166,7 +169,7 @@ def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, ch
         got = samples(httpx.get(f"{url}/metrics").text)  # whichever worker answers sums every process
         assert got[("chiptag_requests_total", ("endpoint", "/v1/predict"), ("status", "200"))] == n
         assert got[("chiptag_images_total", ("outcome", "tagged"))] == n
-        assert got[("chiptag_batch_size_sum",)] == n + 1  # the one model's forwards (warm-up + n chips)
+        assert got[("chiptag_batch_size_sum",)] == n + models  # every model's warm-up chip + the n chips
         assert got[("chiptag_model_load_seconds",)] > 0
         pids = worker_pids(proc.pid)
         assert len(pids) == 2

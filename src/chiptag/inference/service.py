@@ -60,7 +60,9 @@ class ServeOptions:
     timeout_s: float = 60.0  # a request (upload + decode + forward) that takes longer gets a 408
     max_connections: int = 128  # uvicorn answers 503 beyond this many concurrent connections (per worker)
     workers: int = 1  # HTTP processes (parsing, decoding); where the forward runs: inference/workers.py
-    model_per_worker: bool = False  # with workers > 1 on CPU: a model in each worker instead of one shared
+    # with workers > 1 on CPU: a model in each worker instead of one shared (`chiptag serve` makes it the CPU
+    # default; this record keeps what the caller chose)
+    model_per_worker: bool = False
     token: str | None = None  # required as `Authorization: Bearer <token>` on /v1/* and /metrics when set
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser page; none by default
     access_log: str = "text"  # text (uvicorn's lines) | json (one JSON object per request, stderr) | off

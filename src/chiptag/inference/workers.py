@@ -2,10 +2,11 @@
 uploads (the work one event loop could not keep up with: 0.73x of offline predict on a faster CPU); the
 forward runs where it is cheapest.
 
-    one model (CUDA always; CPU by measurement, README "Serving"): this process loads the model and runs the
-        micro-batcher; each worker sends a request's decoded chips (uint8, one array) through a pipe and gets
-        its rows back (ForwardClient), so requests from all workers share one batch on the device.
-    per worker (--model-per-worker): each worker loads its own model with its share of the cores.
+    one model (--shared-model; CUDA always): this process loads the model and runs the micro-batcher; each
+        worker sends a request's decoded chips (uint8, one array) through a pipe and gets its rows back
+        (ForwardClient), so requests from all workers share one batch on the device.
+    per worker (--model-per-worker; the CPU default, by measurement: README "Serving"): each worker loads its
+        own model with its share of the cores.
 
 This process supervises: a worker that dies is started again; SIGTERM or Ctrl-C (only this process sees it:
 the workers sit in their own process group) is passed on as one SIGTERM per worker, each stops accepting and
