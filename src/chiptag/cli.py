@@ -54,15 +54,28 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def demo_data(out: Path = typer.Argument(..., help="output folder (Kaggle layout)"),
               n: int = typer.Option(2000, help="number of chips"),
               size: int = typer.Option(128, help="chip size in pixels"),
-              seed: int = typer.Option(0, help="random seed")) -> None:
-    """Write a synthetic Planet-format dataset: OUT/train_classes.csv and OUT/train-jpg/*.jpg."""
+              seed: int = typer.Option(0, help="random seed"),
+              bands: int = typer.Option(3, min=3, max=4, help="3: RGB; 4: B, G, R, NIR (needs --format tif)"),
+              format_: str = typer.Option("jpg", "--format", help="jpg (train-jpg/) or tif (train-tif/, uint16)"),
+              ) -> None:
+    """Write a synthetic Planet-format dataset: OUT/train_classes.csv and OUT/train-jpg/*.jpg (or, with --bands 4
+    --format tif, OUT/train-tif/*.tif: B, G, R, NIR with a tag only the NIR band shows)."""
     import time
 
-    from chiptag.data.synthetic import generate_dataset
-
     t0 = time.perf_counter()
-    generate_dataset(out, n=n, size=size, seed=seed)
-    print(f"wrote {n} chips ({size}px) to {out} in {time.perf_counter() - t0:.1f}s")
+    if (bands, format_) == (3, "jpg"):
+        from chiptag.data.synthetic import generate_dataset
+
+        generate_dataset(out, n=n, size=size, seed=seed)
+    elif (bands, format_) == (4, "tif"):
+        from chiptag.data.synthetic_rasters import generate_raster_dataset
+
+        generate_raster_dataset(out, n=n, size=size, seed=seed)
+    else:
+        raise ChiptagError(f"demo-data writes --bands 3 --format jpg or --bands 4 --format tif, not --bands {bands} "
+                           f"--format {format_}")
+    what = f"{size}px" + (", B G R NIR uint16 .tif" if bands == 4 else "")
+    print(f"wrote {n} chips ({what}) to {out} in {time.perf_counter() - t0:.1f}s")
 
 
 @app.command()
