@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
@@ -69,6 +69,8 @@ class FoldResult:
     trained: dict  # the best state: {"head": ...} or {"tagger": ...} (training.resume.trained_state)
     record: dict  # best epoch, val F2, sizes, seconds, history (fold.json for fold k)
     model: nn.Module | None = None  # as the last phase ran it, best weights loaded; None: loaded from disk
+    # the last phase's test batches (every fold's test split is the run's); None: loaded from disk
+    test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def make_loss(y_train: np.ndarray, use_pos_weight: bool, max_weight: float, device: torch.device) -> nn.Module:

@@ -176,7 +176,7 @@ def train(r: OpenRun, device: torch.device) -> dict:
     # One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
     # rows, the checkpoint, the summary, the report, the tracker.
     tagger, model, loss_fn, epoch = final_model(results, net, folds, device)
-    test = evaluate(model, last_phase_inputs(r, splits, feats, images, device).test, loss_fn, device)
+    test = evaluate(model, test_batches(results, r, feats, images, device), loss_fn, device)
     val_idx = np.concatenate([res.val_idx for res in results])
     val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
     report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
@@ -275,10 +275,15 @@ def plan_folds(r: OpenRun, tracker, device: torch.device) -> list[Fold]:
     return folds
 
 
-def last_phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput,
-                      device: torch.device) -> phases_mod.Inputs:
-    """What the last phase iterates for these splits: cached features (frozen) or images (fine-tuning)."""
-    return phases_mod.plan(r.s.optim, r.s.network.freeze, *_phase_inputs(r, splits, feats, images, device))[-1].inputs
+def test_batches(results: list[FoldResult], r: OpenRun, feats: torch.Tensor | None, images: ImageInput,
+                 device: torch.device):
+    """The test split's batches as the last phase reads them: a trained fold's (the test split is the run's in
+    every fold); built only when every fold was done before a --resume."""
+    done = next((res.test_batches for res in results if res.test_batches is not None), None)
+    if done is not None:
+        return done
+    return phases_mod.plan(r.s.optim, r.s.network.freeze,
+                           *_phase_inputs(r, r.splits, feats, images, device))[-1].inputs.test
 
 
 def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput,
@@ -327,7 +332,7 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
                                    card.tags, s.labels)
         record.update({"val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"]})
     result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], fitted.state.best_state, record,
-                        model=fitted.model)
+                        model=fitted.model, test_batches=fitted.inputs.test)
     if fold.of_k:
         folds_mod.save_done(fold, tagger, card, result)
     return result
