@@ -274,7 +274,7 @@ def decode(raw: bytes, name: str | Path, pre: Preprocessing) -> torch.Tensor:
 
 def read_image(path: str | Path, pre: Preprocessing) -> torch.Tensor:
     """A file -> decode(its bytes, pre); a missing or unreadable file is an error naming it."""
-    return decode(_read_file(path), Path(path), pre)
+    return decode(_read_file(path), path, pre) if pre.bands is not None else read_rgb(path)
 
 
 def blank(pre: Preprocessing) -> torch.Tensor:
