@@ -41,6 +41,22 @@ def test_timm_backbone_features_stages_and_step(name, size, dim):
     assert all(p.grad is None for p in backbone_stages(bb.net)[0].parameters())
 
 
+def test_timm_stages_cover_the_whole_network():
+    """timm's feature_info names only some modules (EfficientNet: blocks 0, 1, 2, 4, 6): the stages cut the
+    network at those levels, so unfreezing the last N stages leaves no module of them frozen (and nothing else
+    drifting: every module is in a stage that is either trained or kept in eval)."""
+    bb = build_backbone("timm:tf_efficientnet_lite0", None, image_size=32)
+    stages = backbone_stages(bb.net)
+    assert len(stages) == 5
+    assert sum(p.numel() for s in stages for p in s.parameters()) == sum(p.numel() for p in bb.net.parameters())
+    tagger = Tagger(bb.net, HeadSpec(bb.dim, 3, 8).build(), frozen=True)
+    model = unfreeze(tagger, 2, "train").train()
+    assert bb.net.conv_head.weight.requires_grad and bb.net.blocks[5][0].conv_pw.weight.requires_grad
+    assert bb.net.blocks[3][0].conv_pw.weight.requires_grad  # stage 4 = blocks 3 and 4
+    assert not bb.net.blocks[2][0].conv_pw.weight.requires_grad and not bb.net.blocks[2].training
+    assert bb.net.bn2.training and model.tagger.head.training
+
+
 def test_timm_weights_file_and_errors(tmp_path):
     import timm
 

@@ -67,3 +67,73 @@ def test_unfreeze_after_trains_head_then_top_stage(tiny_config, monkeypatch):
 def test_schedule_must_leave_epochs_to_finetune(tiny_config):
     with pytest.raises(ChiptagError, match="unfreeze_after"):
         tiny_config(freeze=False, epochs=2, unfreeze_after=2)
+
+
+def test_layer_decay_gives_each_stage_its_rate_top_stage_fastest():
+    from chiptag.training.phases import FINETUNE, Phase
+    from chiptag.training.settings import Optimisation
+
+    t = _tagger()
+    model = unfreeze(t, 3, "train")
+    optim = Optimisation("adam", 1e-3, 0.0, "cosine", 0.5, 1, 0.0, 4, 8, False, 30.0, layer_decay=0.5)
+    groups = Phase(FINETUNE, 3, None).param_groups(model, optim)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])  # head, layer4, 3, 2
+    trainable = {id(p) for p in t.parameters() if p.requires_grad}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable  # every trainable one, once
+    assert {id(p) for p in t.backbone.layer4.parameters()} == {id(p) for p in groups[1]["params"]}
+
+
+def test_layer_decay_replaces_backbone_lr_mult(tiny_config):
+    with pytest.raises(ChiptagError, match="layer_decay replaces backbone_lr_mult"):
+        tiny_config(freeze=False, layer_decay=0.7, backbone_lr_mult=0.2)
+
+
+def test_warmup_then_cosine_per_step():
+    from chiptag.training.loop import WarmupCosine
+
+    warm = WarmupCosine("cosine", steps=100, warm_frac=0.1, floor=0.01, warm=True)
+    head = WarmupCosine("cosine", steps=100, warm_frac=0.1, floor=0.01, warm=False)
+    assert [round(warm(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear from 0 over 10 steps
+    assert head(0) == head(9) == 1.0  # the head is not warmed up
+    assert warm(10) == pytest.approx(1.0) and warm(55) == pytest.approx(0.505)
+    assert warm(100) == pytest.approx(0.01) and warm(200) == pytest.approx(0.01)  # ends at min_lr
+    one = WarmupCosine("onecycle", steps=100, warm_frac=0.1, floor=0.0, warm=True)
+    assert one(0) == pytest.approx(1 / 25 + (1 - 1 / 25) / 10)
+
+
+def test_weight_ema_averages_weights_and_warms_up_its_decay():
+    from chiptag.training.loop import WeightEMA
+
+    t = _tagger()
+    ema = WeightEMA(t, decay=0.9)
+    start = t.head[1].weight.detach().clone()
+    with torch.no_grad():
+        t.head[1].weight.add_(1.0)
+    ema.update()  # the first update takes the weights as they are (AveragedModel)
+    assert torch.allclose(ema.tagger.head[1].weight, start + 1, atol=1e-6)
+    with torch.no_grad():
+        t.head[1].weight.add_(1.0)
+    ema.update()  # then decay min(0.9, 2/11): 9/11 of the way to the new weights
+    assert torch.allclose(ema.tagger.head[1].weight, start + 1 + 9 / 11, atol=1e-5)
+    assert ema.tagger is not t and ema.tagger.head[1].weight.data_ptr() != t.head[1].weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_fine_tuning_recipe_end_to_end(tiny_config):
+    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=2, layer_decay=0.5,
+                      ema_decay=0.99, clip_grad_norm=1.0, warmup_epochs=1)
+    cfg.augment.scale, cfg.augment.brightness = 0.1, 0.2
+    s = run_train(cfg)
+    assert s["augment"] == "d4, scale 0.1, brightness 0.2"
+    assert s["finetune"] == ("unfreeze 2 stages after 1 head epochs; layer_decay 0.5; schedule cosine (warm-up 1 "
+                             "epochs); batchnorm frozen; EMA 0.99; clip 1")
+    lrs = [h["lr"] for h in s["history"]]
+    assert lrs == pytest.approx([3e-3, 3e-3, 1e-6])  # the head's rate at each epoch's end: cosine to min_lr
+    backbone = [h.get("lr/backbone") for h in s["history"]]  # the lowest stage's: 3e-3 * 0.5^2 after warm-up
+    assert backbone[0] is None and backbone[1] == pytest.approx(7.5e-4) and backbone[2] < 1e-5
+    ckpt = checkpoint.load(f"{s['run_dir']}/checkpoint.pt")
+    assert ckpt.config["augment"]["scale"] == 0.1  # the resolved config shows the augmentation
+    from chiptag.runs.table import read_run
+
+    assert read_run(s["run_dir"]).augment == "d4, scale 0.1, brightness 0.2"

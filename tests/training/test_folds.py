@@ -1,4 +1,4 @@
-"""k-fold training of a frozen backbone (training.folds): folds, the run dir, the ensemble, resume, errors."""
+"""k-fold training (training.folds), frozen and fine-tuned: folds, the run dir, the ensemble, resume, errors."""
 
 from __future__ import annotations
 
@@ -162,10 +162,6 @@ def test_kfold_with_label_rules_decodes_one_weather_tag(tiny_data, tmp_path):
 
 
 def test_kfold_config_errors(tiny_data, tmp_path):
-    raw = make_config_dict(tiny_data, tmp_path, freeze=False)
-    raw["training"]["folds"] = 3
-    with pytest.raises(ChiptagError, match="training.folds .3. needs a frozen backbone"):
-        config_mod.from_dict(raw)
     raw = make_config_dict(tiny_data, tmp_path)
     raw["training"]["folds"] = 1
     with pytest.raises(ChiptagError, match="1 fold is no cross-validation"):
@@ -174,3 +170,41 @@ def test_kfold_config_errors(tiny_data, tmp_path):
     raw["labels"] = {"exclusive": [["clear", "sunny"], ["sunny", "rainy"]]}
     with pytest.raises(ChiptagError, match="exclusive groups must not share tags: 'sunny'"):
         config_mod.from_dict(raw)
+
+
+@pytest.mark.slow
+def test_kfold_fine_tuning_end_to_end_and_resume_inside_a_fold(tiny_data, tmp_path, monkeypatch):
+    """freeze: false with folds: K fine-tuned models (each from the pretrained weights), one ensemble checkpoint
+    that predict, evaluate and export take, and --resume inside a fold."""
+    model = {"freeze": False, "unfreeze_stages": 1, "epochs": 2}
+    reference = run_train(folds_config(tiny_data, tmp_path / "a", k=2, epochs=2, models=[
+        {**make_config_dict(tiny_data, tmp_path)["models"][0], **model}]))
+    run = RunDir(reference["run_dir"])
+    assert reference["folds"]["k"] == 2 and reference["frozen"] is False
+    ckpt = checkpoint.load(run.checkpoint)
+    assert len(ckpt.ensemble) == 2 and ckpt.members is None
+    raw = torch.load(run.fold(1).checkpoint, map_location="cpu", weights_only=True)
+    assert "backbone_file" not in raw and any(k.startswith("backbone.layer4") for k in raw["state_dict"])
+    fold_weights = [checkpoint.load(run.fold(k).checkpoint).state_dict["backbone.layer4.0.conv1.weight"]
+                    for k in (1, 2)]
+    assert not torch.equal(*fold_weights)  # each fold fine-tuned its own backbone
+    chips = sorted((tiny_data / "train-jpg").glob("*.jpg"))[:6]
+    ens = Predictor.from_run(run.path).predict(chips)
+    members = [Predictor.from_run(run.fold(k).path).predict(chips) for k in (1, 2)]
+    assert np.abs(ens - np.mean(members, axis=0)).max() < 1e-5
+    assert evaluate_run(run.path)["test"]["f2"] == pytest.approx(reference["metrics"]["test"]["f2"], abs=1e-6)
+    pytest.importorskip("onnxruntime")
+    assert export_run(run.path, "onnx", tmp_path / "ft.onnx")["max_abs_diff"] < 1e-4  # one graph, two models
+
+    cfg = folds_config(tiny_data, tmp_path / "b", k=2, epochs=2, models=[
+        {**make_config_dict(tiny_data, tmp_path)["models"][0], **model}])
+    with monkeypatch.context() as m:
+        signal_after_steps(m, 4 + 3)  # fold 1 is 2 epochs x 2 steps: stop in fold 2's second epoch
+        with pytest.raises(Interrupted, match="training stopped at epoch 2, step 1; state saved to .*fold-2"):
+            run_train(cfg)
+    stopped = RunDir(next((tmp_path / "b" / "runs").iterdir()))
+    assert stopped.fold(1).fold_result.is_file() and stopped.fold(2).resume.is_file()
+    resumed = run_train(resume=stopped.path)
+    for a, b in zip(resumed["folds"]["per_fold"], reference["folds"]["per_fold"]):
+        assert a["val_f2_tuned"] == b["val_f2_tuned"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert resumed["metrics"]["test"]["f2"] == reference["metrics"]["test"]["f2"]

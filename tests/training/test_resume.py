@@ -78,13 +78,18 @@ def test_interrupted_run_resumes_to_identical_result(tiny_config, tmp_path, monk
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("after_steps, where", [
-    (5, "epoch 2, step 2"),  # inside the fine-tuning phase: its optimizer and scheduler are restored
-    (3, "after epoch 1"),  # at the end of the head phase: fine-tuning starts fresh after the resume
+@pytest.mark.parametrize("after_steps, where, recipe", [
+    (5, "epoch 2, step 2", {}),  # inside the fine-tuning phase: its optimizer and per-step schedule are restored
+    (3, "after epoch 1", {}),  # at the end of the head phase: fine-tuning starts fresh after the resume
+    # the whole recipe: the weights' EMA, clipping, layer-wise rates, every augmentation
+    (5, "epoch 2, step 2", {"ema_decay": 0.9, "clip_grad_norm": 0.5, "layer_decay": 0.5,
+                            "finetune_scheduler": "onecycle", "batchnorm": "train"}),
 ])
 def test_interrupted_fine_tuning_resumes_to_identical_result(tiny_config, tmp_path, monkeypatch, after_steps,
-                                                             where):
-    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=1)
+                                                             where, recipe):
+    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=1, **recipe)
+    if recipe:
+        cfg.augment.scale, cfg.augment.brightness, cfg.augment.contrast, cfg.augment.hue = 0.2, 0.2, 0.2, 0.1
     reference = run_train(cfg)
     assert [h["phase"] for h in reference["history"]] == ["head", "finetune", "finetune"]
     with monkeypatch.context() as m:

@@ -169,8 +169,25 @@ class ModelEntry(_Strict):
     # stats in the unfrozen stages; frozen = running stats and affine parameters kept (small batches).
     unfreeze_after: int = Field(0, ge=0)
     unfreeze_stages: int | Literal["all"] = "all"
-    backbone_lr_mult: float = Field(0.1, gt=0)
-    batchnorm: Literal["train", "frozen"] = "train"
+    backbone_lr_mult: float | None = Field(None, gt=0)  # null: 0.1 (or layer_decay's rates when that is set)
+    # A stable unfreeze (the fine-tuning phase only; README "Fine-tuning" has the measurements behind the
+    # defaults). layer_decay: in place of backbone_lr_mult, stage i from the top (0 = the last) trains at
+    # learning_rate * layer_decay^(i + 1), so early, generic filters move least.
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    # The fine-tuning phase's own schedule, stepped per optimiser step: cosine = the backbone's learning rates
+    # warm up linearly from 0 over warmup_epochs (the head keeps its rate), then every rate anneals to
+    # training.scheduler.min_lr by the last epoch; onecycle = every rate warms up from 1/25 over warmup_epochs,
+    # then anneals (torch's OneCycleLR shape); training = training.scheduler, per epoch, as the head phase.
+    finetune_scheduler: Literal["cosine", "onecycle", "training"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    # BatchNorm in the unfrozen stages. train: batch statistics, running stats updated; frozen: running stats and
+    # affine parameters kept (eval mode); auto: frozen when a step sees fewer than 64 images (small batches give
+    # noisy statistics that throw the pretrained features off at unfreeze), train otherwise.
+    batchnorm: Literal["auto", "train", "frozen"] = "auto"
+    # EMA of the weights (decay per optimiser step, warmed up as timm's ModelEmaV3 does): the averaged model is
+    # what validation scores, the checkpoint keeps and test evaluates. null: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    clip_grad_norm: float | None = Field(None, gt=0)  # max global gradient norm per step; null: no clipping
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> ModelEntry:
@@ -179,7 +196,21 @@ class ModelEntry(_Strict):
                              "the backbone would never train")
         if isinstance(self.unfreeze_stages, int) and self.unfreeze_stages < 1:
             raise ValueError("unfreeze_stages must be >= 1 or 'all'")
+        if self.layer_decay is not None and self.backbone_lr_mult is not None:
+            raise ValueError("layer_decay replaces backbone_lr_mult (stage i from the top trains at "
+                             "learning_rate * layer_decay^(i+1)): set one of them")
         return self
+
+
+class AugmentConfig(_Strict):
+    """Augmentation of training chips in end-to-end phases (freeze: false). The cached-feature
+    path keeps its cached D4 views (features.views) instead."""
+
+    d4: bool = True  # a random flip / 90-degree rotation per chip and epoch (chips have no "up")
+    scale: float = Field(0.0, ge=0, lt=1)  # zoom jitter: a random square crop, side in [1 - scale, 1], resized back
+    brightness: float = Field(0.0, ge=0, lt=1)  # factor in [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0, lt=1)  # factor in [1 - c, 1 + c], around the chip's mean
+    hue: float = Field(0.0, ge=0, le=0.5)  # RGB only: a hue rotation of up to this fraction of a turn
 
 
 class SchedulerConfig(_Strict):
@@ -207,8 +238,9 @@ class TrainingConfig(_Strict):
     # Which epoch's weights the checkpoint keeps: lowest validation loss, highest validation F2 at 0.5, or
     # highest validation F2 at thresholds tuned on validation (benchmarks/checkpoint_select.py).
     select: Literal["val_loss", "val_f2", "val_f2_tuned"] = "val_loss"
-    # k-fold, frozen backbones (training.folds): 0 = one train/val split; K >= 2: K heads on one feature pass,
-    # thresholds tuned on out-of-fold predictions (all non-test chips: rare tags get positives), mean on test.
+    # k-fold (training.folds): 0 = one train/val split; K >= 2: K models on K folds of train + val (frozen: K
+    # heads on one feature pass; freeze: false: K fine-tuned models), thresholds tuned on out-of-fold
+    # predictions (all non-test chips: rare tags get positives), their mean probability scored on test.
     folds: int = Field(0, ge=0, le=50)
 
     @field_validator("folds")
@@ -266,6 +298,7 @@ class Config(_Strict):
     active_model_index: int = 0
     training: TrainingConfig = TrainingConfig()
     features: FeaturesConfig = FeaturesConfig()
+    augment: AugmentConfig = AugmentConfig()
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig = ReportConfig()
@@ -281,11 +314,10 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _folds_need_frozen(self) -> Config:
-        if self.training.folds and not self.model.freeze:
-            raise ValueError(f"training.folds ({self.training.folds}) needs a frozen backbone (the K heads share "
-                             f"one feature pass); models.{self.active_model_index} ({self.model.name}) has "
-                             "freeze: false. K-fold fine-tuning is not supported: set freeze: true or folds: 0")
+    def _hue_needs_rgb(self) -> Config:
+        if self.augment.hue and self.data.raster:
+            raise ValueError("augment.hue rotates RGB hues; these chips are multiband rasters (data.bands / a .tif "
+                             "extension): set augment.hue: 0")
         return self
 
     @property

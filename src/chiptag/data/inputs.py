@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from chiptag import distributed
+from chiptag.data.augment import Augment
 from chiptag.data.decoders import FileBytes, as_list, decode_batch, device_batches, resolve_decoder
 from chiptag.data.images import (ImageDataset, Preprocessing, batches, collate, d4, decode, fit, normalize,
                                  read_image)
@@ -102,53 +103,76 @@ class ImageInput:
 
 class WithTargets:
     """collate_fn for training on images: -> (normalised batch, the targets of its rows). A class, not a
-    closure, so DataLoader workers can pickle it; it normalises in the worker, on CPU."""
+    closure, so DataLoader workers can pickle it; it augments (training batches) and normalises in the worker,
+    on CPU. `epoch` is set before each pass (LabelledBatches.set_epoch): workers start with it."""
 
-    def __init__(self, targets: np.ndarray | torch.Tensor, images: ImageInput):
+    def __init__(self, targets: np.ndarray | torch.Tensor, images: ImageInput, augment: Augment | None = None):
         self.targets, self.images = torch.as_tensor(targets, dtype=torch.float32), images
+        self.augment, self.epoch = augment, 0
 
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, idx, _ = collate(batch)
+        if self.augment is not None:
+            x = self.augment(x, idx, self.epoch)
         return self.images.normalize(x), self.targets[idx]
 
 
-class DecodedOnDevice:
-    """Training batches for the nvjpeg decoder: a DataLoader over FileBytes (its sampler, shuffling generator and
-    workers as usual), each batch decoded on the device -> (normalised images, targets). Quacks like the
-    DataLoader it wraps (len, dataset, sampler) for the epoch loop."""
+class LabelledBatches:
+    """(normalised images, targets) batches for fine-tuning: a DataLoader whose collate function decodes,
+    augments and normalises in the workers (cpu decoder), or a DataLoader over FileBytes whose batches are
+    decoded, augmented and normalised on the device (nvjpeg). Quacks like the DataLoader it wraps (len,
+    dataset, sampler) for the epoch loop; `set_epoch` before a pass sets the epoch the augmentation draws from
+    (and a DistributedSampler's shuffle)."""
 
-    def __init__(self, loader: DataLoader, data: ImageDataset, targets: torch.Tensor, images: ImageInput):
-        self.loader, self.data, self.targets, self.images = loader, data, targets, images
-        self.dataset, self.sampler = loader.dataset, loader.sampler
+    def __init__(self, loader: DataLoader, data: ImageDataset, targets: torch.Tensor, images: ImageInput,
+                 augment: Augment | None):
+        self.loader, self.data, self.targets, self.images, self.augment = loader, data, targets, images, augment
+        self.dataset, self.sampler, self.epoch = loader.dataset, loader.sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.loader.collate_fn, WithTargets):
+            self.loader.collate_fn.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):  # DistributedSampler: a new shuffle per epoch
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if self.images.decoder != "nvjpeg":
+            yield from self.loader
+            return
         for items in self.loader:
             x, idx, _ = decode_batch(items, self.data, self.images.device)
-            yield self.images.normalize(x), self.targets[idx]
+            if self.augment is not None:
+                x = self.augment(x, idx, self.epoch)
+            yield self.images.normalize(x), self.targets[idx.to(self.targets.device)]
 
 
 def labelled_loader(images: ImageInput, paths: Sequence[Path], targets: np.ndarray, batch_size: int, *,
                     shuffle: bool = False, generator: torch.Generator | None = None, seed: int = 0,
-                    num_workers: int = 0):
-    """(normalised images, float32 targets) batches of `paths` for fine-tuning (shuffle) and its evaluation.
+                    num_workers: int = 0, augment: Augment | None = None) -> LabelledBatches:
+    """(normalised images, float32 targets) batches of `paths` for fine-tuning (shuffle, augment) and its
+    evaluation.
 
     shuffle: a new order each epoch from `generator` (its state is what resume saves); under torchrun a
     DistributedSampler seeded with `seed` gives each rank its shard and `batch_size` stays the global batch.
+    augment: each chip transformed as drawn for (augment.seed, epoch, its index in `paths`) — in the workers
+    (cpu decoder) or on the device after the batch decode (nvjpeg); None: as decoded.
     Workers ignore Ctrl-C (the main process finishes its step and saves progress). An unreadable image raises
     ChiptagError naming it: training data was validated first."""
     data = ImageDataset(paths, images.pre)
     y = torch.as_tensor(targets, dtype=torch.float32)
+    augment = augment if augment is not None and augment.active else None
     nvjpeg = images.decoder == "nvjpeg"
     source = FileBytes(data.paths, data.pre) if nvjpeg else data  # nvjpeg: workers read bytes (decode the rest)
     common = {"num_workers": num_workers, "worker_init_fn": ignore_sigint_in_worker if num_workers else None,
-              "collate_fn": as_list if nvjpeg else WithTargets(y, images)}
+              "collate_fn": as_list if nvjpeg else WithTargets(y, images, augment)}
     if shuffle and distributed.active():
         sampler = DistributedSampler(source, shuffle=True, seed=seed)
         loader = DataLoader(source, batch_size=max(1, batch_size // distributed.world()), sampler=sampler, **common)
     else:
         loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
                             pin_memory=images.device.type == "cuda", **common)
-    return DecodedOnDevice(loader, data, y, images) if nvjpeg else loader
+    return LabelledBatches(loader, data, y, images, augment)

@@ -78,13 +78,20 @@ class Checkpoint(ModelCard):
         the head's weights alone, the backbone's are in that checkpoint (see the module's docstring)."""
         if thresholds is None:
             thresholds = [0.5] * len(card.tags)
-        members = len(tagger.head.members) if isinstance(tagger.head, MeanProbability) else None
+        members, ensemble = None, ()
+        if isinstance(tagger.head, MeanProbability):
+            if all(isinstance(m, Tagger) for m in tagger.head.members):  # whole models (k-fold fine-tuning)
+                described = {f.name: getattr(card, f.name) for f in fields(ModelCard)} | {"config": None}
+                ensemble = tuple(cls(**described, thresholds=[0.5] * len(card.tags), frozen=m.frozen)
+                                 for m in tagger.head.members)
+            else:
+                members = len(tagger.head.members)
         state = tagger.state_dict()
         if backbone_file is not None:
             state = {k: v for k, v in state.items() if k.startswith("head.")}
         return cls(**{f.name: getattr(card, f.name) for f in fields(ModelCard)},
                    thresholds=[float(t) for t in thresholds], frozen=tagger.frozen, state_dict=state,
-                   epoch=epoch, members=members, backbone_file=backbone_file)
+                   epoch=epoch, members=members, ensemble=ensemble, backbone_file=backbone_file)
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk layout (format 1), plain types only; keys that do not apply are left out, as always."""

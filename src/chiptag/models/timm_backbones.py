@@ -98,5 +98,27 @@ def build(name: str, weights: str | None, image_size: int | None) -> tuple[nn.Mo
 
 
 def stages(net: nn.Module) -> list[nn.Module]:
-    """timm's feature_info: the modules each feature level comes from, input to output."""
-    return [net.get_submodule(info["module"]) for info in getattr(net, "feature_info", [])]
+    """The network cut into consecutive stages at timm's feature_info levels, input to output: stage i ends with
+    the module feature level i comes from; the stem goes with the first level and whatever follows the last
+    level (an EfficientNet's conv_head and bn2, a ViT's final norm) with the last stage. Every module of the net
+    is in one stage (feature_info alone names only some: EfficientNet's blocks.3 and blocks.5 are no level)."""
+    ends = [info["module"] for info in getattr(net, "feature_info", [])]
+    if not ends:
+        return []
+    groups: list[list[nn.Module]] = [[]]
+    for name, module in _in_order(net, "", ends):
+        groups[-1].append(module)
+        if name in ends and len(groups) < len(ends):
+            groups.append([])
+    return [g[0] if len(g) == 1 else nn.ModuleList(g) for g in groups if g]
+
+
+def _in_order(module: nn.Module, prefix: str, ends: list[str]):
+    """(name, module) of the children in registration order (timm registers them in forward order), opened
+    wherever a feature level lies deeper inside."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if any(end.startswith(full + ".") for end in ends):
+            yield from _in_order(child, full + ".", ends)
+        else:
+            yield full, child

@@ -43,6 +43,7 @@ class RunRow:
     epochs: str = ""
     head: str = ""
     frozen: str = ""
+    augment: str = ""  # a fine-tuned run's augmentation ("" for frozen runs and runs from before it)
     duration_s: float | None = None
     tracker: str = ""
     note: str = ""  # why a run failed, is damaged or broken
@@ -84,7 +85,7 @@ def row_from_summary(s: dict, run_id: str) -> RunRow:
         scheduler=str(s.get("scheduler", "")),
         epochs=f"{s.get('epochs', '?')}" + (f" (best {best})" if best is not None else "")
         + (f" x {s['folds']['k']} folds" if isinstance(s.get("folds"), dict) else ""),
-        head=str(s.get("head", "")), frozen="yes" if s.get("frozen") else "no",
+        head=str(s.get("head", "")), frozen="yes" if s.get("frozen") else "no", augment=str(s.get("augment") or ""),
         duration_s=(s.get("timings") or {}).get("total_s"), tracker=_tracker_link(s.get("tracker")))
 
 
@@ -158,7 +159,7 @@ def format_duration(seconds: float | None) -> str:
 # Every column: --wide, --markdown and EXPERIMENTS.md. `entry` is the run's index in its config's `models:` list.
 COLUMNS = ("entry", "run", "model", "backbone", "image size", "views/TTA", "F2 test (tuned)", "F2@0.5",
            "baseline F2", "Δ", "label rules (val F2)", "pos_weight", "optimizer", "scheduler", "epochs",
-           "head layers", "frozen", "duration", "tracker", "status")
+           "head layers", "frozen", "augment", "duration", "tracker", "status")
 # What fits a terminal: the run (its name carries the model, and the backbone when the name does not say it), the
 # headline against the baseline, and the state; under shorter headers.
 COMPACT = {"run": "run", "status": "status", "F2 test (tuned)": "test F2", "baseline F2": "baseline", "Δ": "Δ",
@@ -198,7 +199,7 @@ def _cells(r: RunRow, note: str = "one line") -> list[str]:
     status = r.status if not text or r.status == "completed" else f"{r.status}: {text}"
     return ["" if r.index is None else str(r.index), r.run_id, r.model, r.backbone, r.image_size, r.views,
             f(r.f2), f(r.f2_05), f(r.baseline), delta_cell(r), r.label_rules, r.pos_weight, r.optimizer,
-            r.scheduler, r.epochs, r.head, r.frozen, format_duration(r.duration_s), r.tracker, status]
+            r.scheduler, r.epochs, r.head, r.frozen, r.augment, format_duration(r.duration_s), r.tracker, status]
 
 
 def to_markdown(rows: list[RunRow]) -> str:

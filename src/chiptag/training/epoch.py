@@ -33,6 +33,7 @@ class Step:
     amp: bool = False
     channels_last: bool = False
     show_progress: bool = False
+    clip_grad_norm: float | None = None  # the gradients' global norm is clipped to this before each update
 
 
 @dataclass
@@ -43,9 +44,10 @@ class EpochResult:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, step: Step, *, epoch: int = 0,
-                    resume: EpochResult | None = None, should_stop=None) -> EpochResult:
+                    resume: EpochResult | None = None, should_stop=None, after_update=None) -> EpochResult:
     """One pass over `loader`. To continue an interrupted epoch: the same loader order (its generator reset to
     the epoch's start) and `resume` = the stopped epoch's result (its steps are skipped, its totals kept).
+    `after_update` runs after each optimiser step (a per-step LR schedule, the weights' EMA).
     `should_stop` is polled after each optimiser step; when it fires, the result has `stopped_at`.
     On CUDA the step losses stay on the device until the epoch ends (no host sync per batch)."""
     model.train()
@@ -69,8 +71,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             (loss / step.accum_steps).backward()
             stepped = (i + 1) % step.accum_steps == 0 or i + 1 == len(loader)
             if stepped:
+                if step.clip_grad_norm:
+                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                             step.clip_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_update is not None:
+                    after_update()
             advance(len(x))
             # stop only on an optimiser-step boundary, so no accumulated gradient is lost
             if stepped and should_stop is not None and should_stop() and i + 1 < len(loader):

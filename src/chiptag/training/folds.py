@@ -108,18 +108,24 @@ def load_done(fold: Fold, y: np.ndarray) -> FoldResult | None:
     record = json.loads(run.fold_result.read_text(encoding="utf-8"))
     with np.load(run.oof_probs) as z:
         probs = z["probs"]
-    state = checkpoint.load(run.checkpoint, with_backbone=False).state_dict  # the run's backbone: not written yet
-    head = {key.removeprefix("head."): v for key, v in state.items() if key.startswith("head.")}
+    ckpt = checkpoint.load(run.checkpoint, with_backbone=False)  # the run's backbone: not written yet
+    if ckpt.backbone_file is None:  # a fine-tuned fold: its whole model
+        trained = {"tagger": ckpt.state_dict}
+    else:
+        trained = {"head": {key.removeprefix("head."): v for key, v in ckpt.state_dict.items()
+                            if key.startswith("head.")}}
     out.print(f"fold {fold.k}: done before (val F2 {record['val_f2_tuned']:.4f}), not trained again")
-    return FoldResult(fold.k, fold.val, probs, y[fold.val], {"head": head}, record)
+    return FoldResult(fold.k, fold.val, probs, y[fold.val], trained, record)
 
 
 def save_done(fold: Fold, tagger: Tagger, card: ModelCard, result: FoldResult) -> None:
-    """Fold k's files: its best head, its out-of-fold probabilities, and fold.json last (its presence marks the
-    fold as done); the resume state is no longer needed. The checkpoint keeps the head alone and refers to the
-    run's checkpoint for the frozen backbone every fold shares (one copy per run dir, not K + 1)."""
+    """Fold k's files: its best model, its out-of-fold probabilities, and fold.json last (its presence marks the
+    fold as done); the resume state is no longer needed. A frozen fold's checkpoint keeps the head alone and
+    refers to the run's checkpoint for the backbone every fold shares (one copy per run dir, not K + 1); a
+    fine-tuned fold's holds its own backbone."""
     shared = os.path.relpath(fold.run.path.parent / fold.run.checkpoint.name, fold.run.path)
-    checkpoint.save(fold.run.checkpoint, tagger, card, None, result.record["best_epoch"], backbone_file=shared)
+    checkpoint.save(fold.run.checkpoint, tagger, card, None, result.record["best_epoch"],
+                    backbone_file=shared if tagger.frozen else None)
     with replacing(fold.run.oof_probs) as tmp:
         np.savez_compressed(tmp, probs=result.val_probs, index=fold.val)
     write_json(fold.run.fold_result, result.record)

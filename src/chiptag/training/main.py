@@ -8,6 +8,7 @@ and threshold tuning; the test split is evaluated once, at the end, and is the h
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -296,7 +297,7 @@ def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: 
                                              s.features.tta, device)
     if not s.network.freeze:  # the backbone trains: it sees the images themselves
         image_batches = phases_mod.image_inputs(r.ds, splits, images, s.optim.batch_size, s.seed,
-                                                default_workers(s.num_workers))
+                                                default_workers(s.num_workers), s.augment)
     return features, image_batches
 
 
@@ -311,7 +312,10 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
     if fold.of_k:
         fold.run.path.mkdir(exist_ok=True)
         torch.manual_seed(s.seed + fold.k)  # each head its own start; the same on every rerun
-        tagger = Tagger(net.backbone.net, net.head.build(), frozen=True).to(fold.device)
+        # frozen: the K heads share the one backbone; fine-tuning: each fold trains its own copy of it, from the
+        # pretrained weights (net's backbone itself is never trained in a k-fold run)
+        backbone = net.backbone.net if s.network.freeze else copy.deepcopy(net.backbone.net)
+        tagger = Tagger(backbone, net.head.build(), frozen=s.network.freeze).to(fold.device)
     else:
         torch.manual_seed(s.seed)  # dropout and shuffling do not depend on whether the cache was hit
         tagger = net.tagger
@@ -341,10 +345,18 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
 def final_model(results: list[FoldResult], net: Network, folds: list[Fold],
                 device: torch.device) -> tuple[Tagger, nn.Module, nn.Module, int]:
     """-> (the tagger the checkpoint holds, the module test is evaluated with, its loss, the checkpoint's
-    epoch). One fold: its own best model. K folds: one backbone + the mean probability of the K heads; its test
-    loss is unweighted (each head's pos_weight came from its own folds)."""
+    epoch). One fold: its own best model. K folds: one backbone + the mean probability of the K heads, or of the
+    K fine-tuned models; the test loss is unweighted (each fold's pos_weight came from its own rows)."""
     if len(results) == 1:
         return net.tagger, results[0].model, folds[0].loss_fn, results[0].record["best_epoch"]
+    if "tagger" in results[0].trained:  # fine-tuned folds: whole models, averaged (models.checkpoint: ensemble)
+        members = []
+        for res in results:
+            member = Tagger(copy.deepcopy(net.backbone.net), net.head.build(), frozen=False)
+            member.load_state_dict(res.trained["tagger"])
+            members.append(member)
+        ensemble = Tagger(nn.Identity(), MeanProbability(members), frozen=False).to(device).eval()
+        return ensemble, ensemble, nn.BCEWithLogitsLoss(), 0
     heads = []
     for res in results:
         head = net.head.build()

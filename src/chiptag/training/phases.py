@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from chiptag import distributed
+from chiptag.data.augment import Augment
 from chiptag.data.dataset import Dataset
 from chiptag.data.inputs import ImageInput, labelled_loader
 from chiptag.features.views import RandomViewSampler, TensorBatches, ViewAverage
 from chiptag.models.head import Tagger
-from chiptag.models.stages import unfreeze
+from chiptag.models.stages import backbone_stages, unfreeze
 from chiptag.training.epoch import Step
 from chiptag.training.settings import Optimisation
 
@@ -34,7 +35,7 @@ HEAD, FINETUNE = "head", "finetune"
 class Inputs:
     """What a phase iterates: (inputs, targets) batches per split, and the train shuffling generator."""
 
-    train: Iterable[tuple[torch.Tensor, torch.Tensor]]  # TensorBatches, a DataLoader or DecodedOnDevice
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]  # TensorBatches or data.inputs.LabelledBatches
     val: Iterable[tuple[torch.Tensor, torch.Tensor]]
     test: Iterable[tuple[torch.Tensor, torch.Tensor]]
     gen: torch.Generator
@@ -60,20 +61,36 @@ class Phase:
         return distributed.wrap(model, device)
 
     def param_groups(self, model: nn.Module, optim: Optimisation) -> list[dict]:
-        """Trainable parameters only: the head at learning_rate, an unfrozen backbone at lr * backbone_lr_mult."""
+        """Trainable parameters only: the head at learning_rate (group 0); an unfrozen backbone at
+        lr * backbone_lr_mult, or with layer_decay one group per stage, stage i from the top at
+        lr * layer_decay^(i + 1) (parameters outside every stage, e.g. a ViT's class token, with the first)."""
+        lr = optim.learning_rate
         if self.name == HEAD:
-            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": optim.learning_rate}]
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
         tagger = getattr(model, "module", model).tagger  # through DistributedDataParallel
-        return [{"params": [p for p in tagger.head.parameters() if p.requires_grad], "lr": optim.learning_rate},
-                {"params": [p for p in tagger.backbone.parameters() if p.requires_grad],
-                 "lr": optim.learning_rate * optim.backbone_lr_mult}]
+        head = {"params": [p for p in tagger.head.parameters() if p.requires_grad], "lr": lr}
+        live = [p for p in tagger.backbone.parameters() if p.requires_grad]
+        if not optim.layer_decay:
+            return [head, {"params": live, "lr": lr * optim.backbone_lr_mult}]
+        stages = backbone_stages(tagger.backbone)
+        groups, seen = [], set()
+        for i, stage in enumerate(reversed(stages)):
+            params = [p for p in stage.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({"params": params, "lr": lr * optim.layer_decay ** (i + 1)})
+        rest = [p for p in live if id(p) not in seen]
+        if rest:
+            groups.append({"params": rest, "lr": lr * optim.layer_decay ** (len(stages) + 1)})
+        return [head, *groups]
 
     def step(self, loss_fn: nn.Module, device: torch.device, optim: Optimisation, progress: bool) -> Step:
         """How this phase's training step runs: a head on cached features takes plain steps; end-to-end steps
         take the accumulation, bf16 and memory-format options (and a progress bar: they are slow)."""
         if self.name == HEAD:
             return Step(loss_fn, device)
-        return Step(loss_fn, device, optim.grad_accum_steps, optim.amp, optim.channels_last, progress)
+        return Step(loss_fn, device, optim.grad_accum_steps, optim.amp, optim.channels_last, progress,
+                    optim.clip_grad_norm)
 
 
 def plan(optim: Optimisation, freeze: bool, features: Inputs | None, images: Inputs | None) -> list[Phase]:
@@ -111,13 +128,15 @@ def feature_inputs(feats: torch.Tensor, y: np.ndarray, splits: dict, batch_size:
     return Inputs(train_loader(splits["train"]), eval_loader(splits["val"]), eval_loader(splits["test"]), gen)
 
 
-def image_inputs(ds: Dataset, splits: dict, images: ImageInput, batch_size: int, seed: int, workers: int) -> Inputs:
+def image_inputs(ds: Dataset, splits: dict, images: ImageInput, batch_size: int, seed: int, workers: int,
+                 augment: Augment | None = None) -> Inputs:
     """(normalised images, targets) batches of each split through the one input object (data.inputs: its
-    decoder and device are resolved already)."""
+    decoder and device are resolved already); the train split's chips augmented (data.augment)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def loader(idx, shuffle):
+    def loader(idx, train):
         return labelled_loader(images, [ds.paths[i] for i in idx], ds.table.y[idx], batch_size,
-                               shuffle=shuffle, generator=gen, seed=seed, num_workers=workers)
+                               shuffle=train, generator=gen, seed=seed, num_workers=workers,
+                               augment=augment if train else None)
 
     return Inputs(loader(splits["train"], True), loader(splits["val"], False), loader(splits["test"], False), gen)

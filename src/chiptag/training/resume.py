@@ -74,10 +74,13 @@ def set_rng_states(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(path: Path, st: LoopState, tagger, head_only: bool, optimizer, scheduler) -> Path:
-    torch_save({"format": FORMAT, "state": vars(st), "module": trained_state(tagger, head_only),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states()}, path)
+def save(path: Path, st: LoopState, tagger, head_only: bool, optimizer, scheduler, ema=None) -> Path:
+    """ema: the phase's weight average (training.loop.WeightEMA.model), when it keeps one."""
+    obj = {"format": FORMAT, "state": vars(st), "module": trained_state(tagger, head_only),
+           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()}
+    if ema is not None:
+        obj["ema"] = ema.state_dict()
+    torch_save(obj, path)
     return path
 
 
@@ -107,10 +110,12 @@ def restore_model(obj: dict, tagger) -> LoopState:
     return LoopState(**state)
 
 
-def restore_training(obj: dict, optimizer=None, scheduler=None) -> None:
-    """Second half, once the interrupted phase is reached: its optimizer and scheduler (None when the saved
-    ones belong to an earlier, finished phase), and every random state."""
+def restore_training(obj: dict, optimizer=None, scheduler=None, ema=None) -> None:
+    """Second half, once the interrupted phase is reached: its optimizer, scheduler and weight average (None
+    when the saved ones belong to an earlier, finished phase), and every random state."""
     if optimizer is not None:
         optimizer.load_state_dict(obj["optimizer"])
         scheduler.load_state_dict(obj["scheduler"])
+    if ema is not None and "ema" in obj:
+        ema.load_state_dict(obj["ema"])
     set_rng_states(obj["rng"])

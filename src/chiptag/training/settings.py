@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chiptag.config import Config, DataConfig, FeaturesConfig, OutputConfig, TrackingConfig
+from chiptag.data.augment import Augment
 
 OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
@@ -48,11 +49,28 @@ class Optimisation:
     unfreeze_after: int = 0
     unfreeze_stages: int | str = "all"
     backbone_lr_mult: float = 0.1
-    batchnorm: str = "train"
+    batchnorm: str = "train"  # resolved: train | frozen (Settings.from_config applies model.batchnorm: auto)
+    layer_decay: float | None = None  # in place of backbone_lr_mult: stage i from the top at lr * decay^(i+1)
+    finetune_scheduler: str = "training"  # cosine | onecycle (per step, warm-up) | training (the head's)
+    warmup_epochs: float = 0.0
+    ema_decay: float | None = None
+    clip_grad_norm: float | None = None
     # end-to-end steps only (a head on cached features is a few matmuls)
     grad_accum_steps: int = 1
     amp: bool = True
     channels_last: bool = True
+
+    def describe_finetune(self) -> str:
+        """How the unfrozen phase trains, for the summary and the runs table."""
+        rates = (f"layer_decay {self.layer_decay:g}" if self.layer_decay
+                 else f"backbone_lr_mult {self.backbone_lr_mult:g}")
+        sched = (self.finetune_scheduler if self.finetune_scheduler == "training"
+                 else f"{self.finetune_scheduler} (warm-up {self.warmup_epochs:g} epochs)")
+        parts = [f"unfreeze {self.unfreeze_stages} stages after {self.unfreeze_after} head epochs", rates,
+                 f"schedule {sched}", f"batchnorm {self.batchnorm}"]
+        parts += [f"EMA {self.ema_decay:g}"] if self.ema_decay else []
+        parts += [f"clip {self.clip_grad_norm:g}"] if self.clip_grad_norm else []
+        return "; ".join(parts)
 
     def describe(self) -> tuple[str, str]:
         """(optimizer, scheduler) as the summary and the runs table show them."""
@@ -69,6 +87,7 @@ class Settings:
     data: DataConfig  # labels, images, split
     network: NetworkSpec  # the active `models` entry: what to build
     optim: Optimisation
+    augment: Augment  # end-to-end phases' training chips (the cached-feature path has its D4 views)
     features: FeaturesConfig  # the frozen backbone's pass: cache, views, engine, decoder
     output: OutputConfig  # where run dirs go
     tracking: TrackingConfig
@@ -90,12 +109,25 @@ class Settings:
         optim = Optimisation(
             entry.optimizer, entry.learning_rate, entry.weight_decay, sc.name, sc.factor, sc.patience, sc.min_lr,
             entry.epochs, cfg.batch_size(), entry.pos_weight, tr.pos_weight_max, entry.unfreeze_after,
-            entry.unfreeze_stages, entry.backbone_lr_mult, entry.batchnorm, tr.grad_accum_steps, tr.amp,
-            tr.channels_last)
-        return cls(cfg.data, network, optim, cfg.features, cfg.output, cfg.tracking, tr.select, tr.folds, tr.seed, tr.device, tr.num_workers,
-                   tr.progress, cfg.labels.model_dump(), cfg.active_model_index, cfg.to_dict())
+            entry.unfreeze_stages, entry.backbone_lr_mult or 0.1, _batchnorm(entry.batchnorm, cfg.batch_size()),
+            entry.layer_decay, entry.finetune_scheduler, entry.warmup_epochs, entry.ema_decay,
+            entry.clip_grad_norm, tr.grad_accum_steps, tr.amp, tr.channels_last)
+        return cls(cfg.data, network, optim, Augment.of(cfg.augment, tr.seed), cfg.features, cfg.output,
+                   cfg.tracking, tr.select, tr.folds, tr.seed, tr.device, tr.num_workers, tr.progress,
+                   cfg.labels.model_dump(), cfg.active_model_index, cfg.to_dict())
 
     @property
     def uses_features(self) -> bool:
         """Whether a head phase trains on cached features (a frozen backbone, or head epochs before unfreezing)."""
         return self.network.freeze or self.optim.unfreeze_after > 0
+
+
+# model.batchnorm: auto -> frozen below this many images per step (batch statistics of fewer images are noisy)
+BATCHNORM_AUTO_MIN = 64
+
+
+def _batchnorm(mode: str, batch_size: int) -> str:
+    """model.batchnorm resolved: auto -> frozen when a step's batch is below BATCHNORM_AUTO_MIN images."""
+    if mode != "auto":
+        return mode
+    return "frozen" if batch_size < BATCHNORM_AUTO_MIN else "train"

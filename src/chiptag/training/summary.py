@@ -56,6 +56,9 @@ def build_summary(s: Settings, run: RunDir, ds: Dataset, splits: dict, net, outc
                   "files": None if files is None else {k: str(v) for k, v in files.model_dump().items()}},
         "select": s.select, "resize": s.data.resize, "views": s.features.views,
         "tta": s.features.views > 1 and s.features.tta,
+        # end-to-end phases only (a frozen run augments through its cached views): what they trained with
+        "augment": None if s.network.freeze else s.augment.describe(),
+        "finetune": None if s.network.freeze else s.optim.describe_finetune(),
     }
 
 
