@@ -6,7 +6,7 @@ weights):
   extract_img_s        chiptag's extraction into an empty cache: nvJPEG decode + resize + normalise + forward
   train_limit_img_s    one fine-tuning train step alone (all stages trainable, bf16, channels_last), input on
                        the GPU
-  finetune_img_s       a fine-tuning epoch through chiptag's image loaders (training.epoch.train_one_epoch)
+  finetune_img_s       a fine-tuning epoch through chiptag's image loader, D4-augmented (train_one_epoch)
   predict_img_s        chiptag.inference.predictor.Predictor.predict on the same chips (auto engine/decoder)
   decoder_max_abs_feature_diff  nvJPEG vs libjpeg decodes of 512 chips, through the same backbone
   extract_cpu_decoder_img_s    extraction with decoder cpu (libjpeg in the workers) on the same RGB chips
@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from PIL import Image
 
 from chiptag.data.decoders import choose_decoder
 from chiptag.data.image_check import check_images
-from chiptag.data.images import ImageDataset
 from chiptag.data.problems import Report
-from chiptag.data.inputs import ImageInput, WithTargets
+from chiptag.data.augment import Augment
+from chiptag.data.inputs import ImageInput, labelled_loader
 from chiptag.data.labels import parse_table, read_table
 from chiptag.data.synthetic import generate_dataset
 from chiptag.features.backends import torch_forward
@@ -113,10 +112,11 @@ def train_limit(tagger: nn.Module, n_tags: int, args, device: torch.device) -> f
 
 
 def finetune_seconds(tagger: nn.Module, paths, y, bb, args, device: torch.device, workers: int) -> float:
-    loader = DataLoader(ImageDataset(paths, bb.preprocessing), batch_size=args.train_batch_size, shuffle=True,
-                        num_workers=workers, collate_fn=WithTargets(y, ImageInput(bb.preprocessing)),
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(0))
+    """A fine-tuning epoch as `chiptag train` runs it: its loader (decoder auto: nvJPEG batches on CUDA) with
+    the default augmentation (D4; on the device after the decode)."""
+    images = ImageInput.resolve(bb.preprocessing, device)
+    loader = labelled_loader(images, paths, y, args.train_batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(0), num_workers=workers, augment=Augment())
     opt = torch.optim.AdamW(tagger.parameters(), lr=1e-4)
     step = Step(nn.BCEWithLogitsLoss(), device, amp=True, channels_last=True)
     train_one_epoch(tagger, loader, opt, step)  # warm-up epoch: workers start, cuDNN chooses
