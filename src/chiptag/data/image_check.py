@@ -117,10 +117,12 @@ def _deep_check(im: Image.Image, f, scan_jpeg: bool = True) -> None:
             again.load()
 
 
-def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> ImageInfo:
+def _check_raster(raw: bytes, max_pixels: int, bands, decode: bool = True) -> ImageInfo:
     """A TIFF (data.rasters): header (band count, sample type, size, pixel cap), then a full decode of the
-    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN pixels show there)."""
-    from chiptag.data.rasters import raster_frames, raster_shape, read_bands  # tifffile only for a TIFF
+    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN/nodata pixels show
+    there). `bands`: the band list, or a whole BandReading (nodata policy, the model's band count).
+    decode=False: header only, for a caller that reads the bands next (read_bands raises the same problems)."""
+    from chiptag.data.rasters import RasterProblem, raster_frames, raster_shape, read_bands  # tifffile: TIFF only
 
     try:
         n, h, w, dtype = raster_shape(raw, "the file")
@@ -129,11 +131,14 @@ def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> I
     info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), frames=raster_frames(raw), bands=n)
     if w * h > max_pixels:
         return replace(info, kind="bomb", detail=f"{w}x{h} px > {max_pixels:,}")
+    if not decode:
+        return info
     try:
         read_bands(raw, "the file", bands)
+    except RasterProblem as exc:
+        return replace(info, kind=exc.kind, detail=str(exc)[:200])
     except ChiptagError as exc:
-        kind = "band_missing" if "band(s); data.bands" in str(exc) else "corrupt"
-        return replace(info, kind=kind, detail=str(exc)[:160])
+        return replace(info, kind="corrupt", detail=str(exc)[:200])
     return info
 
 
@@ -141,7 +146,8 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
                 scan_jpeg: bool = True, bands: Sequence[int] | None = None) -> ImageInfo:
     """source: an image file, or its bytes (the server checks uploads in memory, with the same checks).
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
-    with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
+    with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost), and a
+    TIFF's decode (read_bands finds the same problems). bands: a raster's band list, or its whole BandReading."""
     fmt = mode = size = None
     frames = 1
     allow_pixels(max_pixels)
@@ -151,7 +157,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
             return ImageInfo("zero_bytes")
         if is_tiff(source[:4] if isinstance(source, bytes) else _head(source)):
             return _check_raster(source if isinstance(source, bytes) else Path(source).read_bytes(), max_pixels,
-                                 bands)
+                                 bands, decode=scan_jpeg)
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
