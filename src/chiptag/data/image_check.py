@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from chiptag.data.decoders import nvjpeg_can_take
 from chiptag.data.images import decode_rgb, jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
-from chiptag.data.rasters import is_tiff
+from chiptag.data.rasters import BandReading, is_tiff
 from chiptag.errors import ChiptagError
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
@@ -143,7 +143,7 @@ def _check_raster(raw: bytes, max_pixels: int, bands, decode: bool = True) -> Im
 
 
 def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, full: bool = False,
-                scan_jpeg: bool = True, bands: Sequence[int] | None = None) -> ImageInfo:
+                scan_jpeg: bool = True, bands: Sequence[int] | BandReading | None = None) -> ImageInfo:
     """source: an image file, or its bytes (the server checks uploads in memory, with the same checks).
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
     with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost), and a
@@ -210,8 +210,9 @@ def _size_problem(size: tuple[int, int], expected: int | None, usual: int | None
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
                  max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
                  min_side: int = 16, check_size: bool = True, full: bool = False,
-                 bands: Sequence[int] | None = None) -> set[int]:
+                 bands: Sequence[int] | BandReading | None = None) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
+    bands: rasters' band list, or their whole data.rasters.BandReading (nodata policy, the model's band count).
 
     expected_size None: sizes far from the most common longest side are notes, not problems."""
     rows = list(rows) if rows is not None else [None] * len(paths)
@@ -249,11 +250,13 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
 
 
 def validate_images(paths: Sequence[Path], *, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS,
-                    expected_size: int | None = None, check_size: bool = True) -> tuple[Report, list[int]]:
+                    expected_size: int | None = None, check_size: bool = True,
+                    bands: Sequence[int] | BandReading | None = None) -> tuple[Report, list[int]]:
     """For prediction: check `paths`; returns (report, indices of usable images).
 
     The caller applies its policy: `report.bad` non-empty with on_bad_image=error ->
     `raise ChiptagError(report.error_message())`; with skip -> predict only the usable indices."""
     report = Report()
-    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size, check_size=check_size)
+    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size, check_size=check_size,
+                       bands=bands)
     return report, [i for i in range(len(paths)) if i not in bad]
