@@ -74,6 +74,9 @@ class BandReading:
 
 def raster_shape(raw: bytes, name: str | Path) -> tuple[int, int, int, str]:
     """(bands, height, width, dtype) from the TIFF's first page header, without decoding pixels."""
+    if raw and not is_tiff(raw):  # e.g. a JPEG given to a multiband model
+        raise RasterProblem(f"{name} is not a TIFF: a multiband model reads its bands from TIFF rasters",
+                            "not_an_image")
     tifffile = _tifffile()
     try:
         with tifffile.TiffFile(io.BytesIO(raw)) as tif:
