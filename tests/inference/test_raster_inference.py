@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,30 @@ def test_evaluate_a_multiband_run_reproduces_its_test_score(raster_run):
 
     result = evaluate_run(raster_run["dir"])
     assert result["test"]["f2"] == pytest.approx(raster_run["summary"]["metrics"]["test"]["f2"], abs=1e-6)
+
+
+def test_report_tiles_fill_nodata_and_grey_out_a_mostly_nodata_chip(raster_run):
+    from chiptag.evaluation.tiles import TileReader
+
+    arr = tifffile.imread(raster_run["chips"][5])
+    folder = raster_run["chips"][5].parent
+    for name, share in (("tile_some", 0.2), ("tile_most", 0.8)):  # nodata in the red band (file band 2): shown
+        red = arr.copy()
+        red[2].flat[: int(share * red[2].size)] = 0
+        (folder / f"{name}.tif").write_bytes(tif(red))  # not in the label table: nothing else reads it
+    read = TileReader.for_run(raster_run["dir"], SIZE)
+    tile, problem = read("tile_some")  # filled, then a stretched composite: nodata black
+    assert problem == "" and tile.shape == (SIZE, SIZE, 3) and tile.max() == 1
+    assert tile[0, 0, 0] == 0 and tile[-1, -1, 0] > 0  # the first red pixels were nodata
+    tile, problem = read("tile_most")  # a grey tile that says why
+    assert "tile_most.tif: 80% of its pixels are NaN/inf or nodata 0" in problem
+
+
+def test_onnx_export_names_the_nodata_policy(raster_run, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from chiptag.inference.export import export_run
+
+    res = export_run(raster_run["dir"], "onnx", tmp_path / "model.onnx")
+    meta = {p.key: p.value for p in onnx.load(res["path"]).metadata_props}
+    assert (meta["nodata"], meta["fill"], meta["file_bands"], meta["bands"]) == ("0.0", "mean", "4", "[2, 1, 0, 3]")
+    assert '"nir"' in meta["band_names"] and len(json.loads(meta["mean"])) == 4 and res["max_abs_diff"] < 1e-4
