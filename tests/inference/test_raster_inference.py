@@ -211,3 +211,18 @@ def test_onnx_export_names_the_nodata_policy(raster_run, tmp_path):
     meta = {p.key: p.value for p in onnx.load(res["path"]).metadata_props}
     assert (meta["nodata"], meta["fill"], meta["file_bands"], meta["bands"]) == ("0.0", "mean", "4", "[2, 1, 0, 3]")
     assert '"nir"' in meta["band_names"] and len(json.loads(meta["mean"])) == 4 and res["max_abs_diff"] < 1e-4
+
+
+def test_page_shows_an_rgb_composite_of_an_uploaded_tiff(raster_run, predictor, tmp_path):
+    from serve_helpers import page_cards, require_browser, running
+
+    require_browser()
+    chip = raster_run["chips"][3]
+    jpeg = tmp_path / "photo.jpg"
+    Image.new("RGB", (SIZE, SIZE), "green").save(jpeg)
+    with running(raster_run["dir"], engine="torch") as (url, _):
+        cards = page_cards(url, [chip, jpeg], tmp_path / "page.png", tmp_path / "profile")
+    want = predictor.tag_strings(predictor.predict([chip]))[0].split()
+    assert cards[chip.name]["shown"] == want
+    assert cards[chip.name]["img"].startswith("data:image/png;base64,") and cards[chip.name]["img_size"] == [SIZE, SIZE]
+    assert cards["photo.jpg"]["shown"][0].startswith("error: photo.jpg: a JPEG image, but this model reads 4 bands")
