@@ -124,7 +124,7 @@ def read_bands(raw: bytes, name: str | Path, reading: BandReading | Sequence[int
         reading = BandReading(tuple(reading) if reading is not None else None)
     cap = max_pixels or reading.max_pixels
     tifffile = _tifffile()
-    n, h, w, _ = raster_shape(raw, name)
+    _, h, w, _ = raster_shape(raw, name)
     if cap and h * w > cap:
         raise RasterProblem(f"{name}: {w}x{h} px is over the pixel cap ({cap:,}; data.max_image_pixels): "
                             "refused before decoding", "bomb")
