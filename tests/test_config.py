@@ -113,3 +113,11 @@ def test_an_override_error_names_the_override_not_the_file():
     # a later --set of a whole section replaces the one inside it
     msg = _error(_raw(), ["model.epochs=many", "models.0={name: a, backbone: 3}"])
     assert msg.startswith("--set models.0={name: a, backbone: 3}: models.0.backbone")
+
+
+def test_nodata_and_fill_are_raster_keys():
+    assert "nodata and fill are for raster chips" in _error(_raw(), ["data.fill=mean"])
+    assert "'error' or 'mean'" in _error(_raw(), ["data.extension=.tif", "data.fill=zero"])
+    cfg = config_mod.load(REPO / "configs" / "demo.yaml", ["data.extension=.tif", "data.nodata=-9999",
+                                                           "data.fill=mean"])
+    assert cfg.data.nodata == -9999 and cfg.data.fill == "mean"

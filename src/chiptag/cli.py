@@ -273,7 +273,7 @@ def serve(run: Path = typer.Argument(..., help="run directory (or its checkpoint
           max_images: int = typer.Option(64, min=1, help="images per request"),
           max_file_mb: float = typer.Option(20.0, min=0.001, help="bytes per uploaded file, in MiB"),
           max_request_mb: float = typer.Option(100.0, min=0.001, help="bytes per request, in MiB"),
-          max_pixels: int = typer.Option(40_000_000, min=1, help="pixel cap per image (decompression bombs)"),
+          max_pixels: int = typer.Option(40_000_000, min=1, help="pixel cap per image (decompression bombs; the run's data.max_image_pixels where lower)"),
           timeout: float = typer.Option(60.0, min=0.1, help="seconds a request may take (and SIGTERM waits for)"),
           workers: int = typer.Option(1, min=1, help="HTTP processes parsing and decoding (with their own "
                                                      "model on CPU, one shared model on CUDA)"),

@@ -16,7 +16,7 @@ from chiptag.data.image_check import check_images  # noqa: E402
 from chiptag.data.images import Preprocessing  # noqa: E402
 from chiptag.data.inputs import ImageInput  # noqa: E402
 from chiptag.data.problems import Report  # noqa: E402
-from chiptag.data.rasters import band_statistics, read_bands  # noqa: E402
+from chiptag.data.rasters import BandReading, RasterProblem, band_statistics, read_bands  # noqa: E402
 from chiptag.errors import ChiptagError  # noqa: E402
 
 
@@ -55,14 +55,79 @@ def test_bad_rasters_are_errors_naming_the_file():
         read_bands(tif_bytes(arr), "chip.tif", [0, 3])
     nan = np.ones((2, 8, 8), np.float32)
     nan[0, 1, 1] = np.nan
-    with pytest.raises(ChiptagError, match=r"chip.tif: 1 NaN/inf pixel"):
+    with pytest.raises(ChiptagError, match=r"chip.tif: band 0 has 1 NaN/inf pixel\(s\); data.fill: mean"):
         read_bands(tif_bytes(nan), "chip.tif", None)
     with pytest.raises(ChiptagError, match=r"chip.tif: complex64 samples are not supported"):
         read_bands(tif_bytes(np.ones((2, 8, 8), np.complex64)), "chip.tif", None)
     with pytest.raises(ChiptagError, match=r"chip.tif"):
         read_bands(tif_bytes(arr)[:60], "chip.tif", None)  # truncated
-    with pytest.raises(ChiptagError, match=r"over the pixel cap"):
+    with pytest.raises(ChiptagError, match=r"chip.tif: 8x8 px is over the pixel cap \(10;.*before decoding"):
         read_bands(tif_bytes(arr), "chip.tif", None, max_pixels=10)
+    with pytest.raises(ChiptagError, match=r"chip.tif has 3 band\(s\); the model was trained on 4-band files"):
+        read_bands(tif_bytes(arr), "chip.tif", BandReading((0, 1, 2), file_bands=4))
+    with pytest.raises(ChiptagError, match=r"chip.tif: float64 values beyond float32's range"):
+        read_bands(tif_bytes(np.full((2, 8, 8), 1e300)), "chip.tif", None)
+    f64 = np.random.default_rng(0).random((2, 8, 8))
+    assert np.array_equal(read_bands(tif_bytes(f64), "chip.tif", None), f64.astype(np.float32))  # read as float32
+    with pytest.raises(ChiptagError, match=r"cannot decode TIFF chip.tif|cannot read TIFF chip.tif"):
+        raw = bytearray(tif_bytes(arr, compression="zlib"))
+        raw[-40:] = b"\xff" * 40  # damaged compressed strip
+        read_bands(bytes(raw), "chip.tif", None)
+
+
+def _nodata_chip(value, share: float, dtype=np.uint16, side: int = 10) -> np.ndarray:
+    a = (np.arange(4 * side * side).reshape(4, side, side) % 97 + 100).astype(dtype)
+    a[3].flat[: int(round(share * side * side))] = value  # the NIR band's first pixels
+    return a
+
+
+def test_nodata_is_an_error_naming_file_and_band_unless_filled_with_the_band_mean():
+    raw = tif_bytes(_nodata_chip(0, 0.2))
+    with pytest.raises(RasterProblem, match=r"x.tif: band 3 has 20 NaN/inf or nodata 0 pixel\(s\) \(data.nodata\)"):
+        read_bands(raw, "x.tif", BandReading(None, nodata=0))
+    assert read_bands(raw, "x.tif", None).min() == 0  # without a nodata value, 0 is a reading like any other
+    means = (1.0, 2.0, 3.0, 555.0)
+    got = read_bands(raw, "x.tif", BandReading((3, 0), nodata=0, fill="mean", means=(555.0, 1.0)))
+    assert (got[0].flat[:20] == 555.0).all() and got[0].flat[20] > 0 and got[1].min() >= 100
+    masked = read_bands(raw, "x.tif", BandReading(None, nodata=0, fill="mean"))  # pre-flight / statistics
+    assert np.isnan(masked[3]).sum() == 20 and not np.isnan(masked[:3]).any()
+    mean, _, _ = band_statistics([masked], None, pixels_per_image=100)
+    assert mean[3] == pytest.approx(float(_nodata_chip(0, 0.2)[3].flat[20:].mean()))  # nodata left out
+    nan = _nodata_chip(np.nan, 0.3, np.float32)
+    filled = read_bands(tif_bytes(nan), "x.tif", BandReading(None, fill="mean", means=means))
+    assert (filled[3].flat[:30] == 555.0).all()  # NaN is nodata always
+    with pytest.raises(RasterProblem, match=r"x.tif: 60% of its pixels are NaN/inf or nodata 0 \(data.nodata\) "
+                                            r"\(over 50%\)") as exc:
+        read_bands(tif_bytes(_nodata_chip(0, 0.6)), "x.tif", BandReading(None, nodata=0, fill="mean", means=means))
+    assert exc.value.kind == "mostly_nodata"
+
+
+def test_the_files_own_gdal_nodata_tag_marks_nodata():
+    raw = tif_bytes(_nodata_chip(9, 0.1), extratags=[(42113, "s", 0, "9", True)])
+    with pytest.raises(RasterProblem, match=r"band 3 has 10 NaN/inf or nodata 9 pixel\(s\) \(its GDAL_NODATA tag\)"):
+        read_bands(raw, "x.tif", None)
+    assert read_bands(raw, "x.tif", BandReading(None, nodata=-1)).min() == 9  # data.nodata overrides the tag
+    filled = read_bands(raw, "x.tif", BandReading(None, fill="mean", means=(0.0, 0.0, 0.0, 42.0)))
+    assert (filled[3].flat[:10] == 42.0).all()
+
+
+def test_nodata_policy_travels_in_the_preprocessing_and_the_preflight(tmp_path):
+    pre = Preprocessing(16, (1.0,) * 4, (2.0,) * 4, bands=(0, 1, 2, 3), nodata=0.0, fill="mean", file_bands=4)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    old = pre.to_dict()
+    for key in ("nodata", "fill", "file_bands"):
+        old.pop(key)
+    assert Preprocessing.from_dict(old) == Preprocessing(16, (1.0,) * 4, (2.0,) * 4, bands=(0, 1, 2, 3))  # older runs
+    paths = []
+    for name, share in (("ok", 0.0), ("some", 0.2), ("most", 0.7)):
+        paths.append(tmp_path / f"{name}.tif")
+        paths[-1].write_bytes(tif_bytes(_nodata_chip(0, share, side=20)))
+    report = Report()
+    assert check_images(paths, report, bands=BandReading(None, nodata=0)) == {1, 2}
+    assert [p.kind for p in report.bad] == ["nodata", "mostly_nodata"]
+    report = Report()
+    assert check_images(paths, report, bands=BandReading(None, nodata=0, fill="mean")) == {2}
+    assert "most.tif" in report.bad[0].file and "70%" in report.bad[0].detail
 
 
 def test_band_statistics_clip_at_percentiles_then_standardise():

@@ -70,7 +70,15 @@ def require_browser() -> None:
 def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path,
               token: str | None = None) -> dict[str, list[str]]:
     """Load the page in headless Chromium, upload `files` through its file input, wait for every card, save
-    a screenshot, and return {file name: the tags the page rendered} (the error text as ["error: ..."]).
+    a screenshot, and return {file name: the tags the page rendered} (the error text as ["error: ..."])."""
+    cards = page_cards(url, files, screenshot, user_data_dir, token)
+    return {name: card["shown"] for name, card in cards.items()}
+
+
+def page_cards(url: str, files: list[Path], screenshot: Path, user_data_dir: Path,
+               token: str | None = None) -> dict[str, dict]:
+    """As page_tags, each card as {"shown": its tags (or ["error: ..."]), "img": its thumbnail's src ("" where
+    the page shows "no preview"), "img_size": [natural width, height]}.
 
     token: the server wants one: the page must ask for it (its form appears), take it once, and keep it for the
     tab: after a reload the model panel loads without asking again."""
@@ -95,10 +103,14 @@ def page_tags(url: str, files: list[Path], screenshot: Path, user_data_dir: Path
             page.wait_for_function(f"document.querySelectorAll('.card[data-done]').length === {len(files)}",
                                    timeout=60_000)
             page.screenshot(path=str(screenshot), full_page=True)
-            return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.card')].map(c => [
-                c.dataset.name,
-                c.classList.contains('failed') ? ['error: ' + c.querySelector('.status').textContent]
-                                               : [...c.querySelectorAll('.tags .tag')].map(t => t.textContent)]))""")
+            page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)",
+                                   timeout=30_000)  # thumbnails (and server previews) decoded
+            return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.card')].map(c => {
+                const img = c.querySelector('img');
+                return [c.dataset.name, {
+                  shown: c.classList.contains('failed') ? ['error: ' + c.querySelector('.status').textContent]
+                                                        : [...c.querySelectorAll('.tags .tag')].map(t => t.textContent),
+                  img: img ? img.src : '', img_size: img ? [img.naturalWidth, img.naturalHeight] : [0, 0]}]; }))""")
         finally:
             ctx.close()
 

@@ -70,6 +70,12 @@ class DataConfig(_Strict):
     # (null: no clipping), over a seeded sample of stats_images training chips.
     clip_percentiles: tuple[float, float] | None = None
     stats_images: int = Field(1000, ge=1)
+    # Rasters: the sample value that means "no data" (in the file's units, e.g. 0 or -9999); null: the file's own
+    # GDAL_NODATA tag when it has one. NaN/inf samples are nodata always. fill: error (a chip with nodata pixels
+    # is a bad image: data.on_bad_image) | mean (each such pixel takes its band's training mean: 0 once
+    # normalised, the same in training, evaluate, predict and serve). A chip over half nodata is a bad image.
+    nodata: float | None = None
+    fill: Literal["error", "mean"] = "error"
 
     @field_validator("extension")
     @classmethod
@@ -99,6 +105,8 @@ class DataConfig(_Strict):
     def _names_match(self) -> DataConfig:
         if self.band_names is not None and (self.bands is None or len(self.band_names) != len(self.bands)):
             raise ValueError("band_names needs bands, one name per band")
+        if (self.nodata is not None or self.fill != "error") and not self.raster:
+            raise ValueError("nodata and fill are for raster chips (extension .tif/.tiff or bands set)")
         return self
 
     @property

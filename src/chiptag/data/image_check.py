@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from chiptag.data.decoders import nvjpeg_can_take
 from chiptag.data.images import decode_rgb, jpeg_corruption, read_rgb
 from chiptag.data.problems import Report
-from chiptag.data.rasters import is_tiff
+from chiptag.data.rasters import BandReading, is_tiff
 from chiptag.errors import ChiptagError
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
@@ -117,10 +117,12 @@ def _deep_check(im: Image.Image, f, scan_jpeg: bool = True) -> None:
             again.load()
 
 
-def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> ImageInfo:
+def _check_raster(raw: bytes, max_pixels: int, bands, decode: bool = True) -> ImageInfo:
     """A TIFF (data.rasters): header (band count, sample type, size, pixel cap), then a full decode of the
-    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN pixels show there)."""
-    from chiptag.data.rasters import raster_frames, raster_shape, read_bands  # tifffile only for a TIFF
+    bands asked for (chips are small; corrupt data, too few bands, complex samples, NaN/nodata pixels show
+    there). `bands`: the band list, or a whole BandReading (nodata policy, the model's band count).
+    decode=False: header only, for a caller that reads the bands next (read_bands raises the same problems)."""
+    from chiptag.data.rasters import RasterProblem, raster_frames, raster_shape, read_bands  # tifffile: TIFF only
 
     try:
         n, h, w, dtype = raster_shape(raw, "the file")
@@ -129,19 +131,23 @@ def _check_raster(raw: bytes, max_pixels: int, bands: Sequence[int] | None) -> I
     info = ImageInfo(None, "", "TIFF", f"{n}-band {dtype}", (w, h), frames=raster_frames(raw), bands=n)
     if w * h > max_pixels:
         return replace(info, kind="bomb", detail=f"{w}x{h} px > {max_pixels:,}")
+    if not decode:
+        return info
     try:
         read_bands(raw, "the file", bands)
+    except RasterProblem as exc:
+        return replace(info, kind=exc.kind, detail=str(exc)[:200])
     except ChiptagError as exc:
-        kind = "band_missing" if "band(s); data.bands" in str(exc) else "corrupt"
-        return replace(info, kind=kind, detail=str(exc)[:160])
+        return replace(info, kind="corrupt", detail=str(exc)[:200])
     return info
 
 
 def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, full: bool = False,
-                scan_jpeg: bool = True, bands: Sequence[int] | None = None) -> ImageInfo:
+                scan_jpeg: bool = True, bands: Sequence[int] | BandReading | None = None) -> ImageInfo:
     """source: an image file, or its bytes (the server checks uploads in memory, with the same checks).
     scan_jpeg=False skips the scan of a complete JPEG's data for corruption, for a caller that decodes it next
-    with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost)."""
+    with read_rgb/decode_rgb (strict libjpeg: the same corruption is an error there, for half the cost), and a
+    TIFF's decode (read_bands finds the same problems). bands: a raster's band list, or its whole BandReading."""
     fmt = mode = size = None
     frames = 1
     allow_pixels(max_pixels)
@@ -151,7 +157,7 @@ def check_image(source: Path | bytes, max_pixels: int = PILLOW_DEFAULT_MAX_PIXEL
             return ImageInfo("zero_bytes")
         if is_tiff(source[:4] if isinstance(source, bytes) else _head(source)):
             return _check_raster(source if isinstance(source, bytes) else Path(source).read_bytes(), max_pixels,
-                                 bands)
+                                 bands, decode=scan_jpeg)
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f, \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -204,8 +210,9 @@ def _size_problem(size: tuple[int, int], expected: int | None, usual: int | None
 def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | None] | None = None,
                  max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS, expected_size: int | None = None,
                  min_side: int = 16, check_size: bool = True, full: bool = False,
-                 bands: Sequence[int] | None = None) -> set[int]:
+                 bands: Sequence[int] | BandReading | None = None) -> set[int]:
     """Check every image, adding problems and conversions to `report`. Returns the indices that are unusable.
+    bands: rasters' band list, or their whole data.rasters.BandReading (nodata policy, the model's band count).
 
     expected_size None: sizes far from the most common longest side are notes, not problems."""
     rows = list(rows) if rows is not None else [None] * len(paths)
@@ -243,11 +250,13 @@ def check_images(paths: Sequence[Path], report: Report, *, rows: Sequence[int | 
 
 
 def validate_images(paths: Sequence[Path], *, max_pixels: int = PILLOW_DEFAULT_MAX_PIXELS,
-                    expected_size: int | None = None, check_size: bool = True) -> tuple[Report, list[int]]:
+                    expected_size: int | None = None, check_size: bool = True,
+                    bands: Sequence[int] | BandReading | None = None) -> tuple[Report, list[int]]:
     """For prediction: check `paths`; returns (report, indices of usable images).
 
     The caller applies its policy: `report.bad` non-empty with on_bad_image=error ->
     `raise ChiptagError(report.error_message())`; with skip -> predict only the usable indices."""
     report = Report()
-    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size, check_size=check_size)
+    bad = check_images(paths, report, max_pixels=max_pixels, expected_size=expected_size, check_size=check_size,
+                       bands=bands)
     return report, [i for i in range(len(paths)) if i not in bad]

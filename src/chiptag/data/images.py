@@ -67,6 +67,11 @@ class Preprocessing:
     bands: tuple[int, ...] | None = None
     clip: tuple[tuple[float, float], ...] | None = None  # per-band (low, high), from training percentiles
     band_names: tuple[str, ...] | None = None  # data.band_names: for people (export metadata, reports)
+    # data.nodata (None: the file's GDAL_NODATA tag, if any) and data.fill: error | mean (nodata pixels take the
+    # band's `mean`, so they normalise to 0); file_bands: the training files' band count (another is refused)
+    nodata: float | None = None
+    fill: str = "error"
+    file_bands: int | None = None
 
     @property
     def channels(self) -> int:
@@ -76,17 +81,29 @@ class Preprocessing:
         d = {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
         if self.bands is not None:  # RGB records stay as they were (feature cache keys, old checkpoints)
             d.update(bands=list(self.bands), clip=[list(c) for c in self.clip] if self.clip else None,
-                     band_names=list(self.band_names) if self.band_names else None)
+                     band_names=list(self.band_names) if self.band_names else None, nodata=self.nodata,
+                     fill=self.fill, file_bands=self.file_bands)
         return d
+
+    def reading(self, max_pixels: int | None = None):
+        """How a raster file becomes this model's bands (data.rasters.BandReading): nodata filled with the
+        band means when fill is mean."""
+        from chiptag.data.rasters import BandReading
+
+        return BandReading(self.bands, self.nodata, self.fill, self.mean if self.fill == "mean" else None,
+                           self.file_bands, max_pixels)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         # checkpoints written before data.resize existed squashed every image; before data.bands, RGB only
         bands, clip, names = d.get("bands"), d.get("clip"), d.get("band_names")
+        nodata, file_bands = d.get("nodata"), d.get("file_bands")  # absent before data.nodata existed
         return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), str(d.get("resize", "squash")),
                    tuple(int(b) for b in bands) if bands is not None else None,
                    tuple((float(a), float(b)) for a, b in clip) if clip else None,
-                   tuple(str(n) for n in names) if names else None)
+                   tuple(str(n) for n in names) if names else None,
+                   float(nodata) if nodata is not None else None, str(d.get("fill", "error")),
+                   int(file_bands) if file_bands is not None else None)
 
 
 def _to_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -269,7 +286,7 @@ def decode(raw: bytes, name: str | Path, pre: Preprocessing) -> torch.Tensor:
         return decode_rgb(raw, name)
     from chiptag.data.rasters import read_bands  # tifffile only when rasters are read
 
-    return torch.from_numpy(read_bands(raw, name, pre.bands))
+    return torch.from_numpy(read_bands(raw, name, pre.reading()))
 
 
 def read_image(path: str | Path, pre: Preprocessing) -> torch.Tensor:

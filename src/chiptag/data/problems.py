@@ -35,7 +35,11 @@ KINDS: dict[str, tuple[str, str]] = {
     "too_small": ("bad", "image smaller than data.min_side"),
     "corrupt": ("bad", "corrupt image data (found by a full decode)"),
     "band_missing": ("bad", "raster with fewer bands than data.bands asks for"),
-    "band_count": ("bad", "raster whose band count differs from the other chips'"),
+    "band_count": ("bad", "raster whose band count differs from the other chips' (or the model's files')"),
+    "sample_type": ("bad", "raster samples chiptag does not read (complex, or float64 beyond float32's range)"),
+    "nodata": ("bad", "raster with NaN/nodata pixels (data.fill: error; data.fill: mean fills them with the "
+                      "band's training mean)"),
+    "mostly_nodata": ("bad", "raster over half NaN/nodata (data.nodata or its GDAL_NODATA tag): too little to tag"),
     "size_unusual": ("note", "image size far from the usual one (fine: data.resize makes it square; set "
                              "data.expected_size to make this an error)"),
     "ignored_column": ("note", "label-table column that is not a 0/1 tag column (ignored; data.tag_columns "

@@ -17,6 +17,7 @@ import pandas as pd
 from chiptag.config import DataConfig
 from chiptag.data import labels as labels_mod
 from chiptag.data.image_check import check_images
+from chiptag.data.rasters import config_reading
 from chiptag.data.dataset import Dataset
 from chiptag.data.problems import Report
 from chiptag.errors import ChiptagError
@@ -171,7 +172,8 @@ def preflight(data: DataConfig, *, vocabulary: Sequence[str] | None = None) -> t
              if n and i not in outside and not (n in seen or seen.add(n))]
     bad_img = check_images([paths[i] for i in check], report, rows=[i + 2 for i in check],
                            max_pixels=data.max_image_pixels, expected_size=data.expected_size,
-                           min_side=data.min_side, full=data.full_check, bands=data.bands)
+                           min_side=data.min_side, full=data.full_check,
+                           bands=config_reading(data) if data.raster else None)
     bad_img_names = {names[check[j]] for j in bad_img}
     bad |= {i for i, n in enumerate(names) if n in bad_img_names}
     if report.bad and data.on_bad_image == "error":

@@ -19,6 +19,7 @@ import yaml
 from chiptag.config import DataConfig
 from chiptag.data.images import Preprocessing, read_rgb
 from chiptag.data.inputs import ImageInput
+from chiptag.data.rasters import composite
 from chiptag.runs.layout import RunDir
 
 COLOURS = {"ok": "#202020", "missed": "#c62828", "extra": "#1565c0"}
@@ -61,6 +62,8 @@ class TileReader:
     problem: str = ""  # why no image can be found at all (no usable config.yaml), "" otherwise
     mode: str = "squash"  # the run's data.resize: a tile is the square the model saw
     bands: tuple[int, ...] | None = None  # a multiband run: the file bands shown as R, G, B (data.bands[:3])
+    nodata: float | None = None  # a multiband run's data.nodata and data.fill (fill mean: nodata shows black)
+    fill: str = "error"
     decoded: int = 0
     cache: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
     # The model's input object for size and mode. Its mean/std (ImageNet's) only colour pad's borders: the run's
@@ -68,8 +71,9 @@ class TileReader:
     images: ImageInput | None = field(init=False, default=None)
 
     def __post_init__(self):
-        if self.size and self.bands:  # pad borders: 0, the stretch maps them to black
-            self.images = ImageInput(Preprocessing(self.size, (0.0,) * 3, (1.0,) * 3, self.mode, self.bands))
+        if self.size and self.bands:  # pad borders and filled nodata: 0, the stretch maps them to black
+            self.images = ImageInput(Preprocessing(self.size, (0.0,) * 3, (1.0,) * 3, self.mode, self.bands,
+                                                   nodata=self.nodata, fill=self.fill))
         elif self.size:
             self.images = ImageInput(Preprocessing(self.size, resize=self.mode))
 
@@ -87,7 +91,8 @@ class TileReader:
         if data.raster:  # an RGB composite: the model's first three bands (one band: grey), file order if unset
             first = list(data.bands or [0, 1, 2])[:3]
             bands = tuple(first if len(first) == 3 else first[:1] * 3)
-        return cls(Path(data.root) / data.images, data.extension, size, mode=data.resize, bands=bands)
+        return cls(Path(data.root) / data.images, data.extension, size, mode=data.resize, bands=bands,
+                   nodata=data.nodata, fill=data.fill)
 
     def __call__(self, name: str) -> tuple[np.ndarray, str]:
         """-> (H x W x 3 float image in [0, 1], "") or (a grey square, the reason it could not be read)."""
@@ -106,8 +111,7 @@ class TileReader:
             return self._grey(), str(exc) or exc.__class__.__name__
         arr = img.permute(1, 2, 0).numpy()
         if self.bands:  # raster units -> [0, 1] by a 2-98 percentile stretch per band, as GIS viewers show it
-            lo, hi = np.percentile(arr, (2, 98), axis=(0, 1))
-            return ((arr - lo) / np.maximum(hi - lo, 1e-12)).clip(0.0, 1.0).astype(np.float32), ""
+            return composite(img.numpy()), ""
         return (arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.clip(0.0, 1.0)), ""
 
     def _grey(self) -> np.ndarray:

@@ -56,6 +56,9 @@ def metadata(ckpt: checkpoint.Checkpoint) -> dict[str, str]:
         n = len(pre.bands)
         meta.update(bands=json.dumps(list(pre.bands)), band_names=json.dumps(list(pre.band_names or [])),
                     clip=json.dumps([list(c) for c in pre.clip] if pre.clip else None),
+                    # nodata pixels (NaN/inf, `nodata`, else the file's GDAL_NODATA tag): fill "mean" gives them
+                    # the band's mean before normalising (0 after it); "error": the model never saw any
+                    nodata=json.dumps(pre.nodata), fill=pre.fill, file_bands=json.dumps(pre.file_bands),
                     input=f"images: float32 N x {n} x image_size x image_size: the raster's bands `bands` "
                           "(0-based, in this order) in the file's units, made square as `resize` says (pad: "
                           "borders = the band's mean), clipped per band to `clip` when set, then (x - mean) / std")

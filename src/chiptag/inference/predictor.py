@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chiptag.data.image_check import PILLOW_DEFAULT_MAX_PIXELS
 from chiptag.data.images import Preprocessing, d4
 from chiptag.data.inputs import ImageInput
 from chiptag.device import resolve_device
@@ -94,6 +95,13 @@ class Predictor:
                         device, engine, cache_dir, rules)
         predictor.card = replace(ckpt, state_dict=None)  # its weights are in the model: not kept twice
         return predictor
+
+    @property
+    def max_pixels(self) -> int:
+        """The run's pixel cap: data.max_image_pixels of the config in its checkpoint (Pillow's default cap where
+        there is none). Inputs over it are refused on their header, before any decode (predict, serve)."""
+        data = ((self.card.config if self.card is not None else None) or {}).get("data") or {}
+        return int(data.get("max_image_pixels") or PILLOW_DEFAULT_MAX_PIXELS)
 
     @property
     def preprocessing(self) -> Preprocessing:

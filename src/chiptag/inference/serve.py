@@ -1,7 +1,10 @@
 """`chiptag serve RUN`: an HTTP API and a web page for tagging chips with a trained run (FastAPI + uvicorn).
 
-    POST /v1/predict   multipart field `files` (one or many images), optional `tta=true` (query or form field)
+    POST /v1/predict   multipart field `files` (one or many images; TIFF rasters for a multiband model), optional
+                       `tta=true` and `preview=true` (query or form fields)
                        -> {"run_id", "tta", "results": [{"name", "tags", "probabilities", "error"}, ...]}
+                       preview=true adds each decoded entry's "preview": a PNG data URL of the chip as the model
+                       sees it (a raster: the RGB composite of its first three bands, 2-98 percentile stretch)
     GET  /v1/model     run id, backbone, image size, resize mode, tags, thresholds, val/test F2 and baseline
     GET  /metrics      Prometheus text format (inference/metrics.py: chiptag_* counters, histograms, gauges)
     GET  /healthz      the process answers;   GET /readyz   the model is loaded and one warm-up forward ran
@@ -10,7 +13,9 @@
 Whole-request problems answer a JSON 4xx {"error": "..."} naming the problem: 401 (a token is set and the
 `Authorization: Bearer <token>` header is missing or wrong: /v1/* and /metrics only), 413 (request bytes, a
 file's bytes, too many images), 415 (not multipart/form-data), 422 (no `files`, a bad `tta`), 408 (over the
-request timeout), 503 (not ready yet). An image that cannot be used fails only its own entry of the batch.
+request timeout), 503 (not ready yet). An image that cannot be used fails only its own entry of the batch; a
+request none of whose images can be used answers 422 (413 when every one is over the pixel cap) with the
+entries' messages joined in "error" and the "results" as usual.
 
 Access: bound to a loopback address no token is needed; bound to any other address `serve` refuses to start
 without one (--token / CHIPTAG_TOKEN) unless told --no-token (check_access). No CORS headers unless
@@ -50,9 +55,9 @@ TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, results: list | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.results = status, message, results
 
 
 def _limited(receive, limit: int):
@@ -71,11 +76,17 @@ def _limited(receive, limit: int):
     return wrapped
 
 
-def _flag(value: str | None) -> bool:
+def _flag(value: str | None, name: str = "tta") -> bool:
     v = (value or "").strip().lower()
     if v not in TRUE | FALSE:
-        raise RequestError(422, f"tta must be true or false, got {value!r}")
+        raise RequestError(422, f"{name} must be true or false, got {value!r}")
     return v in TRUE
+
+
+def _option(request: Request, form, name: str) -> bool:
+    """A true/false option from the query string or, failing that, a form field of the same name."""
+    field = form.get(name) if isinstance(form.get(name), str) else None
+    return _flag(request.query_params.get(name, field), name)
 
 
 async def _read_form(request: Request, max_bytes: int, max_images: int):
@@ -116,8 +127,7 @@ async def _predict(service: Service, request: Request) -> dict:
     try:
         form = await _read_form(request, opts.max_request_bytes, opts.max_images)
         try:
-            raw_tta = form.get("tta") if isinstance(form.get("tta"), str) else None
-            tta = _flag(request.query_params.get("tta", raw_tta))
+            tta, preview = _option(request, form, "tta"), _option(request, form, "preview")
             files = _uploads(form, opts.max_images, opts.max_file_bytes)
             names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
             decoded = await _decode_all(service, names, files)
@@ -126,8 +136,11 @@ async def _predict(service: Service, request: Request) -> dict:
     finally:
         service.on_the_way.add(-1)
     good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    if not good:
-        return _answer(service, names, decoded, {}, tta)
+    previews = {i: service.preview(decoded[i]) for i in good} if preview else {}
+    if not good:  # nothing in the request could be used: the whole request fails, its entries say why
+        body = _answer(service, names, decoded, {}, tta, previews)
+        bombs = all("pixel cap" in r["error"] for r in body["results"])
+        raise RequestError(413 if bombs else 422, "; ".join(r["error"] for r in body["results"]), body["results"])
     future = service.batcher.submit([decoded[i] for i in good], tta)
     # "just answered" counts as on the way (its client often sends the next request at once); the callback
     # runs in the thread that finishes the future, exactly one -1 per +1, also after a timeout
@@ -137,13 +150,15 @@ async def _predict(service: Service, request: Request) -> dict:
         for j, message in done.errors.items():
             decoded[good[j]] = f"{names[good[j]]}: the model could not tag it ({message})"
         rows = {i: done.probs[j] for j, i in enumerate(good) if j not in done.errors}
-        return _answer(service, names, decoded, rows, tta)
+        return _answer(service, names, decoded, rows, tta, previews)
     finally:
         future.add_done_callback(lambda _: service.on_the_way.add(-1))
 
 
-def _answer(service: Service, names: list[str], decoded: list, rows: dict, tta: bool) -> dict:
+def _answer(service: Service, names: list[str], decoded: list, rows: dict, tta: bool, previews: dict) -> dict:
     results = [service.entry(n, rows.get(i), decoded[i] if i not in rows else None) for i, n in enumerate(names)]
+    for i, url in previews.items():
+        results[i]["preview"] = url
     tagged = sum(r["error"] is None for r in results)
     service.metrics.images.labels("tagged").inc(tagged)
     service.metrics.images.labels("error").inc(len(results) - tagged)
@@ -286,6 +301,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
+        if exc.results is not None:  # no upload could be used: each entry still says why
+            return JSONResponse({"error": exc.message, "results": exc.results}, status_code=exc.status)
         return _error(exc.status, exc.message)
 
     @app.exception_handler(HTTPException)

@@ -14,6 +14,7 @@ pair: benchmarks/results/serve_load.json and serve_load-torch.json); the rule is
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -28,6 +29,8 @@ from PIL import Image
 from torch import nn
 
 from chiptag.data.image_check import check_image
+from chiptag.data.images import blank
+from chiptag.data.rasters import composite
 from chiptag.data.problems import KINDS
 from chiptag.errors import ChiptagError
 from chiptag.evaluation.label_rules import LabelRules
@@ -115,9 +118,17 @@ def _summary(run: Path) -> dict:
         return {}
 
 
+def _band_words(pre) -> str:
+    """"4 bands (file bands [2, 1, 0, 3]: red, green, blue, nir)": what a multiband model reads."""
+    names = f": {', '.join(pre.band_names)}" if pre.band_names else ""
+    count = f" of {pre.file_bands}-band files" if pre.file_bands else ""
+    return f"{len(pre.bands)} bands (file bands {list(pre.bands)}{names}{count})"
+
+
 def _upload_problem(kind: str, detail: str) -> str:
     if kind == "bomb":
-        return f"image over the pixel cap ({detail}; --max-pixels): refused before decoding"
+        return (f"image over the pixel cap ({detail}; --max-pixels, or the run's data.max_image_pixels where lower): "
+                "refused before decoding")
     return KINDS[kind][1] + (f" ({detail})" if detail else "")
 
 
@@ -178,8 +189,7 @@ class Service:
                 self.batcher = MicroBatcher(self.forward, self.opts.max_batch, self.opts.max_wait_ms / 1000,
                                             expecting=self.expecting, setup=self._batcher_setup,
                                             monitor=self.metrics)
-                size = self.images.pre.image_size
-                self.batcher.submit([torch.zeros(3, size, size, dtype=torch.uint8)]).result()
+                self.batcher.submit([blank(self.images.pre)]).result()  # a chip of the model's kind
                 self.metrics.model_load.set(self._load_s + time.perf_counter() - t0)
                 self.ready = True
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
@@ -209,25 +219,48 @@ class Service:
         except Exception:  # noqa: BLE001 - not an image: decode() names the problem, in the thread pool
             return False
 
+    @property
+    def max_pixels(self) -> int:
+        """The pixel cap an upload's header is checked against before any decode: --max-pixels, or the run's own
+        data.max_image_pixels (in its checkpoint) where that is lower."""
+        return min(self.opts.max_pixels, self.predictor.max_pixels)
+
     def decode(self, name: str, data: bytes | BinaryIO) -> torch.Tensor:
         """Upload bytes (or a file object at its start) -> the chip as ImageDataset yields it for a file of the
-        same bytes (the same checks, decoder and resize, in memory); UploadError naming `name` when unusable."""
+        same bytes (the same checks, decoder and resize, in memory); UploadError naming `name` when unusable.
+        A multiband model takes TIFF rasters only (the bands it was trained on, its nodata policy)."""
         raw = data if isinstance(data, bytes) else data.read()
-        info = check_image(raw, self.opts.max_pixels, scan_jpeg=False)  # decode_rgb is strict: it finds corruption
+        pre = self.images.pre
+        # decode_rgb is strict (it finds corrupt JPEG data), read_bands finds a raster's problems: header checks here
+        info = check_image(raw, self.max_pixels, scan_jpeg=False)
         if info.kind is not None:
             raise UploadError(f"{name}: {_upload_problem(info.kind, info.detail)}")
+        if pre.bands is not None and info.format != "TIFF":
+            raise UploadError(f"{name}: a {info.format or 'non-TIFF'} image, but this model reads "
+                              f"{_band_words(pre)} from TIFF rasters: send the chip as a .tif")
         try:
             chip = self.images.chip(raw, name=name)
         except ChiptagError as exc:
             raise UploadError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a decoder's own error fails only this upload
             raise UploadError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}") from None
-        size = self.images.pre.image_size
-        if tuple(chip.shape) != (3, size, size) or chip.dtype != torch.uint8:
+        size, dtype = pre.image_size, torch.uint8 if pre.bands is None else torch.float32
+        if tuple(chip.shape) != (pre.channels, size, size) or chip.dtype != dtype:
             # e.g. a multi-frame image decoded to 4-D: it would fail (or silently skew) the batch it joined
             raise UploadError(f"{name}: decoded to a {'x'.join(map(str, chip.shape))} {chip.dtype} array, not one "
-                              f"3x{size}x{size} image (a multi-frame image? send one frame)")
+                              f"{pre.channels}x{size}x{size} image (a multi-frame image? send one frame)")
         return chip
+
+    def preview(self, chip: torch.Tensor) -> str:
+        """A decoded chip -> a PNG data URL of it as the model sees it (size, resize mode): an RGB chip as it is,
+        a raster as the RGB composite of its first three bands, percentile-stretched (browsers show no TIFF)."""
+        if chip.dtype == torch.uint8:
+            rgb = chip.permute(1, 2, 0).numpy()
+        else:
+            rgb = (composite(chip.numpy()) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
     def entry(self, name: str, probs: np.ndarray | None, error: str | None) -> dict:
         if probs is None:
@@ -244,13 +277,18 @@ class Service:
             "backbone": self.backbone, "image_size": pre.image_size, "resize": pre.resize,
             "resize_means": RESIZE_MODES.get(pre.resize, pre.resize),
             "tags": self.predictor.tags,
+            # a multiband model: uploads are TIFF rasters with these file bands (0-based, the model's order)
+            "bands": list(pre.bands) if pre.bands is not None else None,
+            "band_names": list(pre.band_names) if pre.band_names else None,
+            "file_bands": pre.file_bands, "nodata": pre.nodata if pre.bands is not None else None,
+            "fill": pre.fill if pre.bands is not None else None,
             "thresholds": {t: float(v) for t, v in zip(self.predictor.tags, self.predictor.thresholds)},
             "val_f2": metrics.get("val", {}).get("f2"), "test_f2": metrics.get("test", {}).get("f2"),
             "baseline": {"val_f2": baseline.get("val", {}).get("f2"), "test_f2": baseline.get("test", {}).get("f2"),
                          "tags": baseline.get("tags")},
             "engine": self.engine, "device": str(self.opts.device), "ready": self.ready,  # a worker decodes on CPU
             "limits": {"max_images": self.opts.max_images, "max_file_bytes": self.opts.max_file_bytes,
-                       "max_request_bytes": self.opts.max_request_bytes, "max_pixels": self.opts.max_pixels,
+                       "max_request_bytes": self.opts.max_request_bytes, "max_pixels": self.max_pixels,
                        "timeout_s": self.opts.timeout_s, "max_batch": self.opts.max_batch},
         }
 

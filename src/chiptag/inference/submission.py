@@ -138,11 +138,15 @@ def errors_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.errors.csv")
 
 
-def _prevalidate(found: list[int], paths: list) -> tuple[list[int], dict[int, str]]:
+def _prevalidate(found: list[int], paths: list, predictor: Predictor) -> tuple[list[int], dict[int, str]]:
     """Header-level checks before any decode (chiptag.data.image_check): truncated, empty, unreadable files and
-    decompression bombs become error rows instead of reaching the decoder. Sizes are not judged here: the
-    model resizes every chip. -> (indices still to predict, {index: reason})."""
-    report, usable = validate_images([paths[i] for i in found], check_size=False)
+    images over the run's pixel cap (data.max_image_pixels, from the checkpoint) become error rows instead of
+    reaching the decoder; a multiband model's rasters are read as the model reads them (its bands, band count
+    and nodata policy). Sizes are not judged here: the model resizes every chip.
+    -> (indices still to predict, {index: reason})."""
+    pre = predictor.preprocessing
+    report, usable = validate_images([paths[i] for i in found], max_pixels=predictor.max_pixels, check_size=False,
+                                     bands=pre.reading() if pre.bands is not None else None)
     if report.converted:
         console.print("converted to RGB: " + ", ".join(f"{m} {n}" for m, n in sorted(report.converted.items())))
     multi = report.by_kind().get("multi_frame", [])
@@ -160,7 +164,8 @@ def run_predict(run: Path, source: Path, out: Path, opts: PredictOptions | None 
     t0 = time.perf_counter()
     predictor = Predictor.from_run(run, device=opts.device, engine=opts.engine)
     inputs = resolve_inputs(Path(source), [Path(d) for d in opts.image_dirs], opts.ext)
-    found, checked = _prevalidate([i for i, p in enumerate(inputs.paths) if p is not None], inputs.paths)
+    found, checked = _prevalidate([i for i, p in enumerate(inputs.paths) if p is not None], inputs.paths,
+                                   predictor)
     errors: dict[int, str] = {}
     probs = np.full((len(inputs.names), len(predictor.tags)), np.nan, dtype=np.float32)
     probs[found] = predictor.predict([inputs.paths[i] for i in found], tta=opts.tta, batch_size=opts.batch_size,
