@@ -51,8 +51,9 @@ from chiptag.training.settings import Optimisation
 
 FORMAT = 1
 SAVE_EVERY_S = 5.0  # resume-heads.pt at most this often (and always on a stop request)
-# Two threads: the grouped matmuls of K heads are large enough to share (one thread suits one small head:
-# phases.Phase.threads). Measured in benchmarks/folds.py.
+# One thread, as phases.Phase.threads for one head: on the shared 2-core machine two threads made the batched
+# step ~10x slower whenever another job held a core (OpenMP barrier waits); with the cores idle they gain little
+# (the step is bound by memory: Adam's moments of K heads).
 THREADS = 1
 
 
