@@ -11,6 +11,14 @@ Reported: test F2 at tuned thresholds (mean ± sd over seeds), the rare tags' te
 per-class F2 averaged over those with test positives; also the uncommon ones, 2-12%), and wall time of 5-fold over single.
 
     python benchmarks/folds.py --n 3000 --epochs 20 --seeds 0 1 2 --out benchmarks/results/folds.json
+
+--wall: whole-process wall time of `chiptag train` on the demo (configs/demo.yaml, `make demo`'s data, warm
+feature cache), side by side in one run, --repeats times in turn: a single run; `--folds 5` (heads trained
+together, training.heads); `--folds 5` with the heads one after another (the epoch loop per fold, as before);
+a 4-entry `--all` sweep of heads on the demo's backbone (entries differing in hidden_dim, dropout, learning rate,
+pos_weight); `uptime` before each. Ratios are of medians.
+
+    python benchmarks/folds.py --wall --repeats 3 --out benchmarks/results/folds_wall.json
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import argparse
 import csv
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from chiptag import config as config_mod
 from chiptag.data.synthetic import LAND_TAGS, TAG_FREQUENCIES, WEATHER_TAGS, generate_dataset
@@ -48,7 +58,65 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weather", type=float, default=0.05, help="P(a chip's weather tag is swapped)")
     p.add_argument("--work", type=Path, default=Path(".cache/bench-folds"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/folds.json"))
+    p.add_argument("--wall", action="store_true", help="whole-process wall times on the demo (see above)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     return p.parse_args()
+
+
+ONE_AT_A_TIME = ("import sys; from chiptag.training import main; main.heads_mod.batchable = lambda *a, **k: []; "
+                 "from chiptag.cli import app; sys.argv[0] = 'chiptag'; app()")
+SWEEP_HEADS = [{"hidden_dim": 512, "dropout": 0.2, "learning_rate": 1e-3, "pos_weight": False},
+               {"hidden_dim": 512, "dropout": 0.2, "learning_rate": 1e-3, "pos_weight": True},
+               {"hidden_dim": 256, "dropout": 0.5, "learning_rate": 1e-3, "pos_weight": False},
+               {"hidden_dim": 512, "dropout": 0.2, "learning_rate": 3e-4, "pos_weight": False}]
+
+
+def wall(a: argparse.Namespace) -> None:
+    """Whole-process wall times of single / 5-fold (together, one at a time) / 4-entry sweep, side by side."""
+    raw = yaml.safe_load(a.config.read_text(encoding="utf-8"))
+    if not (Path(raw["data"]["root"]) / raw["data"]["labels"]).is_file():
+        sys.exit(f"no demo data at {raw['data']['root']}: run `make demo` (or chiptag demo-data) first")
+    runs = a.work / "wall-runs"
+    base = dict(raw["models"][0])
+    raw["models"] = [{**base, **h, "name": f"sweep-{i}"} for i, h in enumerate(SWEEP_HEADS)]
+    sweep = a.work / "sweep4.yaml"
+    sweep.parent.mkdir(parents=True, exist_ok=True)
+    sweep.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    chiptag = [sys.executable, "-c", "import sys; from chiptag.cli import app; sys.argv[0] = 'chiptag'; app()"]
+    common = ["--set", f"output.runs_dir={runs}", "--set", "training.progress=false"]
+    commands = {"single": chiptag + ["train", "-c", str(a.config)] + common,
+                "folds5": chiptag + ["train", "-c", str(a.config), "--folds", "5"] + common,
+                "folds5_one_at_a_time": [sys.executable, "-c", ONE_AT_A_TIME, "train", "-c", str(a.config),
+                                         "--folds", "5"] + common,
+                "sweep4": chiptag + ["train", "-c", str(sweep), "--all"] + common}
+    subprocess.run(commands["single"], check=True, capture_output=True)  # warm the feature cache (and the disk)
+    rows = []
+    for rep in range(a.repeats):
+        for name, cmd in commands.items():
+            load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode:
+                sys.exit(f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            rows.append({"repeat": rep, "run": name, "wall_s": seconds, "uptime": load})
+            print(json.dumps(rows[-1]), flush=True)
+    med = {name: statistics.median(r["wall_s"] for r in rows if r["run"] == name) for name in commands}
+    result = {"command": "python " + " ".join(sys.argv), "commands": {k: " ".join(v[3:] if v[1] == "-c" else v)
+                                                                       for k, v in commands.items()},
+              "runs": rows, "median_s": med,
+              "ratio_folds5_over_single": med["folds5"] / med["single"],
+              "ratio_folds5_one_at_a_time_over_single": med["folds5_one_at_a_time"] / med["single"],
+              "ratio_sweep4_over_single": med["sweep4"] / med["single"],
+              "note": "whole-process wall time (imports, validation, training, report), warm feature cache, "
+                      "demo data (2,000 chips, frozen random ResNet18 at 128 px, 40 epochs); 2-core CPU shared "
+                      "with other jobs: see uptime per run"}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print("| run | median wall s | x single |\n|---|---|---|")
+    for name, v in med.items():
+        print(f"| {name} | {v:.1f} | {v / med['single']:.2f}x |")
 
 
 def add_noise(root: Path, a: argparse.Namespace) -> None:
@@ -90,6 +158,9 @@ def tags_f2(summary: dict, tags: list[str]) -> float:
 
 def main() -> None:
     a = parse_args()
+    if a.wall:
+        wall(a)
+        return
     data = a.work / f"data-{a.n}-{a.size}"
     if not (data / "train_classes.csv").is_file():
         generate_dataset(data, n=a.n, size=a.size, seed=0)

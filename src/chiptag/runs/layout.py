@@ -19,6 +19,7 @@
       fold-<k>/          fold k's own run dir: checkpoint.pt (its head; the backbone is ../checkpoint.pt's),
                          resume.pt, metrics.jsonl, fold.json (its val F2 and out-of-fold probabilities,
                          written when the fold is done)
+      resume-heads.pt    the fold heads trained together: their resumable state while unfinished (training.heads)
       oof_probs.npz      out-of-fold probabilities of every non-test image (what the thresholds were tuned on)
       members.json       an ensemble's member runs
     and checkpoint.pt is then the ensemble (one backbone, K heads averaged; models.checkpoint).

@@ -42,7 +42,7 @@ from chiptag.models.head import HeadSpec, MeanProbability, Tagger, count_paramet
 from chiptag.progress import console, out
 from chiptag.runs.layout import RunDir, model_label, new_run_dir
 from chiptag.tracking import MultiTracker, make_tracker
-from chiptag.training import folds as folds_mod, phases as phases_mod, resume as resume_mod
+from chiptag.training import folds as folds_mod, heads as heads_mod, phases as phases_mod, resume as resume_mod
 from chiptag.training.checks import check_can_run
 from chiptag.training.epoch import NonFiniteLoss, evaluate, pos_weight
 from chiptag.training.folds import Fold, FoldResult
@@ -170,8 +170,7 @@ def train(r: OpenRun, device: torch.device) -> dict:
         trained_on = ("train", "val") if s.folds else ("train",)
         console.print(f"[yellow]warning:[/] {untrained_warning(ds.table.y, splits, untrained, tags, trained_on)}")
     t_train = time.perf_counter()
-    results = [folds_mod.load_done(fold, ds.table.y) or train_fold(r, fold, net, feats, images, card)
-               for fold in folds]
+    results = train_folds(r, folds, net, feats, images, card)
     t_train = time.perf_counter() - t_train
 
     # One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
@@ -326,17 +325,41 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
     elif fold.of_k:
         out.print(f"fold {fold.k}/{s.folds}: {len(fold.train)} train / {len(fold.val)} validation images")
     fitted = fit(fold, phases, tagger, s.optim, s.select, card, saved, s.progress)
-    resume_mod.load_trained_state(tagger, fitted.state.best_state)
-    ev = evaluate(fitted.model, fitted.inputs.val, fold.loss_fn, fold.device)
-    record = {"fold": fold.k, "best_epoch": fitted.state.best_epoch, "n_train": int(len(fold.train)),
-              "n_val": int(len(fold.val)), "val_loss": ev["loss"], "seconds": time.perf_counter() - t0,
-              "history": fitted.state.history}
+    return fold_result(s, fold, tagger, fitted.model, fitted.inputs, fitted.state, time.perf_counter() - t0, card)
+
+
+def train_folds(r: OpenRun, folds: list[Fold], net: Network, feats: torch.Tensor | None, images: ImageInput,
+                card: ModelCard) -> list[FoldResult]:
+    """Every fold's result: read back when it was done before a --resume; the heads of a k-fold run's folds
+    trained together, as one batched model (training.heads); any other fold through the epoch loop alone."""
+    s, y = r.s, r.ds.table.y
+    results = {fold.k: res for fold in folds if (res := folds_mod.load_done(fold, y)) is not None}
+    together = heads_mod.batchable([f for f in folds if f.k not in results], s.network.freeze, feats, s.optim)
+    if together:
+        trained = heads_mod.train_together(together, net.head, net.backbone.net, feats, y, r.splits["test"], s.optim,
+                                           s.select, s.seed, s.features.tta, r.run)
+        for m, inputs, seconds in trained:
+            results[m.fold.k] = fold_result(s, m.fold, m.tagger, ViewAverage(m.head), inputs, m.st, seconds, card)
+        heads_mod.remove_resume(r.run)  # every fold's fold.json is written: nothing left to resume
+    for fold in folds:
+        if fold.k not in results:
+            results[fold.k] = train_fold(r, fold, net, feats, images, card)
+    return [results[fold.k] for fold in folds]
+
+
+def fold_result(s: Settings, fold: Fold, tagger: Tagger, model: nn.Module, inputs: phases_mod.Inputs,
+                state: resume_mod.LoopState, seconds: float, card: ModelCard) -> FoldResult:
+    """A trained fold: its best weights loaded and evaluated on its validation rows; fold k's files written."""
+    resume_mod.load_trained_state(tagger, state.best_state)
+    ev = evaluate(model, inputs.val, fold.loss_fn, fold.device)
+    record = {"fold": fold.k, "best_epoch": state.best_epoch, "n_train": int(len(fold.train)),
+              "n_val": int(len(fold.val)), "val_loss": ev["loss"], "seconds": seconds, "history": state.history}
     if fold.of_k:  # fold k's own figures (fold.json, the summary's per-fold table); one split's are the run's
         _, m, _ = choose_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])},
                                    card.tags, s.labels)
         record.update({"val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"]})
-    result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], fitted.state.best_state, record,
-                        model=fitted.model, test_batches=fitted.inputs.test)
+    result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], state.best_state, record, model=model,
+                        test_batches=inputs.test)
     if fold.of_k:
         folds_mod.save_done(fold, tagger, card, result)
     return result
