@@ -79,16 +79,23 @@ class Augment:
         if not self.active:
             return x
         p = self.draw(idx, epoch)
-        if self.d4 or self.scale:
-            x = torch.stack([self._geometry(c, p[k]) for k, c in enumerate(x)])
+        if self.d4:  # one flip/rotation per view present in the batch (at most 8 ops, not one per chip)
+            views = torch.as_tensor(p[:, 0], dtype=torch.long)
+            x = x.clone()
+            for v in views.unique().tolist():
+                if v:
+                    rows = (views == v).nonzero().flatten().to(x.device)
+                    x[rows] = d4(x[rows], v)
+        if self.scale:
+            x = torch.stack([self._zoom(c, p[k]) for k, c in enumerate(x)])
         if self.brightness or self.contrast:
             x = self._photometric(x, torch.as_tensor(p[:, 4:6], dtype=x.dtype, device=x.device), rgb)
         if self.hue and rgb:
             x = _rotate_hue(x, torch.as_tensor(p[:, 6] * 2 * math.pi, dtype=x.dtype, device=x.device))
         return x
 
-    def _geometry(self, chip: torch.Tensor, p: np.ndarray) -> torch.Tensor:
-        chip = d4(chip, int(p[0])) if p[0] else chip
+    @staticmethod
+    def _zoom(chip: torch.Tensor, p: np.ndarray) -> torch.Tensor:
         size = chip.shape[-1]
         side = max(1, round(p[1] * size))
         if side < size:
