@@ -18,6 +18,7 @@ from chiptag.features import extraction as features
 from chiptag.models import checkpoint
 from chiptag.runs.layout import RunDir
 from chiptag.cli import app
+from chiptag.errors import ChiptagError
 from chiptag.training.epoch import NonFiniteLoss
 from chiptag.interrupt import Interrupted
 from chiptag.training.main import run_train
@@ -188,3 +189,20 @@ def test_huge_learning_rate_fails_cleanly_from_the_cli(tiny_config_file):
     assert res.exit_code == 2, res.output
     assert "loss is" in res.output and "at epoch" in res.output and "step" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_resume_with_another_schedule_than_saved_is_a_clear_error(tiny_config, tmp_path, monkeypatch):
+    """A run interrupted under the per-epoch schedule (as an older chiptag fine-tuned), its config.yaml then asking
+    for the per-step one: the saved scheduler state does not fit, and the error says so instead of mixing them."""
+    cfg = tiny_config(freeze=False, epochs=3, unfreeze_after=1, unfreeze_stages=1, finetune_scheduler="training")
+    with monkeypatch.context() as m:
+        signal_after_steps(m, 5, signal.SIGTERM)  # inside the fine-tuning phase
+        with pytest.raises(Interrupted):
+            run_train(cfg)
+    run = run_dir_of(tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("finetune_scheduler: training", "finetune_scheduler: cosine"))
+    with pytest.raises(ChiptagError, match=r"saved learning-rate schedule \(reduce on plateau\) is not the one .*"
+                                           r"\(per-step warm-up/cosine\)"):
+        run_train(resume=run)

@@ -100,6 +100,14 @@ def load(path: Path) -> dict | None:
     return obj
 
 
+def _schedule_kind(state: dict) -> str:
+    """Which schedule a scheduler's state_dict belongs to (training.loop.make_optim's kinds)."""
+    if "lr_lambdas" in state:  # LambdaLR: the fine-tuning warm-up/cosine saves its factor objects; constant a lambda
+        per_step = any(isinstance(f, dict) for f in state["lr_lambdas"])
+        return "per-step warm-up/cosine" if per_step else "constant"
+    return "reduce on plateau" if "patience" in state else "cosine per epoch" if "T_max" in state else "unknown"
+
+
 def restore_model(obj: dict, tagger) -> LoopState:
     """First half of a resume: the trained weights and the loop's bookkeeping."""
     load_trained_state(tagger, obj["module"])
@@ -114,6 +122,12 @@ def restore_training(obj: dict, optimizer=None, scheduler=None, ema=None) -> Non
     """Second half, once the interrupted phase is reached: its optimizer, scheduler and weight average (None
     when the saved ones belong to an earlier, finished phase), and every random state."""
     if optimizer is not None:
+        if _schedule_kind(obj["scheduler"]) != _schedule_kind(scheduler.state_dict()):
+            raise ChiptagError(
+                f"the saved learning-rate schedule ({_schedule_kind(obj['scheduler'])}) is not the one this run's "
+                f"config asks for ({_schedule_kind(scheduler.state_dict())}): the run's config.yaml was changed, or "
+                "an older chiptag wrote the state (fine-tuning now defaults to model.finetune_scheduler: cosine). "
+                "Resume with the schedule it was started with, or start a new run")
         optimizer.load_state_dict(obj["optimizer"])
         scheduler.load_state_dict(obj["scheduler"])
     if ema is not None and "ema" in obj:
