@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from chiptag import config as config_mod
 from chiptag.data.synthetic import generate_dataset
+
+
+def signal_after_steps(monkeypatch, n: int, sig: int = signal.SIGTERM, action=None) -> None:
+    """Send `sig` to this process right after the n-th optimizer step (or run `action` there instead): a real
+    Ctrl-C/SIGTERM mid-training, for the interrupt and resume tests."""
+    real = torch.optim.Adam.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == n:
+            action(self) if action else os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
 
 
 @pytest.fixture(scope="session", autouse=True)

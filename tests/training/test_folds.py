@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +22,9 @@ from chiptag.models import checkpoint
 from chiptag.runs.layout import RunDir
 from chiptag.runs.table import list_runs
 from chiptag.training.main import run_train
-from conftest import make_config_dict
+from conftest import make_config_dict, signal_after_steps
 
 WEATHER = ["clear", "partly_cloudy", "haze", "cloudy"]
-
-
-def signal_after_steps(monkeypatch, n: int) -> None:
-    """SIGTERM to this process right after the n-th optimizer step (as in test_resume)."""
-    real, count = torch.optim.Adam.step, {"n": 0}
-
-    def step(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
 
 
 def folds_config(tiny_data, work: Path, k: int = 3, epochs: int = 3, **extra):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from chiptag.runs.layout import RunDir
 from chiptag.training import heads, main
 from chiptag.training.epoch import NonFiniteLoss
 from chiptag.training.main import run_train
-from conftest import make_config_dict
+from conftest import make_config_dict, signal_after_steps
 
 
 def kfold_config(tiny_data, work, k=3, epochs=3, folds_extra=None, **model):
@@ -42,19 +40,6 @@ def same_figures(a: dict, b: dict, tol: float = 1e-5) -> None:
     for key in ("train/loss", "val/loss", "val/f2", "lr"):
         assert [h[key] for h in ha] == pytest.approx([h[key] for h in hb], abs=tol), key
     assert a["metrics"]["test"]["f2"] == pytest.approx(b["metrics"]["test"]["f2"], abs=tol)
-
-
-def signal_after_steps(monkeypatch, n: int) -> None:
-    real, count = torch.optim.Adam.step, {"n": 0}
-
-    def step(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
 
 
 @pytest.mark.parametrize("model, features", [

@@ -22,22 +22,7 @@ from chiptag.errors import ChiptagError
 from chiptag.training.epoch import NonFiniteLoss
 from chiptag.interrupt import Interrupted
 from chiptag.training.main import run_train
-from conftest import make_config_dict
-
-
-def signal_after_steps(monkeypatch, n: int, sig: int = signal.SIGTERM, action=None) -> None:
-    """Send `sig` to this process right after the n-th optimizer step (or run `action` there instead)."""
-    real = torch.optim.Adam.step
-    count = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == n:
-            action(self) if action else os.kill(os.getpid(), sig)
-        return out
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+from conftest import make_config_dict, signal_after_steps
 
 
 def run_dir_of(tmp_path: Path) -> Path:

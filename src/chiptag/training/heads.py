@@ -41,7 +41,7 @@ from chiptag.interrupt import Interrupted, stop_requested
 from chiptag.models.head import HeadSpec, Tagger
 from chiptag.progress import out
 from chiptag.runs.layout import RunDir
-from chiptag.training import select as select_mod
+from chiptag.training import resume as resume_mod, select as select_mod
 from chiptag.training.epoch import NonFiniteLoss, evaluate
 from chiptag.training.folds import Fold
 from chiptag.training.loop import Optim, make_optim, torch_threads
@@ -319,15 +319,9 @@ def _save(path, members: list[Member]) -> None:
 
 def _load(path, members: list[Member]) -> bool:
     """Restore every member from resume-heads.pt; False when there is none (start from epoch 1)."""
-    if not path.is_file():
+    obj = resume_mod.load(path, FORMAT)
+    if obj is None:
         return False
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ChiptagError(f"cannot read {path} ({exc.__class__.__name__}); the run cannot be resumed from it "
-                           "— start a new run") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ChiptagError(f"{path} is not a resume state this chiptag can read")
     missing = [m.fold.k for m in members if m.fold.k not in obj["folds"]]
     if missing:
         raise ChiptagError(f"{path} holds no state for fold(s) {missing}; the run cannot be resumed from it — "
@@ -335,9 +329,7 @@ def _load(path, members: list[Member]) -> bool:
     for m in members:
         saved = obj["folds"][m.fold.k]
         m.head.load_state_dict(saved["module"]["head"])  # copied into the views: the stacked storage
-        state = dict(saved["state"])
-        state["totals"] = tuple(state["totals"])
-        m.st = LoopState(**state)
+        m.st = resume_mod.loop_state(saved["state"])
         m.opt.optimizer.load_state_dict(saved["optimizer"])
         m.opt.scheduler.load_state_dict(saved["scheduler"])
         m.dropout_gen.set_state(saved["dropout_gen"])

@@ -84,8 +84,9 @@ def save(path: Path, st: LoopState, tagger, head_only: bool, optimizer, schedule
     return path
 
 
-def load(path: Path) -> dict | None:
-    """The saved state, or None when the run stopped before its first epoch ended (start from epoch 1)."""
+def load(path: Path, expected: int = FORMAT) -> dict | None:
+    """The saved state, or None when the run stopped before its first epoch ended (start from epoch 1).
+    expected: the format the file must have (training.heads keeps its own, for K heads in one file)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -94,9 +95,10 @@ def load(path: Path) -> dict | None:
     except Exception as exc:
         raise ChiptagError(f"cannot read {path} ({exc.__class__.__name__}); the run cannot be resumed from "
                            "it — start a new run") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ChiptagError(f"{path} is not a resume state this chiptag can read (format {obj.get('format')!r}, "
-                           f"expected {FORMAT})")
+    if not isinstance(obj, dict) or obj.get("format") != expected:
+        found = obj.get("format") if isinstance(obj, dict) else None
+        raise ChiptagError(f"{path} is not a resume state this chiptag can read (format {found!r}, "
+                           f"expected {expected})")
     return obj
 
 
@@ -111,7 +113,12 @@ def _schedule_kind(state: dict) -> str:
 def restore_model(obj: dict, tagger) -> LoopState:
     """First half of a resume: the trained weights and the loop's bookkeeping."""
     load_trained_state(tagger, obj["module"])
-    state = dict(obj["state"])
+    return loop_state(obj["state"])
+
+
+def loop_state(saved: dict) -> LoopState:
+    """The loop's bookkeeping as saved (vars(LoopState)) -> LoopState."""
+    state = dict(saved)
     state["totals"] = tuple(state["totals"])
     if "best_f2" in state:  # saved before training.select existed: the score was validation F2 at 0.5
         state["best_score"] = state.pop("best_f2")
