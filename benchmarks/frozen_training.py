@@ -40,7 +40,7 @@ from chiptag.inference.predictor import Predictor
 from chiptag.models.backbones import build_backbone, state_fingerprint
 from chiptag.models.head import HeadSpec, Tagger
 from chiptag.training.epoch import Step, train_one_epoch
-from chiptag.training.loop import torch_threads
+from chiptag.training.loop import training_compute
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,7 +83,7 @@ def naive(forward, paths, y, pre, args, workers: int, dim: int) -> float:
         head.train()
         for x, t in loader:
             f = forward(x).clone()  # out of inference mode: the head's backward needs ordinary tensors
-            with torch_threads(1):  # the same single-threaded head step as chiptag's, to be fair
+            with training_compute(1):  # the same single-threaded head step as chiptag's, to be fair
                 opt.zero_grad(set_to_none=True)
                 loss_fn(head(f), t).backward()
                 opt.step()
@@ -102,7 +102,7 @@ def cached(forward, bb, paths, y, args, workers: int, cache: Path) -> tuple[floa
     loader = TensorBatches(feats, torch.as_tensor(y), args.batch_size,
                            order=lambda: torch.randperm(len(feats), generator=gen))
     step = Step(nn.BCEWithLogitsLoss(), torch.device("cpu"))
-    with torch_threads(1):  # as chiptag's head phase does (training.phases.Phase.threads)
+    with training_compute(1):  # as chiptag's head phase does (training.phases.Phase.threads)
         for epoch in range(args.epochs):
             train_one_epoch(head, loader, opt, step, epoch=epoch)
     return time.perf_counter() - t0, t_extract

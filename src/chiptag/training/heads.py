@@ -44,7 +44,7 @@ from chiptag.runs.layout import RunDir
 from chiptag.training import resume as resume_mod, select as select_mod
 from chiptag.training.epoch import NonFiniteLoss, evaluate
 from chiptag.training.folds import Fold
-from chiptag.training.loop import Optim, make_optim, torch_threads
+from chiptag.training.loop import Optim, make_optim, training_compute
 from chiptag.training.phases import HEAD, Inputs, Phase
 from chiptag.training.resume import LoopState
 from chiptag.training.settings import Optimisation
@@ -195,7 +195,7 @@ def train_together(folds: list[Fold], spec: HeadSpec, backbone: nn.Module, feats
     else:
         sizes = ", ".join(f"{len(m.fold.train)}/{len(m.fold.val)}" for m in members)
         out.print(f"{len(members)} fold heads trained together (train/validation images: {sizes})")
-    with torch_threads(THREADS):
+    with training_compute(THREADS):
         _epochs(members, stacked, feats, y_t, optim, select, run)
     stacked.release([m.head for m in members])
     seconds = (time.perf_counter() - t0) / len(members)  # the batch's time, shared out
