@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def same_figures(a: dict, b: dict, tol: float = 1e-5) -> None:
 ])
 def test_heads_together_match_one_at_a_time(tiny_data, tmp_path, monkeypatch, model, features):
     together = run_train(kfold_config(tiny_data, tmp_path / "a", folds_extra=features, **model))
-    assert not (RunDir(together["run_dir"]).path / "resume-heads.pt").exists()
+    run = RunDir(together["run_dir"])
+    assert not any(run.fold(k).resume.exists() for k in (1, 2, 3))  # done: nothing left to resume
     with monkeypatch.context() as m:
         one_at_a_time(m)
         alone = run_train(kfold_config(tiny_data, tmp_path / "b", folds_extra=features, **model))
@@ -77,20 +79,44 @@ def test_interrupted_heads_resume_to_the_same_result(tiny_data, tmp_path, monkey
     cfg = kfold_config(tiny_data, tmp_path / "b", epochs=3)
     with monkeypatch.context() as m:
         signal_after_steps(m, 3 * 3 + 1)  # 3 folds x 3 steps per epoch (67/67/68 chips): in epoch 2, which completes
-        with pytest.raises(Interrupted, match="after epoch 2; state saved to .*resume-heads.pt"):
+        with pytest.raises(Interrupted, match="after epoch 2; state saved to resume.pt in .*fold-1, .*fold-3"):
             run_train(cfg)
     run = RunDir(next((tmp_path / "b" / "runs").iterdir()))
-    state = run.path / "resume-heads.pt"
-    assert state.is_file() and not run.fold(1).fold_result.exists()
+    state = run.fold(2).resume
+    assert all(run.fold(k).resume.is_file() for k in (1, 2, 3)) and not run.fold(1).fold_result.exists()
     good = state.read_bytes()
     state.write_bytes(b"not a torch file")  # a damaged state: a clear error, not a traceback
-    with pytest.raises(ChiptagError, match="cannot read .*resume-heads.pt.*start a new run"):
+    with pytest.raises(ChiptagError, match="cannot read .*fold-2.resume.pt.*start a new run"):
         run_train(resume=run.path)
     state.write_bytes(good)
     resumed = run_train(resume=run.path)
     same_figures(resumed, reference, tol=0)  # the saved state replays exactly
     assert len(run.fold(2).metrics.read_text().splitlines()) == 3  # every epoch logged once
-    assert not (run.path / "resume-heads.pt").exists()
+    assert not any(run.fold(k).resume.exists() for k in (1, 2, 3))
+
+
+@pytest.mark.slow
+def test_a_fold_saved_with_the_batch_resumes_in_the_epoch_loop_too(tiny_data, tmp_path, monkeypatch):
+    """The batch saves each fold in the epoch loop's format: a fold can continue alone (the loop reads it),
+    with the figures of the uninterrupted run."""
+    reference = run_train(kfold_config(tiny_data, tmp_path / "a", epochs=3))
+    with monkeypatch.context() as m:
+        signal_after_steps(m, 3 * 3 + 1)
+        with pytest.raises(Interrupted):
+            run_train(kfold_config(tiny_data, tmp_path / "b", epochs=3))
+    run = RunDir(next((tmp_path / "b" / "runs").iterdir()))
+    one_at_a_time(monkeypatch)
+    resumed = run_train(resume=run.path)
+    same_figures(resumed, reference)
+
+
+def test_a_run_with_an_older_chiptags_heads_state_is_a_clear_error(tiny_data, tmp_path):
+    cfg = kfold_config(tiny_data, tmp_path, epochs=1)
+    run = RunDir(run_train(cfg)["run_dir"])
+    (run.path / "resume-heads.pt").write_bytes(b"old")
+    run.summary.unlink()
+    with pytest.raises(ChiptagError, match="resume-heads.pt was written by an older chiptag.*start a new run"):
+        run_train(resume=run.path)
 
 
 @pytest.mark.slow
@@ -109,7 +135,7 @@ def test_a_fold_left_in_the_one_at_a_time_loop_resumes_there(tiny_data, tmp_path
     batched = []
     real = heads.train_together
     monkeypatch.setattr(main.heads_mod, "train_together",
-                        lambda folds, *a, **k: batched.append([f.k for f in folds]) or real(folds, *a, **k))
+                        lambda members, *a, **k: batched.append([m.fold.k for m in members]) or real(members, *a, **k))
     resumed = run_train(resume=run.path)
     assert batched == [[3]]
     same_figures(resumed, reference)
@@ -142,3 +168,29 @@ def test_nan_in_one_fold_names_the_fold(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(heads.F, "binary_cross_entropy_with_logits", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"fold 2: loss is nan at epoch 1, step 0.*lower learning rate"):
         run_train(kfold_config(tiny_data, tmp_path, epochs=2))
+
+
+def test_heads_of_different_widths_stack_padded_and_train_as_alone():
+    """Sweep entries' heads of different hidden widths and dropouts: padded with zeros, each computes what it
+    would alone, and an Adam step leaves the padding at 0 and moves each head as its own step would."""
+    torch.manual_seed(0)
+    specs = [HeadSpec(8, 3, 5, 0.2), HeadSpec(8, 3, 2, 0.5), HeadSpec(8, 3, 4, 0.0)]
+    modules = [spec.build().eval() for spec in specs]
+    alone = [copy.deepcopy(h) for h in modules]
+    x = torch.randn(3, 4, 8)
+    stacked = heads.StackedHeads(modules)
+    assert stacked.params[0][0].shape == (3, 8, 5) and stacked.shapes[1] == [(8, 2), (2,), (2, 3), (3,)]
+    assert torch.allclose(stacked.forward(x, None), torch.stack([h(x[k]) for k, h in enumerate(alone)]), atol=1e-6)
+    opts = [torch.optim.Adam(views, 0.1, fused=True) for views in stacked.views]
+    stacked.forward(x, None).square().sum().backward()
+    stacked.hand_out_grads([0, 1, 2])
+    for opt in opts:
+        opt.step()
+    for k, h in enumerate(alone):
+        opt = torch.optim.Adam(h.parameters(), 0.1)
+        h(x[k]).square().sum().backward()
+        opt.step()
+        for mine, theirs in zip(modules[k].parameters(), h.parameters()):
+            assert torch.allclose(mine, theirs, atol=1e-6)
+    w1 = stacked.params[0][0].detach()
+    assert torch.count_nonzero(w1[1, :, 2:]) == 0 and torch.count_nonzero(stacked.params[1][0].detach()[1, 2:]) == 0

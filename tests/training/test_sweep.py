@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,79 @@ def test_sweep_of_good_entries_exits_zero(tiny_data, tmp_path):
     assert (tmp_path / "runs" / "EXPERIMENTS.md").is_file()
 
 
+def _heads_sweep(tiny_data, work: Path, **extra) -> dict:
+    """Three entries on one frozen backbone differing in head width, dropout, learning rate and loss weighting
+    (plus extra entries' overrides: name -> model keys)."""
+    raw = make_config_dict(tiny_data, work, name="a", epochs=3)
+    base = dict(raw["models"][0])
+    raw["models"] += [{**base, "name": "b", "hidden_dim": 16, "dropout": 0.5, "pos_weight": True},
+                      {**base, "name": "c", "hidden_dim": 48, "dropout": 0.0, "learning_rate": 1e-3,
+                       "optimizer": "adamw", "weight_decay": 0.01}]
+    raw["models"] += [{**base, "name": name, **keys} for name, keys in extra.items()]
+    return raw
+
+
+def _summaries(runs: Path) -> dict:
+    return {s["model"]: s for s in (json.loads(p.read_text()) for p in runs.glob("*/summary.json"))}
+
+
+def test_sweep_heads_trained_together_match_each_entry_alone(tiny_data, tmp_path, monkeypatch):
+    from chiptag import config as config_mod
+    from chiptag.training import sweep
+
+    together = sweep.run_sweep(config_mod.from_dict(_heads_sweep(tiny_data, tmp_path / "a")))
+    monkeypatch.setattr(sweep, "_groups", lambda settings: [[i] for i in range(len(settings))])
+    alone = sweep.run_sweep(config_mod.from_dict(_heads_sweep(tiny_data, tmp_path / "b")))
+    assert [r.status for r in together.rows] == ["completed"] * 3 and [r.model for r in together.rows] == list("abc")
+    a, b = _summaries(tmp_path / "a" / "runs"), _summaries(tmp_path / "b" / "runs")
+    for name in "abc":
+        ha, hb = a[name]["history"], b[name]["history"]
+        assert a[name]["best_epoch"] == b[name]["best_epoch"]
+        for key in ("train/loss", "val/loss", "val/f2", "lr"):
+            assert [h[key] for h in ha] == pytest.approx([h[key] for h in hb], abs=1e-5), (name, key)
+        assert a[name]["metrics"]["test"]["f2"] == pytest.approx(b[name]["metrics"]["test"]["f2"], abs=1e-5)
+        assert a[name]["head"] == b[name]["head"]  # each keeps its own width
+        run = Path(a[name]["run_dir"])
+        assert (run / "checkpoint.pt").is_file() and not (run / "resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_entry_leaves_the_batch_and_an_interrupted_batch_resumes_per_entry(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    """Inside a batch an entry whose loss overflows fails alone; Ctrl-C stops the sweep with each entry's state in
+    its run dir, and `chiptag train --resume RUN` finishes each alone with the uninterrupted figures."""
+    from conftest import signal_after_steps
+
+    from chiptag import config as config_mod
+    from chiptag.interrupt import Interrupted
+    from chiptag.training.main import run_train
+    from chiptag.training.sweep import run_sweep
+
+    raw = _heads_sweep(tiny_data, tmp_path / "ref", broken={"learning_rate": 1e30})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    res = CliRunner().invoke(app, ["train", "-c", str(path), "--all"])
+    assert res.exit_code == 2, res.output
+    assert "3 heads trained together" not in res.output and "4 heads trained together" in res.output
+    rows = {r.model: r.status for r in list_runs(tmp_path / "ref" / "runs")}
+    assert rows == {"a": "completed", "b": "completed", "c": "completed", "broken": "failed"}
+    reference = _summaries(tmp_path / "ref" / "runs")
+
+    raw = _heads_sweep(tiny_data, tmp_path / "int")
+    with monkeypatch.context() as m:
+        signal_after_steps(m, 3 * 3 + 1, sig=signal.SIGINT)  # 3 entries x 3 steps an epoch: inside epoch 2
+        with pytest.raises(Interrupted, match="continue each with: chiptag train --resume"):
+            run_sweep(config_mod.from_dict(raw))
+    runs = sorted((tmp_path / "int" / "runs").iterdir())
+    assert len(runs) == 3 and all((r / "resume.pt").is_file() and not (r / "failure.json").exists() for r in runs)
+    for run in runs:
+        s = run_train(resume=run)
+        ref = reference[s["model"]]
+        assert [h["val/loss"] for h in s["history"]] == pytest.approx([h["val/loss"] for h in ref["history"]],
+                                                                      abs=1e-5)
+        assert s["metrics"]["test"]["f2"] == pytest.approx(ref["metrics"]["test"]["f2"], abs=1e-5)
+
+
 def test_interrupt_stops_the_whole_sweep(tiny_data, tmp_path, monkeypatch):
     """Ctrl-C in entry 1 must not be recorded as a failed entry while the sweep moves on to entry 2."""
     import signal
@@ -77,7 +151,7 @@ def test_interrupt_stops_the_whole_sweep(tiny_data, tmp_path, monkeypatch):
     from chiptag.training.sweep import run_sweep
 
     raw = make_config_dict(tiny_data, tmp_path)
-    raw["models"].append({**raw["models"][0], "name": "second"})
+    raw["models"].append({**raw["models"][0], "name": "second", "image_size": 48})  # not one batch: alone
     calls = []
 
     def fake_run_train(cfg):

@@ -8,6 +8,7 @@ and threshold tuning; the test split is evaluated once, at the end, and is the h
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import time
@@ -71,6 +72,26 @@ class Network:
     tagger: Tagger
 
 
+@dataclass
+class Prepared:
+    """An opened run ready to train: its device and tracker, network and card, the one input object, the cached
+    features, and its folds (what train_folds trains and finish finishes)."""
+
+    r: OpenRun
+    device: torch.device
+    tracker: MultiTracker
+    net: Network
+    card: ModelCard
+    images: ImageInput
+    feats: torch.Tensor | None
+    info: FeatureInfo
+    folds: list[Fold]
+    untrained: list[str]  # tags no training row carries (no tuned threshold, no per-class score)
+    n_params: dict  # trainable / frozen as built (summary.json)
+    validation: dict  # what was checked, converted and skipped (summary.json)
+    timings: dict  # seconds so far: extract_s; t_start (perf_counter) for total_s
+
+
 def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
     """Train cfg's active model in a new run dir, or continue the interrupted run dir `resume`.
 
@@ -80,25 +101,38 @@ def run_train(cfg: Config | None = None, *, resume: Path | None = None) -> dict:
     try:
         with graceful_stop():
             r = open_run(cfg, resume)
-            try:
+            with recorded(r):
                 summary = train(r, dist_device or resolve_device(r.s.device, "training.device"))
-            except Interrupted as exc:
-                raise exc.with_hint(f"continue with: chiptag train --resume {r.run.path}") from None
-            except NonFiniteLoss as exc:
-                _failed(r, f"{exc} {_last_good(r.run)}")
-                raise NonFiniteLoss(f"{exc} {_last_good(r.run)}") from None
-            except ChiptagError as exc:
-                _failed(r, str(exc))
-                raise
-        r.run.resume.unlink(missing_ok=True)  # complete: nothing left to resume
-        print_result(summary)
-        if "folds" in summary:
-            folds_mod.print_folds(summary)
+        done(r, summary)
         if not distributed.is_main():
             shutil.rmtree(r.run.path, ignore_errors=True)
         return summary
     finally:
         distributed.shutdown()
+
+
+@contextlib.contextmanager
+def recorded(r: OpenRun):
+    """How a run's errors leave it: a stop gets the resume hint; a non-finite loss and any other ChiptagError
+    are written to the run dir's failure record (chiptag runs lists it as failed, not unfinished)."""
+    try:
+        yield
+    except Interrupted as exc:
+        raise exc.with_hint(f"continue with: chiptag train --resume {r.run.path}") from None
+    except NonFiniteLoss as exc:
+        _failed(r, f"{exc} {_last_good(r.run)}")
+        raise NonFiniteLoss(f"{exc} {_last_good(r.run)}") from None
+    except ChiptagError as exc:
+        _failed(r, str(exc))
+        raise
+
+
+def done(r: OpenRun, summary: dict) -> None:
+    """A completed run: nothing left to resume; its result printed."""
+    r.run.resume.unlink(missing_ok=True)
+    print_result(summary)
+    if "folds" in summary:
+        folds_mod.print_folds(summary)
 
 
 def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
@@ -130,6 +164,14 @@ def open_run(cfg: Config | None, resume: Path | None) -> OpenRun:
 
 def train(r: OpenRun, device: torch.device) -> dict:
     """The training flow of one opened run, top to bottom; -> summary (also written to the run dir)."""
+    p = prepare(r, device)
+    t_train = time.perf_counter()
+    results = train_folds(p)
+    return finish(p, results, time.perf_counter() - t_train)
+
+
+def prepare(r: OpenRun, device: torch.device) -> Prepared:
+    """Everything before the epochs: validation record, tracker, network, decoder, features, folds."""
     t_start = time.perf_counter()
     s, ds, splits, tags = r.s, r.ds, r.splits, r.ds.table.tags
     validation = _record_validation(r)
@@ -169,14 +211,17 @@ def train(r: OpenRun, device: torch.device) -> dict:
     if untrained:  # a tuned threshold and per-class scores for a tag the model never saw would mean nothing
         trained_on = ("train", "val") if s.folds else ("train",)
         console.print(f"[yellow]warning:[/] {untrained_warning(ds.table.y, splits, untrained, tags, trained_on)}")
-    t_train = time.perf_counter()
-    results = train_folds(r, folds, net, feats, images, card)
-    t_train = time.perf_counter() - t_train
+    return Prepared(r, device, tracker, net, card, images, feats, info, folds, untrained, n_params, validation,
+                    {"extract_s": t_extract, "t_start": t_start})
 
-    # One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
-    # rows, the checkpoint, the summary, the report, the tracker.
+
+def finish(p: Prepared, results: list[FoldResult], train_s: float) -> dict:
+    """One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
+    rows, the checkpoint, the summary, the report, the tracker -> the summary."""
+    r, device, net, folds = p.r, p.device, p.net, p.folds
+    s, ds, splits, tags = r.s, r.ds, r.splits, r.ds.table.tags
     tagger, model, loss_fn, epoch = final_model(results, net, folds, device)
-    test = evaluate(model, test_batches(results, r, feats, images, device), loss_fn, device)
+    test = evaluate(model, test_batches(results, p), loss_fn, device)
     val_idx = np.concatenate([res.val_idx for res in results])
     val = (np.concatenate([res.val_targets for res in results]), np.concatenate([res.val_probs for res in results]))
     report.save_eval_probs(r.run.eval_probs, {"val": {"targets": val[0], "probs": val[1]}, "test": test},
@@ -184,19 +229,20 @@ def train(r: OpenRun, device: torch.device) -> dict:
     # the label rules are kept only where they score higher on validation (labels.apply); the checkpoint's
     # `labels` section carries the choice, so predict, serve, evaluate and export decode as the run chose
     thresholds, m, decision = choose_and_score(val, {"val": val, "test": (test["targets"], test["probs"])}, tags,
-                                               s.labels, untrained)
+                                               s.labels, p.untrained)
     m["val"]["loss"], m["test"]["loss"] = _val_loss(results), test["loss"]
     if distributed.is_main():
-        card = replace(card, config={**card.config, "labels": decision.labels(s.labels)})
+        card = replace(p.card, config={**p.card.config, "labels": decision.labels(s.labels)})
         checkpoint.save(r.run.checkpoint, tagger, card, thresholds.tolist(), epoch)
 
     train_rows = np.unique(np.concatenate([fold.train for fold in folds]))  # the summary's pos_weight
     pw = pos_weight(ds.table.y[train_rows], s.optim.pos_weight_max) if s.optim.pos_weight else None
     history = [{**h, "fold": res.k} if res.k else h for res in results for h in res.record["history"]]
     scores = {"metrics": m, "baseline": metrics.baseline_summary(ds.table.y, splits, tags), "thresholds": thresholds}
-    timings = {"extract_s": t_extract, "train_s": t_train, "total_s": time.perf_counter() - t_start}
+    t_start = p.timings["t_start"]
+    timings = {"extract_s": p.timings["extract_s"], "train_s": train_s, "total_s": time.perf_counter() - t_start}
     summary = build_summary(s, r.run, ds, splits, net, Outcome(epoch if len(results) == 1 else None, history,
-                                                               scores, timings, info, pw, n_params))
+                                                               scores, timings, p.info, pw, p.n_params))
     summary["label_rules"] = decision.rules.to_dict(tags)  # what predictions decode with (empty: none kept)
     summary["label_rules_decision"] = decision.to_dict()
     if len(results) > 1:
@@ -206,14 +252,14 @@ def train(r: OpenRun, device: torch.device) -> dict:
             np.savez_compressed(tmp, probs=val[1], targets=val[0], names=np.asarray([ds.table.names[i]
                                                                                      for i in val_idx]),
                                 tags=np.asarray(tags))
-    summary["validation"] = validation  # what was checked, converted and skipped (every item)
+    summary["validation"] = p.validation  # what was checked, converted and skipped (every item)
     write_json(r.run.summary, summary)  # complete before the tracker uploads it
     out.print(f"drawing the report: plots and error sheets into {r.run.report_dir} ...")
     t_report = time.perf_counter()
-    report.report_after_training(r.run.path, tracker)
+    report.report_after_training(r.run.path, p.tracker)
     timings["report_s"] = time.perf_counter() - t_report
     timings["total_s"] = time.perf_counter() - t_start  # the time printed at the end counts the report
-    summary["tracker"] = tracker.finish(summary)
+    summary["tracker"] = p.tracker.finish(summary)
     write_json(r.run.summary, summary)  # with the tracker's link
     return summary
 
@@ -275,39 +321,35 @@ def plan_folds(r: OpenRun, tracker, device: torch.device) -> list[Fold]:
     return folds
 
 
-def test_batches(results: list[FoldResult], r: OpenRun, feats: torch.Tensor | None, images: ImageInput,
-                 device: torch.device):
+def test_batches(results: list[FoldResult], p: Prepared):
     """The test split's batches as the last phase reads them: a trained fold's (the test split is the run's in
     every fold); built only when every fold was done before a --resume."""
     done = next((res.test_batches for res in results if res.test_batches is not None), None)
     if done is not None:
         return done
-    return phases_mod.plan(r.s.optim, r.s.network.freeze,
-                           *_phase_inputs(r, r.splits, feats, images, device))[-1].inputs.test
+    return phases_mod.plan(p.r.s.optim, p.r.s.network.freeze, *_phase_inputs(p, p.r.splits, p.device))[-1].inputs.test
 
 
-def _phase_inputs(r: OpenRun, splits: dict, feats: torch.Tensor | None, images: ImageInput,
+def _phase_inputs(p: Prepared, splits: dict,
                   device: torch.device) -> tuple[phases_mod.Inputs | None, phases_mod.Inputs | None]:
     """(cached-feature batches when there are features, image batches when the backbone trains)."""
-    s = r.s
+    s = p.r.s
     features = image_batches = None
-    if feats is not None:
-        features = phases_mod.feature_inputs(feats, r.ds.table.y, splits, s.optim.batch_size, s.seed,
+    if p.feats is not None:
+        features = phases_mod.feature_inputs(p.feats, p.r.ds.table.y, splits, s.optim.batch_size, s.seed,
                                              s.features.tta, device)
     if not s.network.freeze:  # the backbone trains: it sees the images themselves
-        image_batches = phases_mod.image_inputs(r.ds, splits, images, s.optim.batch_size, s.seed,
+        image_batches = phases_mod.image_inputs(p.r.ds, splits, p.images, s.optim.batch_size, s.seed,
                                                 default_workers(s.num_workers), s.augment)
     return features, image_batches
 
 
-def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None, images: ImageInput,
-               card: ModelCard) -> FoldResult:
+def train_fold(p: Prepared, fold: Fold) -> FoldResult:
     """One fold through the epoch loop (training.loop.fit), resumed from its resume.pt when there; its best
-    weights evaluated on its validation rows. feats: the cached features (None: no head phase); images: the
-    run's input object (read when the backbone trains)."""
-    s, t0 = r.s, time.perf_counter()
-    splits = {"train": fold.train, "val": fold.val, "test": r.splits["test"]}
-    phases = phases_mod.plan(s.optim, s.network.freeze, *_phase_inputs(r, splits, feats, images, fold.device))
+    weights evaluated on its validation rows."""
+    s, net, t0 = p.r.s, p.net, time.perf_counter()
+    splits = {"train": fold.train, "val": fold.val, "test": p.r.splits["test"]}
+    phases = phases_mod.plan(s.optim, s.network.freeze, *_phase_inputs(p, splits, fold.device))
     if fold.of_k:
         fold.run.path.mkdir(exist_ok=True)
         torch.manual_seed(s.seed + fold.k)  # each head its own start; the same on every rerun
@@ -324,31 +366,29 @@ def train_fold(r: OpenRun, fold: Fold, net: Network, feats: torch.Tensor | None,
         out.print(f"{where}resuming after epoch {saved['state']['epoch']}, step {saved['state']['step']}")
     elif fold.of_k:
         out.print(f"fold {fold.k}/{s.folds}: {len(fold.train)} train / {len(fold.val)} validation images")
-    fitted = fit(fold, phases, tagger, s.optim, s.select, card, saved, s.progress)
-    return fold_result(s, fold, tagger, fitted.model, fitted.inputs, fitted.state, time.perf_counter() - t0, card)
+    fitted = fit(fold, phases, tagger, s.optim, s.select, p.card, saved, s.progress)
+    return fold_result(p, fold, tagger, fitted.model, fitted.inputs, fitted.state, time.perf_counter() - t0)
 
 
-def train_folds(r: OpenRun, folds: list[Fold], net: Network, feats: torch.Tensor | None, images: ImageInput,
-                card: ModelCard) -> list[FoldResult]:
+def train_folds(p: Prepared) -> list[FoldResult]:
     """Every fold's result: read back when it was done before a --resume; the heads of a k-fold run's folds
     trained together, as one batched model (training.heads); any other fold through the epoch loop alone."""
-    s, y = r.s, r.ds.table.y
-    results = {fold.k: res for fold in folds if (res := folds_mod.load_done(fold, y)) is not None}
-    together = heads_mod.batchable([f for f in folds if f.k not in results], s.network.freeze, feats, s.optim)
-    if together:
-        trained = heads_mod.train_together(together, net.head, net.backbone.net, feats, y, r.splits["test"], s.optim,
-                                           s.select, s.seed, s.features.tta, r.run)
-        for m, inputs, seconds in trained:
-            results[m.fold.k] = fold_result(s, m.fold, m.tagger, ViewAverage(m.head), inputs, m.st, seconds, card)
-        heads_mod.remove_resume(r.run)  # every fold's fold.json is written: nothing left to resume
-    for fold in folds:
+    s, y = p.r.s, p.r.ds.table.y
+    results = {fold.k: res for fold in p.folds if (res := folds_mod.load_done(fold, y)) is not None}
+    heads_mod.check_no_old_state(p.r.run)
+    for group in heads_mod.batchable([f for f in p.folds if f.k not in results], s.network.freeze, p.feats,
+                                     s.optim):
+        members = heads_mod.fold_members(group, p.net.head, p.net.backbone.net, p.feats, y, s)
+        for m, inputs, seconds in heads_mod.train_together(members, p.feats, y, p.r.splits["test"]):
+            results[m.fold.k] = fold_result(p, m.fold, m.tagger, ViewAverage(m.head), inputs, m.st, seconds)
+    for fold in p.folds:
         if fold.k not in results:
-            results[fold.k] = train_fold(r, fold, net, feats, images, card)
-    return [results[fold.k] for fold in folds]
+            results[fold.k] = train_fold(p, fold)
+    return [results[fold.k] for fold in p.folds]
 
 
-def fold_result(s: Settings, fold: Fold, tagger: Tagger, model: nn.Module, inputs: phases_mod.Inputs,
-                state: resume_mod.LoopState, seconds: float, card: ModelCard) -> FoldResult:
+def fold_result(p: Prepared, fold: Fold, tagger: Tagger, model: nn.Module, inputs: phases_mod.Inputs,
+                state: resume_mod.LoopState, seconds: float) -> FoldResult:
     """A trained fold: its best weights loaded and evaluated on its validation rows; fold k's files written."""
     resume_mod.load_trained_state(tagger, state.best_state)
     ev = evaluate(model, inputs.val, fold.loss_fn, fold.device)
@@ -356,12 +396,12 @@ def fold_result(s: Settings, fold: Fold, tagger: Tagger, model: nn.Module, input
               "n_val": int(len(fold.val)), "val_loss": ev["loss"], "seconds": seconds, "history": state.history}
     if fold.of_k:  # fold k's own figures (fold.json, the summary's per-fold table); one split's are the run's
         _, m, _ = choose_and_score((ev["targets"], ev["probs"]), {"val": (ev["targets"], ev["probs"])},
-                                   card.tags, s.labels)
+                                   p.card.tags, p.r.s.labels)
         record.update({"val_f2_at_0.5": m["val"]["f2_at_0.5"], "val_f2_tuned": m["val"]["f2"]})
     result = FoldResult(fold.k, fold.val, ev["probs"], ev["targets"], state.best_state, record, model=model,
                         test_batches=inputs.test)
     if fold.of_k:
-        folds_mod.save_done(fold, tagger, card, result)
+        folds_mod.save_done(fold, tagger, p.card, result)
     return result
 
 

@@ -3,13 +3,18 @@
 Every entry's backbone and weights, and the device, are checked before the first entry trains (training.checks):
 a config error in entry 3 stops the sweep before entries 0-2 spend their time. Entries share the feature cache
 without extra work: its key is the backbone's content and preprocessing, so a repeated frozen backbone is
-extracted once. One entry failing while it trains is recorded (its run dir's failure record, when
-it got a run dir) and the sweep goes on; the caller turns failures into a non-zero exit.
+extracted once. Entries that train a head on the same cached features (frozen backbone, same backbone and image
+size, same epochs and batch size; any head widths, dropouts, learning rates, optimizers, loss weighting) train
+their heads together, as one batched model (training.heads), each in its own run dir with its own figures —
+the same as alone. One entry failing is recorded (its run dir's failure record, when it got a run dir) and the
+sweep goes on, inside a batch too; the caller turns failures into a non-zero exit. Ctrl-C / SIGTERM stops the
+sweep; each interrupted entry continues alone with `chiptag train --resume RUN`.
 """
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,34 +64,162 @@ def _record_failure(cfg: Config, index: int, new_dirs: set[str], message: str) -
 
 def run_sweep(cfg: Config, config_path: str = "config") -> SweepResult:
     from chiptag.training.checks import check_sweep  # torch only when a sweep really runs
-    from chiptag.training.main import run_train
     from chiptag.training.settings import Settings
 
     configs = [entry_config(cfg, i) for i in range(len(cfg.models))]
-    check_sweep([Settings.from_config(c) for c in configs])  # every entry, before the first one trains
+    settings = [Settings.from_config(c) for c in configs]
+    check_sweep(settings)  # every entry, before the first one trains
+    rows: dict[int, RunRow] = {}
     result = SweepResult()
-    runs_dir = Path(cfg.output.runs_dir)
-    for i, entry in enumerate(cfg.models):
-        out.print(f"\n[bold]== {i + 1}/{len(cfg.models)}: {entry.name} ==[/]")
-        before = _subdirs(runs_dir)
-        try:
-            summary = run_train(configs[i])
-            result.rows.append(row_from_summary(summary, summary["run_id"]))
-            continue
-        except Interrupted:  # Ctrl-C / SIGTERM stops the whole sweep, not just this entry
-            raise
-        except ChiptagError as exc:
-            message = str(exc)
-            console.print(f"[bold red]error:[/] {entry.name}: {message}", highlight=False)
-        except Exception as exc:  # a bug, not a user error: show it, keep the other entries
-            message = f"{exc.__class__.__name__}: {exc}"
-            console.print(f"[bold red]error:[/] {entry.name} crashed:\n{traceback.format_exc()}", highlight=False)
-        result.rows.append(_record_failure(cfg, i, _subdirs(runs_dir) - before, message))
-        result.failed.append(f"{entry.name}: {message}")
-    result.markdown_path = write_experiments(runs_dir, result, config_path)
+    for group in _groups(settings):
+        if len(group) == 1:
+            i = group[0]
+            _header(cfg, i)
+            _attempt(cfg, i, lambda i=i: _train_alone(configs[i]), rows, result)
+        else:
+            _train_group(cfg, configs, group, rows, result)
+    result.rows = [rows[i] for i in sorted(rows)]
+    result.markdown_path = write_experiments(Path(cfg.output.runs_dir), result, config_path)
     print_table(result.rows, title=f"{config_path}: {len(cfg.models)} entries")
     out.print(f"wrote {result.markdown_path}")
     return result
+
+
+def _groups(settings: list) -> list[list[int]]:
+    """Entry indices in groups that may train their heads together (a head on cached features of the same
+    backbone, image size and resize, for the same epochs and batches, tracked locally), in the order of their
+    first entry; anything else alone."""
+    from chiptag import distributed
+
+    groups: dict[object, list[int]] = {}
+    for i, s in enumerate(settings):
+        n, o = s.network, s.optim
+        # ClearML tracks one task per process at a time (Task.init): its entries train one after another
+        together = (n.freeze and not s.folds and not o.unfreeze_after and s.tracking.backend == "local"
+                    and not distributed.active())
+        key = ((n.backbone, n.weights, n.image_size, n.resize, n.hidden_dim is None, o.epochs, o.batch_size)
+               if together else ("alone", i))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _header(cfg: Config, i: int) -> None:
+    out.print(f"\n[bold]== {i + 1}/{len(cfg.models)}: {cfg.models[i].name} ==[/]")
+
+
+def _train_alone(cfg: Config) -> dict:
+    from chiptag.training.main import run_train
+
+    return run_train(cfg)
+
+
+def _attempt(cfg: Config, i: int, work: Callable[[], dict | None], rows: dict, result: SweepResult,
+             run_name: str | None = None) -> None:
+    """Run one step of entry i (work -> its summary, or None for a step before the end); a failure is recorded
+    (its row, its run dir: the one made meanwhile, or run_name) and the sweep goes on."""
+    runs_dir = Path(cfg.output.runs_dir)
+    name = cfg.models[i].name
+    before = _subdirs(runs_dir)
+    try:
+        summary = work()
+    except Interrupted:  # Ctrl-C / SIGTERM stops the whole sweep, not just this entry
+        raise
+    except ChiptagError as exc:
+        message = str(exc)
+        console.print(f"[bold red]error:[/] {name}: {message}", highlight=False)
+    except Exception as exc:  # a bug, not a user error: show it, keep the other entries
+        message = f"{exc.__class__.__name__}: {exc}"
+        console.print(f"[bold red]error:[/] {name} crashed:\n{traceback.format_exc()}", highlight=False)
+    else:
+        if summary is not None:
+            rows[i] = row_from_summary(summary, summary["run_id"])
+        return
+    made = _subdirs(runs_dir) - before
+    rows[i] = _record_failure(cfg, i, made | {run_name} if run_name else made, message)
+    result.failed.append(f"{name}: {message}")
+
+
+def _train_group(cfg: Config, configs: list[Config], group: list[int], rows: dict, result: SweepResult) -> None:
+    """Entries whose heads may train together: each opened and prepared (run dir, network, cached features) in
+    turn; those reading the same cached features train as one batch (training.heads), then each finishes
+    (thresholds, checkpoint, report) in its own run dir. An entry alone on its features trains alone."""
+    from chiptag.device import resolve_device
+    from chiptag.interrupt import graceful_stop
+    from chiptag.training import main
+
+    device = resolve_device(configs[group[0]].training.device, "training.device")
+    with graceful_stop():
+        prepared: dict[int, main.Prepared] = {}
+        for i in group:
+            _header(cfg, i)
+            _attempt(cfg, i, lambda i=i: _prepare(configs[i], device, prepared, i), rows, result)
+        by_features: dict[object, list[int]] = {}
+        for i, p in prepared.items():
+            key = (p.info.path, tuple(v.get("path") for v in p.info.per_view)) if p.info.path else ("alone", i)
+            by_features.setdefault(key, []).append(i)
+        for batch in by_features.values():
+            if len(batch) == 1:
+                p = prepared[batch[0]]
+                _attempt(cfg, batch[0], lambda p=p: _finish(p, None), rows, result, p.r.run.name)
+            else:
+                _train_batch(cfg, [(i, prepared[i]) for i in batch], rows, result)
+
+
+def _prepare(cfg: Config, device, prepared: dict, i: int) -> None:
+    """Open entry i's run dir and prepare it (network, cached features, folds) into prepared[i]."""
+    from chiptag.training import main
+
+    r = main.open_run(cfg, None)
+    with main.recorded(r):
+        prepared[i] = main.prepare(r, device)
+
+
+def _finish(p, trained) -> dict:
+    """A prepared entry to its summary: its head as the batch trained it (trained: (member, inputs, seconds)),
+    or through the epoch loop (None: alone on its features)."""
+    import time
+
+    from chiptag.features.views import ViewAverage
+    from chiptag.training import main
+
+    with main.recorded(p.r):
+        t0 = time.perf_counter()
+        if trained is None:
+            results = main.train_folds(p)
+            seconds = time.perf_counter() - t0
+        else:
+            m, inputs, seconds = trained
+            if m.failed is not None:
+                raise m.failed
+            results = [main.fold_result(p, m.fold, m.tagger, ViewAverage(m.head), inputs, m.st, seconds)]
+        summary = main.finish(p, results, seconds)
+    main.done(p.r, summary)
+    return summary
+
+
+def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) -> None:
+    """The heads of prepared entries reading the same features, trained together; each entry finished alone."""
+    import torch
+
+    from chiptag.training import heads
+
+    first = entries[0][1]
+    feats, y, test = first.feats, first.r.ds.table.y, first.r.splits["test"]
+    members = []
+    for _, p in entries:
+        p.feats = feats  # one copy of the features for the batch
+        members.append(heads.member(p.folds[0], p.net.tagger, torch.Generator().manual_seed(p.r.s.seed), feats, y,
+                                    p.r.s))
+    out.print(f"\n[bold]== {len(entries)} heads trained together: "
+              f"{', '.join(cfg.models[i].name for i, _ in entries)} ==[/]")
+    try:
+        trained = heads.train_together(members, feats, y, test, drop_failed=True)
+    except Interrupted as exc:
+        raise exc.with_hint("continue each with: " + "; ".join(f"chiptag train --resume {p.r.run.path}"
+                                                                for _, p in entries)) from None
+    for (i, p), one in zip(entries, trained):
+        _header(cfg, i)
+        _attempt(cfg, i, lambda p=p, one=one: _finish(p, one), rows, result, p.r.run.name)
 
 
 def write_experiments(runs_dir: Path, result: SweepResult, config_path: str) -> Path:
