@@ -19,7 +19,7 @@ from chiptag.evaluation import mistakes
 from chiptag.evaluation.report import load_eval_probs, write_report
 from chiptag.config import ReportConfig
 from chiptag.evaluation.sheets import write_sheets
-from chiptag.evaluation.tiles import GREY, TileReader
+from chiptag.evaluation.tiles import GREY, TILE_IN, Tile, TileReader, place_tiles, tag_lines, tile_pixels
 from chiptag.runs.layout import RunDir
 
 runner = CliRunner()
@@ -174,6 +174,41 @@ def test_sheets_at_25_tags_and_256px_stay_bounded_on_a_large_split(tmp_path):
     assert sheets.top_names == _bce_order(probs)[:6]
     assert len(sheets.tag_names) == 2 and len(list(RunDir(run).per_tag_dir.glob("*.png"))) == 2
     assert RunDir(run).cooccurrence.stat().st_size > 0
+
+
+@pytest.mark.parametrize("dpi", [100, 50])
+def test_tiles_are_drawn_once_at_the_tiles_pixel_size_without_axes(dpi):
+    """A chip is resized once to TILE_IN at the figure's dpi and drawn 1:1 (the saved PNG holds exactly those
+    pixels); a chip that could not be read is a grey tile that says why; its tags stay below it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    side = round(TILE_IN * dpi)
+    chip = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    grey = np.full((64, 64, 3), GREY, np.float32)
+    tiles = [Tile(chip, "chip_a\nF2 0.10", tag_lines(["clear"], ["road"], [])),
+             Tile(grey, "chip_b\nF2 0.00", tag_lines([], [], ["haze"]), "cannot read image chip_b.jpg: truncated")]
+    fig = Figure(figsize=(2 * TILE_IN + 1, TILE_IN + 1.5), dpi=dpi)
+    place_tiles(fig, tiles, (0.2, 0.3), ncols=2)
+    assert not fig.axes and [im.get_array().shape for im in fig.images] == [(side, side, 3)] * 2
+    texts = [t.get_text() for t in fig.texts]
+    assert "unreadable\ncannot read image chip_b.jpg:\ntruncated" in texts
+    assert {"chip_a\nF2 0.10", "ok: clear", "missed: road", "extra: haze"} <= set(texts)
+    # the top-left tile's chip lands at (0.2 in, 0.3 in + the title's height) from the figure's top-left, 1:1
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    drawn = np.asarray(canvas.buffer_rgba())[..., :3]
+    top, left = round(fig.get_size_inches()[1] * dpi) - fig.images[0].oy - side, fig.images[0].ox
+    assert left == round(0.2 * dpi)
+    inner = (slice(top + 2, top + side - 2), slice(left + 2, left + side - 2))  # inside the frame
+    assert np.array_equal(drawn[inner], tile_pixels(chip, side)[2:-2, 2:-2])
+    below = fig.texts[[t.get_text() for t in fig.texts].index("ok: clear")].get_window_extent(canvas.get_renderer())
+    assert below.y1 <= fig.images[0].oy  # the tags do not overlap the chip
+
+
+def test_tile_pixels_keep_a_chips_aspect():
+    assert tile_pixels(np.zeros((100, 50, 3), np.float32), 190).shape == (190, 95, 3)
+    assert tile_pixels(np.zeros((256, 256, 3), np.uint8), 190).dtype == np.uint8
 
 
 # --- the pure selection helpers ---

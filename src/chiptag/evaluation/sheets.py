@@ -28,6 +28,7 @@ from chiptag.runs.layout import RunDir
 LEGEND = ('tags under each chip: black "ok" = true and predicted, red "missed" = true but not predicted, '
           'blue "extra" = predicted but not true (at the tuned thresholds)')
 COLUMNS = 6  # tiles per row on top_errors.png
+DPI = 100  # every sheet is saved at this; a tile figure is made at it too (its chips are drawn 1:1 in pixels)
 
 
 def options(run_dir: Path, overrides: dict | None = None) -> ReportConfig:
@@ -81,7 +82,7 @@ class _Test:
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:  # zlib level 1: a fifth less CPU than the default 6 for ~15 % larger files
-        fig.savefig(tmp, dpi=100, format="png", pil_kwargs={"compress_level": 1})
+        fig.savefig(tmp, dpi=DPI, format="png", pil_kwargs={"compress_level": 1})
     return path
 
 
@@ -93,7 +94,7 @@ def _tile_figure(blocks: list[tuple[str, list[Tile]]], ncols: int, title: str):
     head = 0.55 if any(heading for heading, _ in blocks) else 0.3  # title + legend (+ the blocks' headings)
     width = sum(w for w, _, _ in sizes) + 0.6 * (len(blocks) - 1) + 2 * GAP_IN
     height = head + TITLE_IN + max(h for _, h, _ in sizes) + GAP_IN
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), dpi=DPI)
     fig.text(GAP_IN / width, 1 - 0.08 / height, title, fontsize=10, weight="bold", va="top")
     fig.text(GAP_IN / width, 1 - 0.3 / height, LEGEND, fontsize=7, va="top", color=COLOURS["ok"])
     left = GAP_IN

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from chiptag.config import DataConfig
 from chiptag.data.images import Preprocessing, read_rgb
@@ -127,27 +128,54 @@ def block_size(tiles: Sequence[Tile], ncols: int) -> tuple[float, float, float]:
     return ncols * TILE_IN + (ncols - 1) * GAP_IN, nrows * pitch, pitch
 
 
+def tile_pixels(image: np.ndarray, side: int) -> np.ndarray:
+    """A chip (H x W x 3, float in [0, 1] or uint8) as uint8 pixels whose long side is `side` (aspect kept),
+    resized once with PIL's Lanczos filter (it also antialiases when a large chip is shrunk)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    h, w = arr.shape[:2]
+    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+    if size == (w, h):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.LANCZOS))
+
+
 def place_tiles(fig, tiles: Sequence[Tile], origin_in: tuple[float, float], ncols: int) -> None:
-    """Draw tiles row by row, the block's top-left corner at origin_in (inches from the figure's top-left)."""
-    width, height = fig.get_size_inches()
+    """Draw tiles row by row, the block's top-left corner at origin_in (inches from the figure's top-left).
+
+    No Axes: each chip is resized once to the tile's pixel size at the figure's dpi and drawn 1:1 (figimage, no
+    resampling at draw time), its text with fig.text. The figure must be saved at its own dpi."""
     pitch = block_size(tiles, ncols)[2]
     for k, tile in enumerate(tiles):
         row, col = divmod(k, ncols)
         left = origin_in[0] + col * (TILE_IN + GAP_IN)
         top = origin_in[1] + row * pitch + TITLE_IN
-        ax = fig.add_axes((left / width, 1 - (top + TILE_IN) / height, TILE_IN / width, TILE_IN / height))
-        _draw(ax, tile)
+        _draw(fig, tile, left, top)
 
 
-def _draw(ax, tile: Tile) -> None:
-    ax.imshow(tile.image, interpolation="antialiased")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(tile.title, fontsize=TITLE_FONT, loc="left", pad=2)
+def _draw(fig, tile: Tile, left_in: float, top_in: float) -> None:
+    """One tile whose TILE_IN square has its top-left corner at (left_in, top_in) inches from the figure's
+    top-left: the chip centred in the square (a non-square chip keeps its aspect), a thin frame around it, the
+    title 2 pt above it, the tag lines below it and, on a grey tile, why it is one."""
+    from matplotlib.patches import Rectangle
+
+    dpi = fig.dpi
+    width, height = fig.get_size_inches() * dpi  # pixels; figure coordinates are pixels / these
+    side = round(TILE_IN * dpi)
+    pixels = tile_pixels(tile.image, side)
+    h, w = pixels.shape[:2]
+    x0 = round(left_in * dpi) + (side - w) // 2  # the image's bottom-left pixel, from the figure's bottom-left
+    y0 = round(height - top_in * dpi) - side + (side - h) // 2
+    fig.figimage(pixels, x0, y0, origin="upper")
+    x, bottom, top = x0 / width, y0 / height, (y0 + h) / height
+    fig.add_artist(Rectangle((x, bottom), w / width, h / height, transform=fig.transFigure, fill=False,
+                             linewidth=0.8, edgecolor="black"))  # as an Axes' spines
+    fig.text(x, top + 2 / 72 * dpi / height, tile.title, fontsize=TITLE_FONT, ha="left", va="baseline")
     if tile.unreadable:
         reason = textwrap.fill(tile.unreadable, 30, max_lines=5, placeholder=" ...")
-        ax.text(0.5, 0.5, f"unreadable\n{reason}", transform=ax.transAxes, ha="center", va="center",
-                fontsize=6, color="black")
+        fig.text(x + w / 2 / width, (bottom + top) / 2, f"unreadable\n{reason}", ha="center", va="center",
+                 fontsize=6, color="black")
     for i, (text, colour) in enumerate(tile.lines):
-        ax.text(0.0, -0.02 - i * LINE_IN / TILE_IN, text, transform=ax.transAxes, ha="left", va="top",
-                fontsize=FONT, color=colour)
+        fig.text(x, bottom - (0.02 * TILE_IN + i * LINE_IN) * dpi / height, text, ha="left", va="top",
+                 fontsize=FONT, color=colour)
