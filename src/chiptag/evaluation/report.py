@@ -267,14 +267,41 @@ def write_report(run_dir: Path, sheets: dict | None = None) -> dict[str, Path]:
     return {**figures, **error_figures, "report": md}
 
 
+Drawn = tuple[dict[str, Path], str]  # write_report's files, or ({}, why it could not draw them)
+
+
 def report_after_training(run_dir: Path, tracker) -> None:
     """Write the report and hand its plots to the tracker. The run is already complete (checkpoint and
     summary written), so a plotting failure only warns: it must not cost the tracker's finish."""
+    log_report(run_dir, tracker, draw(run_dir))
+
+
+def draw(run_dir: Path) -> Drawn:
     try:
-        files = write_report(run_dir)
-    except Exception as exc:  # noqa: BLE001 - see docstring; the message says how to retry
-        console.print(f"[yellow]warning:[/] could not write the report: {exc.__class__.__name__}: {exc}; "
-                      f"retry with: chiptag report {run_dir}")
+        return write_report(run_dir), ""
+    except Exception as exc:  # noqa: BLE001 - see report_after_training; log_report says how to retry
+        return {}, f"{exc.__class__.__name__}: {exc}"
+
+
+def draw_reports(run_dirs: list[Path]) -> list[Drawn]:
+    """The reports of several finished runs (a sweep's batch), drawn in parallel: one process per core, at most
+    one per run ("spawn": a fresh interpreter each, nothing of this process's torch threads inherited)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(run_dirs), os.cpu_count() or 1)
+    if workers < 2:
+        return [draw(d) for d in run_dirs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(draw, run_dirs))
+
+
+def log_report(run_dir: Path, tracker, drawn: Drawn) -> None:
+    """A drawn report's plots to the tracker; a report that could not be drawn: a warning with the retry."""
+    files, why = drawn
+    if why:
+        console.print(f"[yellow]warning:[/] could not write the report: {why}; retry with: chiptag report {run_dir}")
         return
     for name, path in files.items():
         if path.suffix == ".png":

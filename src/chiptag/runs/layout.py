@@ -5,7 +5,8 @@
       split/             train.txt, val.txt, test.txt (image names)
       metrics.jsonl      one line per epoch (the local tracker)
       checkpoint.pt      best epoch, self-describing (models.checkpoint)
-      resume.pt          resumable loop state while a run is unfinished (training.resume)
+      resume.pt          resumable loop state while a run is unfinished (training.resume; heads trained
+                         together write it too, training.heads)
       summary.json       the finished run's record: metrics, baseline, thresholds, timings, history
       failure.json       the record of a run that stopped on an error
       eval_probs.npz     final validation/test probabilities (report plots, re-thresholding)
@@ -19,7 +20,6 @@
       fold-<k>/          fold k's own run dir: checkpoint.pt (its head; the backbone is ../checkpoint.pt's),
                          resume.pt, metrics.jsonl, fold.json (its val F2 and out-of-fold probabilities,
                          written when the fold is done)
-      resume-heads.pt    the fold heads trained together: their resumable state while unfinished (training.heads)
       oof_probs.npz      out-of-fold probabilities of every non-test image (what the thresholds were tuned on)
       members.json       an ensemble's member runs
     and checkpoint.pt is then the ensemble (one backbone, K heads averaged; models.checkpoint).

@@ -5,9 +5,9 @@ k-fold: test is held out once (the run's split/test.txt); train + val are cut in
 (split/folds.csv). Features are extracted (or read from the cache) once, then head k trains on the other folds
 and is validated on fold k. Thresholds are tuned on the concatenated out-of-fold predictions, i.e. on every
 non-test chip instead of 15% of them, and the K heads' mean probability (models.head.MeanProbability) is scored
-once on test. The K heads train together, as one batched model (training.heads; the run's resume-heads.pt);
-fold k writes fold-k/ (checkpoint.pt, metrics.jsonl, fold.json when done; resume.pt when it trains alone, in the
-epoch loop), so an interrupted run resumes where it stopped and finished folds are not trained again.
+once on test. The K heads train together, as one batched model (training.heads); fold k writes fold-k/
+(checkpoint.pt, metrics.jsonl, fold.json when done; resume.pt while it trains, together or alone in the epoch
+loop), so an interrupted run resumes where it stopped and finished folds are not trained again.
 """
 
 from __future__ import annotations

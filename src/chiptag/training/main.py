@@ -1,5 +1,7 @@
-"""`chiptag train`, top to bottom: config -> settings (once) -> data and split -> model -> features -> for each
-fold: for each epoch (training.loop) -> one finish: thresholds -> checkpoint -> summary -> report -> tracker.
+"""`chiptag train`, top to bottom: config -> settings (once) -> data and split -> model -> features (prepare) ->
+for each fold: for each epoch (train_folds: training.loop, or training.heads for heads trained together) -> one
+finish: thresholds -> checkpoint -> summary -> report -> tracker. A sweep's batch (training.sweep) runs the same
+three steps per entry, with its entries' heads trained together in between.
 
 A run trains one fold (its train/val split) or K folds of train + val (`training.folds`): the same flow, one
 finish. Protocol: the validation rows (out-of-fold rows for k-fold) drive the LR schedule, the checkpoint epoch
@@ -215,9 +217,10 @@ def prepare(r: OpenRun, device: torch.device) -> Prepared:
                     {"extract_s": t_extract, "t_start": t_start})
 
 
-def finish(p: Prepared, results: list[FoldResult], train_s: float) -> dict:
+def finish(p: Prepared, results: list[FoldResult], train_s: float, draw_report: bool = True) -> dict:
     """One finish for one fold or K: the final model on test, thresholds tuned on the (out-of-fold) validation
-    rows, the checkpoint, the summary, the report, the tracker -> the summary."""
+    rows, the checkpoint, the summary, the report, the tracker -> the summary. draw_report False: the caller
+    draws the report and publishes (a sweep's batch draws its entries' reports in parallel)."""
     r, device, net, folds = p.r, p.device, p.net, p.folds
     s, ds, splits, tags = r.s, r.ds, r.splits, r.ds.table.tags
     tagger, model, loss_fn, epoch = final_model(results, net, folds, device)
@@ -254,14 +257,21 @@ def finish(p: Prepared, results: list[FoldResult], train_s: float) -> dict:
                                 tags=np.asarray(tags))
     summary["validation"] = p.validation  # what was checked, converted and skipped (every item)
     write_json(r.run.summary, summary)  # complete before the tracker uploads it
-    out.print(f"drawing the report: plots and error sheets into {r.run.report_dir} ...")
-    t_report = time.perf_counter()
-    report.report_after_training(r.run.path, p.tracker)
-    timings["report_s"] = time.perf_counter() - t_report
-    timings["total_s"] = time.perf_counter() - t_start  # the time printed at the end counts the report
-    summary["tracker"] = p.tracker.finish(summary)
-    write_json(r.run.summary, summary)  # with the tracker's link
+    if draw_report:
+        out.print(f"drawing the report: plots and error sheets into {r.run.report_dir} ...")
+        t_report = time.perf_counter()
+        publish(p, summary, report.draw(r.run.path), time.perf_counter() - t_report)
     return summary
+
+
+def publish(p: Prepared, summary: dict, drawn: report.Drawn, report_s: float) -> None:
+    """A finished run's report to the tracker, the tracker finished, the summary written with both."""
+    report.log_report(p.r.run.path, p.tracker, drawn)
+    timings = summary["timings"]
+    timings["report_s"] = report_s
+    timings["total_s"] = time.perf_counter() - p.timings["t_start"]  # the time printed at the end counts the report
+    summary["tracker"] = p.tracker.finish(summary)
+    write_json(p.r.run.summary, summary)  # with the tracker's link
 
 
 def build_network(spec: NetworkSpec, n_tags: int, seed: int, progress: bool = False) -> Network:

@@ -114,9 +114,10 @@ def _train_alone(cfg: Config) -> dict:
 
 
 def _attempt(cfg: Config, i: int, work: Callable[[], dict | None], rows: dict, result: SweepResult,
-             run_name: str | None = None) -> None:
-    """Run one step of entry i (work -> its summary, or None for a step before the end); a failure is recorded
-    (its row, its run dir: the one made meanwhile, or run_name) and the sweep goes on."""
+             run_name: str | None = None) -> dict | None:
+    """Run one step of entry i -> what work returns: its summary (its row in the table), or None (a step before
+    there is one, or a failure). A failure is recorded (its row, its run dir: the one made meanwhile, or
+    run_name) and the sweep goes on."""
     runs_dir = Path(cfg.output.runs_dir)
     name = cfg.models[i].name
     before = _subdirs(runs_dir)
@@ -133,10 +134,11 @@ def _attempt(cfg: Config, i: int, work: Callable[[], dict | None], rows: dict, r
     else:
         if summary is not None:
             rows[i] = row_from_summary(summary, summary["run_id"])
-        return
+        return summary
     made = _subdirs(runs_dir) - before
     rows[i] = _record_failure(cfg, i, made | {run_name} if run_name else made, message)
     result.failed.append(f"{name}: {message}")
+    return None
 
 
 def _train_group(cfg: Config, configs: list[Config], group: list[int], rows: dict, result: SweepResult) -> None:
@@ -174,9 +176,10 @@ def _prepare(cfg: Config, device, prepared: dict, i: int) -> None:
         prepared[i] = main.prepare(r, device)
 
 
-def _finish(p, trained) -> dict:
+def _finish(p, trained, draw_report: bool = True) -> dict:
     """A prepared entry to its summary: its head as the batch trained it (trained: (member, inputs, seconds)),
-    or through the epoch loop (None: alone on its features)."""
+    or through the epoch loop (None: alone on its features). draw_report False: its report comes later
+    (_publish), drawn with the batch's others."""
     import time
 
     from chiptag.features.views import ViewAverage
@@ -192,16 +195,21 @@ def _finish(p, trained) -> dict:
             if m.failed is not None:
                 raise m.failed
             results = [main.fold_result(p, m.fold, m.tagger, ViewAverage(m.head), inputs, m.st, seconds)]
-        summary = main.finish(p, results, seconds)
-    main.done(p.r, summary)
+        summary = main.finish(p, results, seconds, draw_report)
+    if draw_report:
+        main.done(p.r, summary)
     return summary
 
 
 def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) -> None:
-    """The heads of prepared entries reading the same features, trained together; each entry finished alone."""
+    """The heads of prepared entries reading the same features, trained together; each entry finished in turn,
+    then their reports drawn in parallel (evaluation.report.draw_reports) and each published."""
+    import time
+
     import torch
 
-    from chiptag.training import heads
+    from chiptag.evaluation import report
+    from chiptag.training import heads, main
 
     first = entries[0][1]
     feats, y, test = first.feats, first.r.ds.table.y, first.r.splits["test"]
@@ -217,9 +225,30 @@ def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) ->
     except Interrupted as exc:
         raise exc.with_hint("continue each with: " + "; ".join(f"chiptag train --resume {p.r.run.path}"
                                                                 for _, p in entries)) from None
+    finished: dict[int, dict] = {}  # summaries before their reports
     for (i, p), one in zip(entries, trained):
         _header(cfg, i)
-        _attempt(cfg, i, lambda p=p, one=one: _finish(p, one), rows, result, p.r.run.name)
+        summary = _attempt(cfg, i, lambda p=p, one=one: _finish(p, one, False), rows, result, p.r.run.name)
+        if summary is not None:
+            finished[i] = summary
+    ready = [(i, p) for i, p in entries if i in finished]
+    out.print(f"drawing {len(ready)} reports: plots and error sheets into each run dir's report/ ...")
+    t0 = time.perf_counter()
+    drawn = report.draw_reports([p.r.run.path for _, p in ready])
+    seconds = (time.perf_counter() - t0) / max(len(ready), 1)
+    for (i, p), one in zip(ready, drawn):
+        _header(cfg, i)
+        _attempt(cfg, i, lambda i=i, p=p, one=one: _publish(p, finished[i], one, seconds), rows, result,
+                 p.r.run.name)
+
+
+def _publish(p, summary: dict, drawn, report_s: float) -> dict:
+    from chiptag.training import main
+
+    with main.recorded(p.r):
+        main.publish(p, summary, drawn, report_s)
+    main.done(p.r, summary)
+    return summary
 
 
 def write_experiments(runs_dir: Path, result: SweepResult, config_path: str) -> Path:
