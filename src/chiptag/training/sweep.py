@@ -155,10 +155,9 @@ def _train_group(cfg: Config, configs: list[Config], group: list[int], rows: dic
         for i in group:
             _header(cfg, i)
             _attempt(cfg, i, lambda i=i: _prepare(configs[i], device, prepared, i), rows, result)
-        by_features: dict[object, list[int]] = {}
+        by_features: dict[tuple, list[int]] = {}
         for i, p in prepared.items():
-            key = (p.info.path, tuple(v.get("path") for v in p.info.per_view)) if p.info.path else ("alone", i)
-            by_features.setdefault(key, []).append(i)
+            by_features.setdefault(_features_key(p, i), []).append(i)
         for batch in by_features.values():
             if len(batch) == 1:
                 p = prepared[batch[0]]
@@ -168,12 +167,22 @@ def _train_group(cfg: Config, configs: list[Config], group: list[int], rows: dic
 
 
 def _prepare(cfg: Config, device, prepared: dict, i: int) -> None:
-    """Open entry i's run dir and prepare it (network, cached features, folds) into prepared[i]."""
+    """Open entry i's run dir and prepare it (network, cached features, folds) into prepared[i]; features
+    read from the same cache file as an entry prepared before share its tensor (one copy in memory)."""
     from chiptag.training import main
 
     r = main.open_run(cfg, None)
     with main.recorded(r):
-        prepared[i] = main.prepare(r, device)
+        p = main.prepare(r, device)
+    twin = next((q for q in prepared.values() if q.info.path and _features_key(q, 0) == _features_key(p, 0)), None)
+    if twin is not None:
+        p.feats = twin.feats
+    prepared[i] = p
+
+
+def _features_key(p, i: int) -> tuple:
+    """Which cached features an entry read (its cache files), or a key of its own when there is no cache."""
+    return (p.info.path, tuple(v.get("path") for v in p.info.per_view)) if p.info.path else ("alone", i)
 
 
 def _finish(p, trained, draw_report: bool = True) -> dict:
@@ -215,7 +224,6 @@ def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) ->
     feats, y, test = first.feats, first.r.ds.table.y, first.r.splits["test"]
     members = []
     for _, p in entries:
-        p.feats = feats  # one copy of the features for the batch
         members.append(heads.member(p.folds[0], p.net.tagger, torch.Generator().manual_seed(p.r.s.seed), feats, y,
                                     p.r.s))
     out.print(f"\n[bold]== {len(entries)} heads trained together: "
