@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import running, wait_ready
 
 from chiptag.inference.predictor import Predictor
+from chiptag.inference.workers import core_shares
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -173,10 +174,21 @@ def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, ch
         assert got[("chiptag_model_load_seconds",)] > 0
         pids = worker_pids(proc.pid)
         assert len(pids) == 2
+        shares = core_shares(os.sched_getaffinity(0), 2) if layout == "--model-per-worker" else None
+        if shares:  # a model per worker: each kept on its own share of the cores
+            assert sorted(map(sorted, map(os.sched_getaffinity, pids))) == sorted(map(sorted, shares))
         os.kill(pids[0], signal.SIGKILL)  # a worker dies: another takes its place
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (len(worker_pids(proc.pid)) < 2 or pids[0] in worker_pids(proc.pid)):
             time.sleep(0.2)
+        if shares:  # ... on the share of the one that died (set as its process starts, after the imports)
+            def pinned():
+                return sorted(map(sorted, map(os.sched_getaffinity, worker_pids(proc.pid)))) == sorted(map(sorted, shares))
+
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not pinned():
+                time.sleep(0.2)
+            assert pinned()
         for _ in range(6):
             r = httpx.post(f"{url}/v1/predict", files=[("files", ("a.jpg", chips[0].read_bytes()))], timeout=60)
             assert r.status_code == 200 and r.json()["results"][0]["error"] is None
@@ -185,3 +197,11 @@ def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, ch
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_core_shares_cut_the_cores_evenly_or_not_at_all():
+    assert core_shares([1, 0], 2) == [{0}, {1}]
+    assert core_shares(range(4), 2) == [{0, 1}, {2, 3}]
+    assert core_shares([0, 1, 2, 3], 1) == [{0, 1, 2, 3}]
+    assert core_shares([0, 1, 2], 2) is None  # uneven: no pinning
+    assert core_shares([0, 1], 4) is None  # more workers than cores
