@@ -183,7 +183,8 @@ def test_workers_serve_the_predictor_probabilities_and_share_metrics(run_dir, ch
             time.sleep(0.2)
         if shares:  # ... on the share of the one that died (set as its process starts, after the imports)
             def pinned():
-                return sorted(map(sorted, map(os.sched_getaffinity, worker_pids(proc.pid)))) == sorted(map(sorted, shares))
+                now = sorted(map(sorted, map(os.sched_getaffinity, worker_pids(proc.pid))))
+                return now == sorted(map(sorted, shares))
 
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not pinned():

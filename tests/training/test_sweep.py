@@ -162,3 +162,22 @@ def test_interrupt_stops_the_whole_sweep(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         run_sweep(config_mod.from_dict(raw))
     assert calls == ["tiny"]
+
+
+def test_a_batch_that_crashes_fails_its_entries_not_the_sweep(tiny_data, tmp_path, monkeypatch):
+    from chiptag import config as config_mod
+    from chiptag.training import heads
+    from chiptag.training.sweep import run_sweep
+
+    raw = _heads_sweep(tiny_data, tmp_path, other={"image_size": 48})  # "other" reads other features: alone
+
+    def crash(*a, **k):
+        raise RuntimeError("a bug in the batch")
+
+    monkeypatch.setattr(heads, "train_together", crash)
+    result = run_sweep(config_mod.from_dict(raw))
+    assert [(r.model, r.status) for r in result.rows] == [("a", "failed"), ("b", "failed"), ("c", "failed"),
+                                                          ("other", "completed")]
+    assert all("RuntimeError: a bug in the batch" in f for f in result.failed)
+    failed = [r for r in list_runs(tmp_path / "runs") if r.status == "failed"]
+    assert len(failed) == 3  # each entry's run dir says so

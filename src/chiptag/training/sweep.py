@@ -233,6 +233,10 @@ def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) ->
     except Interrupted as exc:
         raise exc.with_hint("continue each with: " + "; ".join(f"chiptag train --resume {p.r.run.path}"
                                                                 for _, p in entries)) from None
+    except Exception as exc:  # noqa: BLE001 - the batch failed: each entry of it is recorded, the sweep goes on
+        for i, p in entries:
+            _attempt(cfg, i, lambda exc=exc: _reraise(exc), rows, result, p.r.run.name)
+        return
     finished: dict[int, dict] = {}  # summaries before their reports
     for (i, p), one in zip(entries, trained):
         _header(cfg, i)
@@ -248,6 +252,10 @@ def _train_batch(cfg: Config, entries: list, rows: dict, result: SweepResult) ->
         _header(cfg, i)
         _attempt(cfg, i, lambda i=i, p=p, one=one: _publish(p, finished[i], one, seconds), rows, result,
                  p.r.run.name)
+
+
+def _reraise(exc: Exception) -> dict:
+    raise exc
 
 
 def _publish(p, summary: dict, drawn, report_s: float) -> dict:
