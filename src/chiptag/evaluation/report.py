@@ -290,7 +290,7 @@ def draw_reports(run_dirs: list[Path]) -> list[Drawn]:
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = min(len(run_dirs), os.cpu_count() or 1)
+    workers = min(len(run_dirs), len(os.sched_getaffinity(0)))  # the cores this process may use, as serve's
     if workers < 2:
         return [draw(d) for d in run_dirs]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
