@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-SPAWN = mp.get_context("spawn")
+from chiptag.inference.workers import SPAWN, core_shares
 
 
 def _forward(run: str, batch: int, cpus: list[int] | None, threads: int, seconds: float, barrier, out) -> None:
@@ -61,8 +60,6 @@ def measure(run: Path, batch: int, shares: list[list[int] | None], threads: int,
 
 
 def main() -> None:
-    from chiptag.inference.workers import core_shares
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 64])

@@ -84,9 +84,9 @@ def save(path: Path, st: LoopState, tagger, head_only: bool, optimizer, schedule
     return path
 
 
-def load(path: Path, expected: int = FORMAT) -> dict | None:
-    """The saved state, or None when the run stopped before its first epoch ended (start from epoch 1).
-    expected: the format the file must have (training.heads keeps its own, for K heads in one file)."""
+def load(path: Path) -> dict | None:
+    """The saved state, or None when the run stopped before its first epoch ended (start from epoch 1). Heads
+    trained together save theirs in this format too (training.heads), marked "together"."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -95,10 +95,10 @@ def load(path: Path, expected: int = FORMAT) -> dict | None:
     except Exception as exc:
         raise ChiptagError(f"cannot read {path} ({exc.__class__.__name__}); the run cannot be resumed from "
                            "it — start a new run") from None
-    if not isinstance(obj, dict) or obj.get("format") != expected:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else None
         raise ChiptagError(f"{path} is not a resume state this chiptag can read (format {found!r}, "
-                           f"expected {expected})")
+                           f"expected {FORMAT})")
     return obj
 
 
